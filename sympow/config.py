@@ -1,0 +1,71 @@
+"""Model configuration and the presets of the paper's experiments."""
+
+import dataclasses
+
+from ops.sympow import IMPLS, check_power
+
+ATTENTIONS = ("softmax", "sympow", "sympow_gated", "conformal")
+GPT2_VOCAB_SIZE = 50257
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A GPT-2-like transformer whose attention is one of the paper's four variants:
+
+    softmax: softmax attention, fixed rotary (the baseline);
+    sympow: symmetric power attention of power p, fixed rotary;
+    sympow_gated: sympow with a data-dependent gate;
+    conformal: sympow_gated with learned, data-dependent rotary.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    attention: str = "conformal"
+    p: int = 2
+    chunk_size: int | None = None
+    impl: str = "auto"
+    mlp_ratio: int = 4
+    # N of the rotary frequencies theta_k = 2 pi / N^(2k/d): the longest document, never the
+    # current sequence length, so a model evaluates at any length.
+    rotary_length: int = 65536
+
+    def __post_init__(self):
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r}; choose one of {ATTENTIONS}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"unknown impl {self.impl!r}; choose one of {IMPLS}")
+        check_power(self.p)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio", "rotary_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.d_model % self.n_heads or self.head_dim % 2:
+            raise ValueError(f"d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of even size")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def gated(self) -> bool:
+        return self.attention in ("sympow_gated", "conformal")
+
+    @property
+    def learned_rotary(self) -> bool:
+        return self.attention == "conformal"
+
+
+PRESETS = {
+    # Small enough to train for a few hundred steps on a laptop CPU.
+    "tiny": dict(d_model=128, n_layers=2, n_heads=4, chunk_size=64),
+    # The paper's 124M-class model: 12 layers, d_model 768, 12 heads of 64.
+    "124m": dict(d_model=768, n_layers=12, n_heads=12, chunk_size=1024),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A preset ModelConfig (GPT-2 vocabulary unless overridden), e.g. preset("tiny", attention="sympow")."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {tuple(PRESETS)}")
+    return ModelConfig(**{"vocab_size": GPT2_VOCAB_SIZE, **PRESETS[name], **overrides})

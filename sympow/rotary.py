@@ -1,0 +1,99 @@
+"""Rotary embeddings: fixed (mu_t = t theta) and learned, data-dependent (mu_t = theta sum_{u<=t} beta_u).
+
+Angles must stay exact to ~1e-4 rad at position 65536 in float32, where theta_0 t alone is
+~4e5 rad and float32 resolves only ~0.03 rad. So the position sum_{u<=t} beta_u is accumulated
+as an unevaluated pair hi + lo of float32 (an associative scan with error-free additions),
+and theta times it is reduced modulo one turn with an error-free product. Gradients do not
+go through that arithmetic: they are the plain ones of theta * cumsum(beta).
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+
+def frequencies_in_turns(head_dim: int, rotary_length: int) -> np.ndarray:
+    """theta_k / (2 pi) = N^(-2k/d), k = 0..d/2-1, as float32."""
+    return (float(rotary_length) ** (-2.0 * np.arange(head_dim // 2) / head_dim)).astype(np.float32)
+
+
+def two_sum(a: Array, b: Array) -> tuple[Array, Array]:
+    """s + e = a + b exactly, s = fl(a + b) (Knuth)."""
+    s = a + b
+    b_virtual = s - a
+    return s, (a - (s - b_virtual)) + (b - b_virtual)
+
+
+def split(a: Array) -> tuple[Array, Array]:
+    """a = hi + lo exactly, each with at most 12 significant bits (Veltkamp, float32)."""
+    c = a * 4097.0
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+def two_product(a: Array, b: Array) -> tuple[Array, Array]:
+    """p + e = a * b exactly, p = fl(a * b) (Dekker)."""
+    product = a * b
+    a_hi, a_lo = split(a)
+    b_hi, b_lo = split(b)
+    error = ((a_hi * b_hi - product) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+    return product, error
+
+
+def add_pairs(x: tuple[Array, Array], y: tuple[Array, Array]) -> tuple[Array, Array]:
+    """(hi, lo) + (hi, lo) in double-float32 arithmetic."""
+    s, e = two_sum(x[0], y[0])
+    return two_sum(s, e + x[1] + y[1])
+
+
+def exact_positions(beta: Float[Array, "batch seq heads"]) -> tuple[Array, Array]:
+    """sum_{u<=t} beta_u as hi + lo, by an associative scan with error-free additions."""
+    return jax.lax.associative_scan(add_pairs, (beta, jnp.zeros_like(beta)), axis=1)
+
+
+def fraction(x: Array) -> Array:
+    return x - jnp.floor(x)
+
+
+def rotation_angles(
+    beta: Float[Array, "batch seq heads"], head_dim: int, rotary_length: int
+) -> Float[Array, "batch seq heads half"]:
+    """mu_t,k = theta_k sum_{u<=t} beta_u, reduced into [0, 2 pi)."""
+    turns_per_step = jnp.asarray(frequencies_in_turns(head_dim, rotary_length))
+    hi, lo = (jax.lax.stop_gradient(a.astype(jnp.float32))[..., None] for a in exact_positions(beta))
+    product, error = two_product(hi, turns_per_step)
+    turns = fraction(fraction(product) + (error + lo * turns_per_step))
+    exact = (2 * np.pi) * turns
+    # Same value as `exact`, but the gradient of theta * cumsum(beta).
+    plain = (2 * np.pi) * jnp.cumsum(beta.astype(jnp.float32), axis=1)[..., None] * turns_per_step
+    return exact + (plain - jax.lax.stop_gradient(plain))
+
+
+def fixed_angles(batch: int, seq: int, heads: int, head_dim: int, rotary_length: int) -> Float[Array, "batch seq heads half"]:
+    """mu_t = t theta, t = 1..seq: the learned rotary with every beta = 1."""
+    return rotation_angles(jnp.ones((batch, seq, heads), jnp.float32), head_dim, rotary_length)
+
+
+def rotate(x: Float[Array, "batch seq heads dim"], angles: Float[Array, "batch seq heads half"]) -> Float[Array, "batch seq heads dim"]:
+    """Rotate the pair (x_k, x_{k + d/2}) by angle mu_k."""
+    first, second = jnp.split(x, 2, axis=-1)
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    return jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1)
+
+
+class LearnedRotary(eqx.Module):
+    """beta_t = 1 + tanh(w_b . x_t + b_b) in (0, 2), one per head per token.
+
+    Starts at w_b = b_b = 0, where it is exactly the fixed rotary."""
+
+    weight: Float[Array, "d_model heads"]
+    bias: Float[Array, " heads"]
+
+    def __init__(self, d_model: int, heads: int):
+        self.weight = jnp.zeros((d_model, heads), jnp.float32)
+        self.bias = jnp.zeros((heads,), jnp.float32)
+
+    def __call__(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq heads"]:
+        return 1 + jnp.tanh(x @ self.weight.astype(x.dtype) + self.bias.astype(x.dtype))

@@ -1,0 +1,96 @@
+"""Every implementation of ops.sympow_attention against the attention form in float64, gradients too."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import attention_inputs, relative_error
+
+import ops
+
+FORMS = ("recurrent", "chunked")
+GATES = [None, 0.999, 0.5, 0.01]
+
+
+def outputs_and_grads(impl, q, k, v, log_g, p, chunk_size=None):
+    """y and the gradients of a non-linear loss of y in (q, k, v, log_g)."""
+
+    def loss(q, k, v, log_g):
+        y = ops.sympow_attention(q, k, v, log_g, p=p, chunk_size=chunk_size, impl=impl)
+        return jnp.sum(jnp.sin(3 * y)), y
+
+    argnums = (0, 1, 2) if log_g is None else (0, 1, 2, 3)
+    grads, y = jax.grad(loss, argnums=argnums, has_aux=True)(q, k, v, log_g)
+    return y, grads
+
+
+def assert_agree(impl, q, k, v, log_g, p, chunk_size=None, tolerance=1e-9):
+    y_ref, grads_ref = outputs_and_grads("attention", q, k, v, log_g, p)
+    y, grads = outputs_and_grads(impl, q, k, v, log_g, p, chunk_size)
+    assert y.shape == v.shape and y.dtype == v.dtype
+    assert relative_error(y, y_ref) < tolerance
+    for name, grad, grad_ref in zip("q k v log_g".split(), grads, grads_ref):
+        assert relative_error(grad, grad_ref) < tolerance, name
+
+
+@pytest.mark.parametrize("impl", FORMS)
+@pytest.mark.parametrize("gamma", GATES)
+@pytest.mark.parametrize("p", [2, 4])
+@pytest.mark.parametrize("seq", [1, 7, 63, 100])
+def test_forms_agree_with_attention_form(impl, gamma, p, seq):
+    dim = 8 if p == 2 else 4
+    q, k, v, log_g = attention_inputs(2, seq, 2, dim, gamma=gamma, seed=seq)
+    assert_agree(impl, q, k, v, log_g, p, chunk_size=16)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 50, 64, 128])
+def test_chunked_any_chunk_size(chunk_size):
+    """Chunk sizes that divide T (1, 5, 50) and that do not (16, 64), or exceed it (128)."""
+    q, k, v, log_g = attention_inputs(1, 100, 2, 8, gamma=0.9, seed=chunk_size)
+    assert_agree("chunked", q, k, v, log_g, 2, chunk_size=chunk_size)
+
+
+def test_value_dim_may_differ_and_p_six():
+    q, k, v, log_g = attention_inputs(1, 20, 1, 3, gamma=0.8, dim_v=5)
+    assert_agree("chunked", q, k, v, log_g, 6, chunk_size=8)
+    assert_agree("recurrent", q, k, v, log_g, 6)
+
+
+def test_scale_is_used_and_only_matters_in_its_power():
+    """A different scale changes nothing in exact arithmetic: w_ij gains a common factor s^p."""
+    q, k, v, log_g = attention_inputs(1, 30, 2, 8, gamma=0.9)
+    base = ops.sympow_attention(q, k, v, log_g, impl="chunked", chunk_size=8)
+    for scale in (0.01, 1.0, 3.0):
+        y = ops.sympow_attention(q, k, v, log_g, scale=scale, impl="chunked", chunk_size=8)
+        assert relative_error(y, base) < 1e-12
+
+
+@pytest.mark.parametrize("impl", ["attention", "recurrent", "chunked"])
+def test_float32_inputs_give_float32_outputs_close_to_float64(impl):
+    q, k, v, log_g = attention_inputs(1, 40, 2, 8, gamma=0.9)
+    y64 = ops.sympow_attention(q, k, v, log_g, impl=impl, chunk_size=16)
+    y32 = ops.sympow_attention(*(a.astype(jnp.float32) for a in (q, k, v, log_g)), impl=impl, chunk_size=16)
+    assert y32.dtype == jnp.float32
+    assert relative_error(y32, y64) < 1e-4
+
+
+def test_auto_picks_attention_for_short_or_wide_and_chunked_otherwise(monkeypatch):
+    from ops import sympow
+
+    assert sympow.choose_impl("auto", 64, 64, 2, 128) == "attention"
+    assert sympow.choose_impl("auto", 4096, 64, 2, 128) == "chunked"
+    assert sympow.choose_impl("auto", 4096, 64, 4, 128) == "attention"  # 766480 x 64 state
+    q, k, v, log_g = attention_inputs(1, 40, 1, 4, gamma=0.9)
+    called = []
+    monkeypatch.setattr(sympow, "chunked_form", lambda *a: called.append("chunked") or a[2])
+    ops.sympow_attention(q, k, v, log_g, chunk_size=16)
+    assert called == ["chunked"]
+
+
+def test_works_under_jit_and_vmap_over_an_extra_axis():
+    q, k, v, log_g = attention_inputs(2, 33, 2, 8, gamma=0.7)
+    fn = jax.jit(lambda q, k, v, g: ops.sympow_attention(q, k, v, g, impl="chunked", chunk_size=8))
+    y = fn(q, k, v, log_g)
+    stacked = jax.vmap(fn)(*(jnp.stack([a, a]) for a in (q, k, v, log_g)))
+    np.testing.assert_allclose(stacked[1], y, rtol=1e-12)
+    assert relative_error(y, ops.sympow_attention(q, k, v, log_g, impl="attention")) < 1e-9
