@@ -36,12 +36,13 @@ def embedding_terms(dim: int, p: int) -> tuple[np.ndarray, np.ndarray]:
     The weight of a multi-index is sqrt(p! / prod_i c_i!), c_i counting how often i occurs,
     so that phi(x) . phi(y) = sum over all p-tuples of prod x_a prod y_a = (x . y)^p.
     """
-    indices = np.array(list(itertools.combinations_with_replacement(range(dim), p)), np.int32)
-    indices = indices.reshape(-1, p)
-    multiplicity_factorials = [
-        math.prod(math.factorial(c) for c in np.unique(row, return_counts=True)[1]) for row in indices
-    ]
-    weights = np.sqrt(math.factorial(p) / np.array(multiplicity_factorials, np.float64))
+    indices = np.array(list(itertools.combinations_with_replacement(range(dim), p)), np.int32).reshape(-1, p)
+    # In a sorted multi-index, prod_i c_i! is the product of each entry's position in its run
+    # of equal entries (a run of length c contributes 1 * 2 * ... * c).
+    run_position = np.ones(indices.shape, np.float64)
+    for j in range(1, p):
+        run_position[:, j] = np.where(indices[:, j] == indices[:, j - 1], run_position[:, j - 1] + 1, 1)
+    weights = np.sqrt(math.factorial(p) / np.prod(run_position, axis=1))
     return indices, weights
 
 

@@ -1,0 +1,89 @@
+"""Bad input gets a clear error, never a silent wrong answer (DESIGN.md section 3).
+
+With the suite's jaxtyping hook, a wrong shape or type may be caught by the annotation
+checker (a TypeError) before the function's own check; both are errors. The function's
+own checks, which users without the hook see, are also called directly."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import attention_inputs
+
+import ops
+import sympow
+from ops.sympow import check_shapes
+
+Q, K, V, LOG_G = attention_inputs(1, 10, 2, 4, gamma=0.9)
+
+
+@pytest.mark.parametrize("p", [3, 1, 0, -2])
+def test_odd_or_non_positive_power(p):
+    with pytest.raises(ValueError, match="positive even integer"):
+        ops.sympow_attention(Q, K, V, p=p)
+    with pytest.raises(ValueError, match="positive even integer"):
+        ops.sympow_embedding(Q, p)
+
+
+@pytest.mark.parametrize(
+    "q, k, v, log_g, message",
+    [
+        (Q[0], K[0], V[0], None, "q must be"),
+        (Q, K[:, :5], V, None, "k must have"),
+        (Q, K, V[:, :5], None, "v must be"),
+        (Q, K, V, LOG_G[:, :5], "log_g must be"),
+        (Q, K, V.astype(jnp.float32), None, "share one floating dtype"),
+        (Q.astype(jnp.int32), K.astype(jnp.int32), V.astype(jnp.int32), None, "share one floating dtype"),
+    ],
+)
+def test_mismatched_shapes_or_dtypes(q, k, v, log_g, message):
+    with pytest.raises(ValueError, match=message):
+        check_shapes(q, k, v, log_g)
+    with pytest.raises((ValueError, TypeError)):
+        ops.sympow_attention(q, k, v, log_g)
+
+
+@pytest.mark.parametrize("impl", ["attention", "recurrent", "chunked"])
+def test_positive_log_gate_is_rejected_also_under_jit(impl):
+    bad = LOG_G.at[0, 3, 1].set(0.1)
+    with pytest.raises(Exception, match="log_g must be <= 0"):
+        ops.sympow_attention(Q, K, V, bad, impl=impl)
+    with pytest.raises(Exception, match="log_g must be <= 0"):
+        jax.jit(lambda g: ops.sympow_attention(Q, K, V, g, impl=impl))(bad).block_until_ready()
+    with pytest.raises(Exception, match="log_g must be <= 0"):
+        ops.sympow_attention(Q, K, V, LOG_G.at[0, 0, 0].set(jnp.nan), impl=impl)
+
+
+def test_unknown_impl_and_bad_chunk_or_scale():
+    with pytest.raises(ValueError, match="unknown impl"):
+        ops.sympow_attention(Q, K, V, impl="flash")
+    for chunk_size in (0, -4):
+        with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+            ops.sympow_attention(Q, K, V, chunk_size=chunk_size)
+    for scale in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="scale must be"):
+            ops.sympow_attention(Q, K, V, scale=scale)
+
+
+def test_triton_is_not_silently_replaced():
+    with pytest.raises(NotImplementedError, match="Triton kernels"):
+        ops.sympow_attention(Q, K, V, impl="triton")
+
+
+def test_seq_not_a_multiple_of_chunk_size_is_padded_not_rejected():
+    y = ops.sympow_attention(Q, K, V, LOG_G, impl="chunked", chunk_size=3)
+    assert y.shape == V.shape
+
+
+def test_bad_model_configs():
+    with pytest.raises(ValueError, match="unknown attention"):
+        sympow.ModelConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2, attention="linear")
+    with pytest.raises(ValueError, match="positive even integer"):
+        sympow.ModelConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2, p=3)
+    with pytest.raises(ValueError, match="heads of even size"):
+        sympow.ModelConfig(vocab_size=10, d_model=12, n_layers=1, n_heads=4)
+    with pytest.raises(ValueError, match="unknown impl"):
+        sympow.ModelConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2, impl="fast")
+    with pytest.raises(ValueError, match="unknown preset"):
+        sympow.preset("huge")
+    with pytest.raises(ValueError, match="n_layers must be positive"):
+        sympow.ModelConfig(vocab_size=10, d_model=8, n_layers=0, n_heads=2)
