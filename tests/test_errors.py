@@ -87,3 +87,13 @@ def test_bad_model_configs():
         sympow.preset("huge")
     with pytest.raises(ValueError, match="n_layers must be positive"):
         sympow.ModelConfig(vocab_size=10, d_model=8, n_layers=0, n_heads=2)
+
+
+def test_shape_annotations_are_checked_in_the_suite():
+    """The suite's jaxtyping hook is live: an internal function with a mismatched axis fails."""
+    from jaxtyping import TypeCheckError
+
+    from ops.sympow.naive import attention_form
+
+    with pytest.raises(TypeCheckError):
+        attention_form(Q, K, V[:, :5], None, 2, 0.5)

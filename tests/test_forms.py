@@ -78,9 +78,11 @@ def test_auto_picks_attention_for_short_or_wide_and_chunked_otherwise(monkeypatc
     from ops import sympow
 
     assert sympow.choose_impl("auto", 64, 64, 2, 128) == "attention"
+    assert sympow.choose_impl("auto", 2000, 64, 2, 128) == "attention"  # T <= D = 2080
     assert sympow.choose_impl("auto", 4096, 64, 2, 128) == "chunked"
+    assert sympow.choose_impl("auto", 200, 4, 2, 16) == "chunked"  # D = 10
     assert sympow.choose_impl("auto", 4096, 64, 4, 128) == "attention"  # 766480 x 64 state
-    q, k, v, log_g = attention_inputs(1, 40, 1, 4, gamma=0.9)
+    q, k, v, log_g = attention_inputs(1, 40, 1, 2, gamma=0.9)  # D = 3 < 40
     called = []
     monkeypatch.setattr(sympow, "chunked_form", lambda *a: called.append("chunked") or a[2])
     ops.sympow_attention(q, k, v, log_g, chunk_size=16)

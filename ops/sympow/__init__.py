@@ -46,7 +46,10 @@ def choose_impl(impl: str, seq: int, dim: int, p: int, chunk_size: int) -> str:
         raise NotImplementedError("impl='triton' needs the Triton kernels, which are not built yet; use 'chunked'")
     if impl != "auto":
         return impl
-    if seq <= chunk_size or embedding_size(dim, p) * dim > MAX_STATE_ELEMENTS:
+    state_size = embedding_size(dim, p)
+    # Up to T = D the attention form's T^2 d FLOPs are no more than the chunked form's T D d
+    # (measured on CPU: the forward + backward crossover is near T = 2048 for D = 2080).
+    if seq <= max(chunk_size, state_size) or state_size * dim > MAX_STATE_ELEMENTS:
         return "attention"
     return "chunked"
 
@@ -67,7 +70,7 @@ def sympow_attention(
 
     impl: "attention" (O(T^2)), "recurrent" (token by token with the D x dv state), "chunked"
     (chunks of chunk_size tokens; any seq, padded internally), or "auto" (attention where
-    seq <= chunk_size or the state is too large, else chunked). All are differentiable in
+    seq <= max(chunk_size, D) or the D x dim state is too large, else chunked). All are differentiable in
     q, k, v and log_g. Computes in at least float32 and returns v's dtype.
     """
     check_power(p)
