@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ops.sympow.naive import finite_or_zero, log_abs, normalise, symmetric_power_embedding
+from ops.sympow.naive import finite_or_zero, log_abs, log_weights, normalise, symmetric_power_embedding
 
 Chunked = Float[Array, "batch chunks chunk heads dim"]
 
@@ -96,12 +96,7 @@ def chunk_outputs(
     so the denominator is >= 1 in that frame."""
 
     def one_chunk(q, k, v, L, S, z):
-        chunk = q.shape[1]
-        log_w = p * log_abs(jnp.einsum("bihd,bjhd->bhij", q * scale, k))
-        L_by_head = jnp.moveaxis(L, 1, -1)  # [batch, heads, chunk]
-        log_w = log_w + L_by_head[..., :, None] - L_by_head[..., None, :]
-        log_w = jnp.where(jnp.tril(jnp.ones((chunk, chunk), dtype=bool)), log_w, -jnp.inf)
-
+        log_w = log_weights(q, k, L, p, scale)  # with chunk-local gates: L_i - L_j = G_i - G_j
         phi_q = symmetric_power_embedding(q * math.sqrt(scale), p)
         state_numerator = jnp.einsum("bihD,bhDv->bihv", phi_q, S)
         state_denominator = jnp.einsum("bihD,bhD->bih", phi_q, z)

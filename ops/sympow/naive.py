@@ -80,6 +80,22 @@ def cumulative_gate(log_g: Float[Array, "batch seq heads"]) -> Float[Array, "bat
     return jnp.cumsum(log_g, axis=1)
 
 
+def log_weights(
+    q: Float[Array, "batch seq heads dim"],
+    k: Float[Array, "batch seq heads dim"],
+    cumulative_gate: Float[Array, "batch seq heads"] | None,
+    p: int,
+    scale: float,
+) -> Float[Array, "batch heads seq seq"]:
+    """log w_ij = p log|s q_i . k_j| + G_i - G_j for j <= i, -inf for j > i."""
+    seq = q.shape[1]
+    log_w = p * log_abs(jnp.einsum("bihd,bjhd->bhij", q * scale, k))
+    if cumulative_gate is not None:
+        gate = jnp.moveaxis(cumulative_gate, 1, -1)  # [batch, heads, seq]
+        log_w = log_w + gate[..., :, None] - gate[..., None, :]
+    return jnp.where(jnp.tril(jnp.ones((seq, seq), dtype=bool)), log_w, -jnp.inf)
+
+
 def attention_form(
     q: Float[Array, "batch seq heads dim"],
     k: Float[Array, "batch seq heads dim"],
@@ -89,14 +105,7 @@ def attention_form(
     scale: float,
 ) -> Float[Array, "batch seq heads dv"]:
     """y_i = sum_{j<=i} w_ij v_j / sum_{j<=i} w_ij, w_ij = (s q_i . k_j)^p exp(G_i - G_j), in log space."""
-    seq = q.shape[1]
-    scores = jnp.einsum("bihd,bjhd->bhij", q * scale, k)
-    log_w = p * log_abs(scores)
-    if log_g is not None:
-        gate = jnp.moveaxis(cumulative_gate(log_g), 1, -1)  # [batch, heads, seq]
-        log_w = log_w + gate[..., :, None] - gate[..., None, :]
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-    log_w = jnp.where(causal, log_w, -jnp.inf)
+    log_w = log_weights(q, k, None if log_g is None else cumulative_gate(log_g), p, scale)
     row_max = finite_or_zero(jax.lax.stop_gradient(jnp.max(log_w, axis=-1, keepdims=True)))
     w = jnp.exp(log_w - row_max)
     numerator = jnp.einsum("bhij,bjhd->bihd", w, v)
