@@ -35,8 +35,9 @@ def check_shapes(q, k, v, log_g) -> None:
 
 
 def check_log_gate(log_g: Array) -> Array:
-    """log_g is log gamma with gamma in (0, 1]: a positive (or NaN) value is an error, also under jit."""
-    return eqx.error_if(log_g, ~(log_g <= 0), "log_g must be <= 0 (log of a gate in (0, 1]); got a positive or NaN value")
+    """log_g is log gamma with gamma in (0, 1]: a positive value is an error, also under jit.
+    (A NaN passes through to a NaN output, which a training loop reports as such.)"""
+    return eqx.error_if(log_g, log_g > 0, "log_g must be <= 0 (log of a gate in (0, 1]); got a positive value")
 
 
 def choose_impl(impl: str, seq: int, dim: int, p: int, chunk_size: int) -> str:

@@ -1,0 +1,63 @@
+"""The embedded default corpus: the Python standard library's own sources, tokenised with
+GPT-2 BPE and packed into rows in LongCrawl64's layout. Built once on first use, with no
+network (beyond the one-time vocabulary fetch from PyPI), and cached."""
+
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from sympow.data.store import ROW_LENGTH, write_split
+from sympow.data.tokenizer import END_OF_TEXT, cache_dir, gpt2_encoding
+
+HELDOUT_FRACTION = 0.05
+VERSION = "stdlib-v1"
+
+
+def stdlib_sources() -> list[Path]:
+    """Every .py file of this interpreter's standard library, in a fixed order (no site-packages)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+
+
+def tokenise_documents(paths: list[Path]) -> np.ndarray:
+    """All documents' tokens, each followed by end-of-text, as one stream."""
+    encoding = gpt2_encoding()
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in paths]
+    pieces = []
+    for batch_start in tqdm(range(0, len(texts), 256), desc="tokenising", unit_scale=256, unit="file"):
+        for ids in encoding.encode_ordinary_batch(texts[batch_start : batch_start + 256]):
+            pieces.append(np.asarray(ids + [END_OF_TEXT], np.uint16))
+    return np.concatenate(pieces)
+
+
+def pack_rows(stream: np.ndarray, row_length: int, seed: int) -> np.ndarray:
+    """Cut the stream into rows (dropping the tail), shuffle them and roll each by a random
+    offset, as LongCrawl64 rolls its documents."""
+    rows = stream[: len(stream) // row_length * row_length].reshape(-1, row_length)
+    rng = np.random.default_rng(seed)
+    rows = rows[rng.permutation(len(rows))]
+    return np.stack([np.roll(row, rng.integers(row_length)) for row in rows])
+
+
+def build(root: Path, paths: list[Path], row_length: int = ROW_LENGTH, seed: int = 0) -> Path:
+    """Write train.zarr and heldout.zarr under root from the given source files."""
+    rows = pack_rows(tokenise_documents(paths), row_length, seed)
+    heldout = max(1, round(HELDOUT_FRACTION * len(rows)))
+    if len(rows) < heldout + 1:
+        raise ValueError(f"{len(paths)} files make only {len(rows)} row(s) of {row_length} tokens; need at least 2")
+    partial = root.with_name(root.name + ".partial")
+    write_split(str(partial), "heldout", rows[:heldout])
+    write_split(str(partial), "train", rows[heldout:])
+    partial.replace(root)
+    return root
+
+
+def embedded_corpus() -> str:
+    """The path of the cached embedded corpus, building it first if needed."""
+    root = cache_dir() / VERSION
+    if not root.exists():
+        print(f"building the embedded corpus from the standard library's sources into {root} (once)")
+        build(root, stdlib_sources())
+    return str(root)

@@ -1,0 +1,95 @@
+"""Token stores in LongCrawl64's layout, corruption checks, the paper's batching, the embedded corpus."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sympow import data
+from sympow.data import embedded
+
+DOCUMENTS, ROW = 6, 64
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A small store with LongCrawl64's metadata: uint16, zarr v2, blosc-lz4. Token = 1000 * doc + column."""
+    tokens = 1000 * np.arange(DOCUMENTS)[:, None] + np.arange(ROW)[None, :] + 1
+    data.write_split(str(tmp_path), "train", tokens)
+    data.write_split(str(tmp_path), "heldout", tokens[:2])
+    return str(tmp_path)
+
+
+def test_layout_matches_longcrawl64(store):
+    meta = json.loads(open(f"{store}/train.zarr/.zarray").read())
+    assert meta["dtype"] == "<u2" and meta["zarr_format"] == 2
+    assert meta["compressor"]["id"] == "blosc" and meta["compressor"]["cname"] == "lz4"
+    array = data.open_split(store, "train")
+    assert array.shape == (DOCUMENTS, ROW)
+
+
+def test_windows_go_column_by_column_with_end_of_text_first(store):
+    stream = data.WindowStream(data.open_split(store, "train"), context=16, batch_size=4)
+    inputs, targets = stream.next_batch()  # documents 0-3, window 0
+    np.testing.assert_array_equal(targets[:, 0], [1, 1001, 2001, 3001])
+    np.testing.assert_array_equal(inputs[:, 0], data.END_OF_TEXT)
+    np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
+    _, targets = stream.next_batch()  # documents 4, 5 of window 0, then documents 0, 1 of window 1
+    np.testing.assert_array_equal(targets[:, 0], [4001, 5001, 17, 1017])
+    assert stream.position == 8 and stream.examples == DOCUMENTS * ROW // 16
+
+
+def test_stream_resumes_from_its_position_and_wraps(store):
+    array = data.open_split(store, "train")
+    straight = data.WindowStream(array, context=16, batch_size=5)
+    batches = [straight.next_batch()[1] for _ in range(6)]  # 30 examples: past one pass of 24
+    resumed = data.WindowStream(array, context=16, batch_size=5, position=15)
+    for expected in batches[3:]:
+        np.testing.assert_array_equal(resumed.next_batch()[1], expected)
+
+
+def test_each_process_reads_its_own_share(store):
+    array = data.open_split(store, "train")
+    whole = data.WindowStream(array, context=32, batch_size=4).next_batch()[1]
+    shares = [data.WindowStream(array, 32, 4, process_index=i, process_count=2).next_batch()[1] for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate(shares), whole)
+
+
+def test_missing_chunk_and_bad_ids_are_caught(tmp_path):
+    tokens = np.ones((4, 64), np.uint16)
+    tokens[2] = 0
+    data.write_split(str(tmp_path), "train", tokens)
+    stream = data.WindowStream(data.open_split(str(tmp_path), "train"), context=32, batch_size=4)
+    with pytest.raises(data.CorruptData, match="all-zero row"):
+        stream.next_batch()
+    with pytest.raises(data.CorruptData, match="past GPT-2's vocabulary"):
+        data.check_tokens(np.array([[5, 50257]], np.uint16), "here")
+
+
+def test_bad_arguments(store, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no token array"):
+        data.open_split(str(tmp_path / "nowhere"), "train")
+    with pytest.raises(ValueError, match="unknown split"):
+        data.open_split(store, "valid")
+    with pytest.raises(ValueError, match="must divide the row length"):
+        data.WindowStream(data.open_split(store, "train"), context=48, batch_size=2)
+
+
+def test_gpt2_tokeniser():
+    encoding = data.gpt2_encoding()
+    assert encoding.n_vocab == data.VOCAB_SIZE
+    assert encoding.encode("Hello world") == [15496, 995]
+    assert encoding.encode("<|endoftext|>", allowed_special="all") == [data.END_OF_TEXT]
+
+
+def test_embedded_corpus_build(tmp_path):
+    sources = embedded.stdlib_sources()
+    assert len(sources) > 500 and all(p.suffix == ".py" for p in sources)
+    root = embedded.build(tmp_path / "corpus", sources[:20], row_length=1024)
+    train, heldout = data.open_split(str(root), "train"), data.open_split(str(root), "heldout")
+    assert train.shape[1] == heldout.shape[1] == 1024 and train.shape[0] >= 1 and heldout.shape[0] >= 1
+    tokens = np.concatenate([train[:], heldout[:]])
+    data.check_tokens(tokens, "embedded")
+    assert np.sum(tokens == data.END_OF_TEXT) >= 10  # documents are separated
+    text = data.gpt2_encoding().decode(train[0].tolist())
+    assert "def " in text or "import " in text

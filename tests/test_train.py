@@ -1,0 +1,75 @@
+"""train.py end to end, as a user runs it: exact resume, NaN handling, sharded = single-device."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sympow import data
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_RUN = ["--preset", "tiny", "--context", "32", "--tokens-per-update", "256", "--micro-batch", "4", "--log-every", "1", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    tokens = np.random.default_rng(0).integers(0, 2000, size=(16, 256))
+    data.write_split(str(root), "train", tokens)
+    data.write_split(str(root), "heldout", tokens[:2])
+    return str(root)
+
+
+def train(store, out, *flags, devices=1, check=True):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, str(ROOT / "train.py"), *SMALL_RUN, "--data", store, "--out", str(out), *flags]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    if check and result.returncode:
+        raise AssertionError(f"train.py failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(store, tmp_path):
+    train(store, tmp_path / "straight", "--steps", "6", "--checkpoint-every", "3")
+    train(store, tmp_path / "stopped", "--steps", "3", "--checkpoint-every", "3")
+    resumed = train(store, tmp_path / "stopped", "--steps", "6", "--checkpoint-every", "3")
+    assert "resuming from" in resumed.stdout
+    straight, stopped = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
+    assert sorted(stopped) == list(range(1, 7))
+    assert straight == stopped
+    meta = json.loads((tmp_path / "stopped" / "step_0000006" / "meta.json").read_text())
+    assert meta["position"] == 6 * 8 and meta["config"]["attention"] == "conformal"
+    assert [p.name for p in (tmp_path / "stopped").glob("step_*")] == ["step_0000006"]
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(store, tmp_path):
+    # An absurd learning rate blows the weights up within a few updates.
+    result = train(store, tmp_path, "--steps", "20", "--checkpoint-every", "1", "--lr", "1e30", check=False)
+    assert result.returncode != 0
+    assert "stopping. The last good checkpoint is" in result.stderr
+    checkpoints = sorted(tmp_path.glob("step_*"))
+    assert len(checkpoints) == 1
+    bad_step = int(result.stderr.split("at step ")[1].split(";")[0])
+    assert checkpoints[0].name == f"step_{bad_step - 1:07d}"
+    assert all(np.isfinite(loss) for loss in losses(tmp_path).values())
+
+
+def test_two_devices_give_the_losses_of_one(store, tmp_path):
+    train(store, tmp_path / "one", "--steps", "3", devices=1)
+    two = train(store, tmp_path / "two", "--steps", "3", devices=2)
+    assert "on 2 cpu device(s)" in two.stdout
+    one_losses, two_losses = losses(tmp_path / "one"), losses(tmp_path / "two")
+    np.testing.assert_allclose([two_losses[s] for s in (1, 2, 3)], [one_losses[s] for s in (1, 2, 3)], rtol=1e-5)
+
+
+def test_bad_flags_say_what_is_wrong(store, tmp_path):
+    result = train(store, tmp_path, "--tokens-per-update", "100", check=False)
+    assert result.returncode != 0 and "must be a multiple of --context" in result.stderr

@@ -1,0 +1,195 @@
+"""Train a (conformal) symmetric power transformer, or the softmax baseline.
+
+    python train.py                         # tiny conformal model on the embedded corpus, CPU, a few minutes
+    python train.py --attention sympow --context 1024 --preset 124m --data gs://longcrawl64 --out runs/x
+
+Running the same command again resumes from the last checkpoint in --out, exactly.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+import sympow
+from sympow import data
+
+CHECKPOINT_PREFIX = "step_"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attention", default="conformal", choices=sympow.ATTENTIONS)
+    parser.add_argument("--p", type=int, default=2, help="power of the symmetric power attention")
+    parser.add_argument("--context", type=int, default=256, help="training context (tokens per example)")
+    parser.add_argument("--preset", default="tiny", choices=tuple(sympow.PRESETS))
+    parser.add_argument("--steps", type=int, default=200, help="optimizer updates")
+    parser.add_argument("--tokens-per-update", type=int, default=4096, help="held fixed across contexts (paper: 2^19)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="examples per forward pass (default: the whole update)")
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: 10 for tiny, 200 otherwise)")
+    parser.add_argument("--clip", type=float, default=1.0, help="global gradient norm clip")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--chunk-size", type=int, default=None, help="chunk size of the sympow chunked form")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--data", default="embedded", help='"embedded", or a folder / fsspec URL holding train.zarr and heldout.zarr')
+    parser.add_argument("--out", type=Path, default=Path("runs/default"))
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    return parser.parse_args(argv)
+
+
+def model_config(args) -> sympow.ModelConfig:
+    overrides = dict(attention=args.attention, p=args.p)
+    if args.chunk_size:
+        overrides["chunk_size"] = args.chunk_size
+    return sympow.preset(args.preset, **overrides)
+
+
+def optimizer(args) -> optax.GradientTransformation:
+    """AdamW with a linear warmup to a constant rate (the paper trains at a constant 6e-4) and norm clipping."""
+    warmup = args.warmup if args.warmup is not None else (10 if args.preset == "tiny" else 200)
+    schedule = optax.linear_schedule(args.lr / max(warmup, 1), args.lr, max(warmup, 1))
+    return optax.chain(optax.clip_by_global_norm(args.clip), optax.adamw(schedule, weight_decay=args.weight_decay))
+
+
+def cross_entropy(model, inputs, targets, dtype) -> jax.Array:
+    """Mean next-token loss, computed in `dtype` with float32 master weights."""
+    compute_model = jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, model)
+    logits = compute_model(inputs).astype(jnp.float32)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+
+
+def make_train_step(opt, dtype, accumulation: int):
+    """One jitted update: gradients averaged over `accumulation` micro-batches, then AdamW."""
+
+    @eqx.filter_jit
+    def step(model, opt_state, inputs, targets):
+        def micro_step(grad_sum, batch):
+            loss, grads = eqx.filter_value_and_grad(cross_entropy)(model, *batch, dtype)
+            return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+        micro_batches = jax.tree.map(lambda x: x.reshape(accumulation, -1, *x.shape[1:]), (inputs, targets))
+        zeros = jax.tree.map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
+        grad_sum, losses = jax.lax.scan(micro_step, zeros, micro_batches)
+        grads = jax.tree.map(lambda g: g / accumulation, grad_sum)
+        updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
+        return eqx.apply_updates(model, updates), opt_state, jnp.mean(losses), optax.global_norm(grads)
+
+    return step
+
+
+def save_checkpoint(out: Path, step: int, model, opt_state, position: int, args) -> None:
+    """Write step_NNNNNNN/ atomically (a temp folder renamed into place), then drop older ones."""
+    final = out / f"{CHECKPOINT_PREFIX}{step:07d}"
+    partial = out / f".{final.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    eqx.tree_serialise_leaves(partial / "state.eqx", (model, opt_state))
+    config = dataclasses.asdict(model.config)
+    (partial / "meta.json").write_text(json.dumps(dict(step=step, position=position, config=config, args=vars(args)), default=str, indent=1))
+    partial.rename(final)
+    for older in sorted(out.glob(f"{CHECKPOINT_PREFIX}*"))[:-1]:
+        shutil.rmtree(older)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    checkpoints = sorted(out.glob(f"{CHECKPOINT_PREFIX}*"))
+    return checkpoints[-1] if checkpoints else None
+
+
+def load_checkpoint(path: Path, model, opt_state, config: sympow.ModelConfig):
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["config"] != dataclasses.asdict(config):
+        raise SystemExit(f"{path} was trained with config {meta['config']}, not {dataclasses.asdict(config)}: use another --out")
+    model, opt_state = eqx.tree_deserialise_leaves(path / "state.eqx", (model, opt_state))
+    return model, opt_state, meta["step"], meta["position"]
+
+
+def metrics_up_to(path: Path, step: int):
+    """Open the JSONL metrics for appending, after dropping records past `step` (a resumed run replays them)."""
+    if path.exists():
+        records = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in records))
+    return path.open("a")
+
+
+def batch_sizes(args) -> tuple[int, int]:
+    """(examples per update, micro-batches per update), with tokens per update fixed."""
+    if args.tokens_per_update % args.context:
+        raise SystemExit(f"--tokens-per-update {args.tokens_per_update} must be a multiple of --context {args.context}")
+    examples = args.tokens_per_update // args.context
+    micro = args.micro_batch or examples
+    if examples % micro or micro % jax.device_count():
+        raise SystemExit(f"--micro-batch {micro} must divide {examples} examples per update and be a multiple of {jax.device_count()} devices")
+    return examples, examples // micro
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.distributed:
+        jax.distributed.initialize()
+    dtype = jnp.dtype(args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32"))
+    config = model_config(args)
+    examples, accumulation = batch_sizes(args)
+
+    model = sympow.Transformer(config, key=jax.random.key(args.seed))
+    opt = optimizer(args)
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    start, position = 0, 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    if checkpoint := latest_checkpoint(args.out):
+        model, opt_state, start, position = load_checkpoint(checkpoint, model, opt_state, config)
+        print(f"resuming from {checkpoint} (step {start})")
+
+    stream = data.WindowStream(
+        data.open_split(data.resolve(args.data), "train"), args.context, examples, position, jax.process_index(), jax.process_count()
+    )
+    # Data parallel: examples split over every device of every process, parameters replicated.
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    model, opt_state = jax.device_put((model, opt_state), NamedSharding(mesh, PartitionSpec()))
+    step_fn = make_train_step(opt, dtype, accumulation)
+
+    parameters = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
+    print(f"{config.attention} p={config.p} {args.preset} ({parameters / 1e6:.1f}M parameters), context {args.context}, "
+          f"{examples} examples x {accumulation} micro-batches per update, {dtype.name} on {jax.device_count()} {jax.default_backend()} device(s)")
+    metrics = metrics_up_to(args.out / "metrics.jsonl", start)
+    progress = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", disable=jax.process_index() != 0)
+    clock, clock_step = time.perf_counter(), start
+    for step in progress:
+        inputs, targets = (jax.make_array_from_process_local_data(batch_sharding, a) for a in stream.next_batch())
+        model, opt_state, loss, grad_norm = step_fn(model, opt_state, inputs, targets)
+        loss = float(loss)
+        if not math.isfinite(loss):
+            last = latest_checkpoint(args.out)
+            sys.exit(f"loss is {loss} at step {step + 1}; stopping. The last good checkpoint is {last or 'none (no checkpoint yet)'}.")
+        progress.set_postfix(loss=f"{loss:.3f}")
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            now = time.perf_counter()
+            tokens_per_second = (step + 1 - clock_step) * args.tokens_per_update / (now - clock)
+            clock, clock_step = now, step + 1
+            record = dict(step=step + 1, loss=loss, grad_norm=float(grad_norm), tokens=(step + 1) * args.tokens_per_update, tokens_per_second=tokens_per_second)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
+            save_checkpoint(args.out, step + 1, model, opt_state, stream.position, args)
+    metrics.close()
+
+
+if __name__ == "__main__":
+    main()
