@@ -7,10 +7,8 @@ Running the same command again resumes from the last checkpoint in --out, exactl
 """
 
 import argparse
-import dataclasses
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,10 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import sympow
-from sympow import data
-
-CHECKPOINT_PREFIX = "step_"
-
+from sympow import checkpoint, data
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,33 +88,6 @@ def make_train_step(opt, dtype, accumulation: int):
     return step
 
 
-def save_checkpoint(out: Path, step: int, model, opt_state, position: int, args) -> None:
-    """Write step_NNNNNNN/ atomically (a temp folder renamed into place), then drop older ones."""
-    final = out / f"{CHECKPOINT_PREFIX}{step:07d}"
-    partial = out / f".{final.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    eqx.tree_serialise_leaves(partial / "state.eqx", (model, opt_state))
-    config = dataclasses.asdict(model.config)
-    (partial / "meta.json").write_text(json.dumps(dict(step=step, position=position, config=config, args=vars(args)), default=str, indent=1))
-    partial.rename(final)
-    for older in sorted(out.glob(f"{CHECKPOINT_PREFIX}*"))[:-1]:
-        shutil.rmtree(older)
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    checkpoints = sorted(out.glob(f"{CHECKPOINT_PREFIX}*"))
-    return checkpoints[-1] if checkpoints else None
-
-
-def load_checkpoint(path: Path, model, opt_state, config: sympow.ModelConfig):
-    meta = json.loads((path / "meta.json").read_text())
-    if meta["config"] != dataclasses.asdict(config):
-        raise SystemExit(f"{path} was trained with config {meta['config']}, not {dataclasses.asdict(config)}: use another --out")
-    model, opt_state = eqx.tree_deserialise_leaves(path / "state.eqx", (model, opt_state))
-    return model, opt_state, meta["step"], meta["position"]
-
-
 def metrics_up_to(path: Path, step: int):
     """Open the JSONL metrics for appending, after dropping records past `step` (a resumed run replays them)."""
     if path.exists():
@@ -152,9 +120,12 @@ def main(argv=None) -> None:
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
     start, position = 0, 0
     args.out.mkdir(parents=True, exist_ok=True)
-    if checkpoint := latest_checkpoint(args.out):
-        model, opt_state, start, position = load_checkpoint(checkpoint, model, opt_state, config)
-        print(f"resuming from {checkpoint} (step {start})")
+    if saved := checkpoint.latest(args.out):
+        try:
+            model, opt_state, start, position = checkpoint.resume(saved, model, opt_state)
+        except ValueError as error:
+            sys.exit(f"{error}: use another --out")
+        print(f"resuming from {saved} (step {start})")
 
     stream = data.WindowStream(
         data.open_split(data.resolve(args.data), "train"), args.context, examples, position, jax.process_index(), jax.process_count()
@@ -176,7 +147,7 @@ def main(argv=None) -> None:
         model, opt_state, loss, grad_norm = step_fn(model, opt_state, inputs, targets)
         loss = float(loss)
         if not math.isfinite(loss):
-            last = latest_checkpoint(args.out)
+            last = checkpoint.latest(args.out)
             sys.exit(f"loss is {loss} at step {step + 1}; stopping. The last good checkpoint is {last or 'none (no checkpoint yet)'}.")
         progress.set_postfix(loss=f"{loss:.3f}")
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
@@ -187,7 +158,7 @@ def main(argv=None) -> None:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
-            save_checkpoint(args.out, step + 1, model, opt_state, stream.position, args)
+            checkpoint.save(args.out, step + 1, model, opt_state, stream.position, vars(args))
     metrics.close()
 
 

@@ -93,3 +93,19 @@ def test_embedded_corpus_build(tmp_path):
     assert np.sum(tokens == data.END_OF_TEXT) >= 10  # documents are separated
     text = data.gpt2_encoding().decode(train[0].tolist())
     assert "def " in text or "import " in text
+
+
+def test_hugging_face_dataset_is_streamed_tokenised_and_packed_offline(tmp_path, monkeypatch):
+    """`--data hf:NAME` on a local folder of JSON lines, with the hub switched off."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SYMPOW_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "my_texts"
+    folder.mkdir()
+    lines = [json.dumps({"text": f"Document number {i} says hello to the world. " * 20}) for i in range(40)]
+    (folder / "train.jsonl").write_text("\n".join(lines))
+    root = data.hf_store(str(folder), max_rows=3, row_length=2048)
+    train, heldout = data.open_split(root, "train"), data.open_split(root, "heldout")
+    assert (train.shape, heldout.shape) == ((2, 2048), (1, 2048))
+    assert "hello to the world" in data.gpt2_encoding().decode(train[0].tolist())
+    assert data.hf_store(str(folder), max_rows=3, row_length=2048) == root  # cached: built once

@@ -73,3 +73,23 @@ def test_two_devices_give_the_losses_of_one(store, tmp_path):
 def test_bad_flags_say_what_is_wrong(store, tmp_path):
     result = train(store, tmp_path, "--tokens-per-update", "100", check=False)
     assert result.returncode != 0 and "must be a multiple of --context" in result.stderr
+
+
+def test_eval_writes_losses_by_position_and_plots(store, tmp_path):
+    for context in ("32", "64"):
+        train(store, tmp_path / f"run{context}", "--steps", "2", "--context", context)
+    out = tmp_path / "eval"
+    command = [sys.executable, str(ROOT / "eval.py"), str(tmp_path / "run32"), str(tmp_path / "run64"),
+               "--context", "128", "--windows", "3", "--batch-size", "2", "--bins", "8", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["train_context"] for r in results] == [32, 64]
+    for r in results:
+        assert len(r["loss_by_position"]) == 128 and r["windows"] == 4 and r["eval_context"] == 128
+        assert all(np.isfinite(r["loss_by_position"])) and abs(r["mean_loss"] - np.mean(r["loss_by_position"])) < 1e-9
+    rows = (out / "loss_by_position.csv").read_text().splitlines()
+    assert len(rows) == 1 + 8 and rows[1].startswith("16,")
+    for png in ("loss_by_position.png", "loss_by_training_context.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert "| conformal | 32 |" in result.stdout

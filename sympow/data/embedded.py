@@ -41,17 +41,21 @@ def pack_rows(stream: np.ndarray, row_length: int, seed: int) -> np.ndarray:
     return np.stack([np.roll(row, rng.integers(row_length)) for row in rows])
 
 
-def build(root: Path, paths: list[Path], row_length: int = ROW_LENGTH, seed: int = 0) -> Path:
-    """Write train.zarr and heldout.zarr under root from the given source files."""
-    rows = pack_rows(tokenise_documents(paths), row_length, seed)
+def write_store(root: Path, rows: np.ndarray, source: str) -> Path:
+    """Write rows as heldout.zarr (the first 5%, at least one) and train.zarr, atomically."""
+    if len(rows) < 2:
+        raise ValueError(f"{source} gives only {len(rows)} row(s); need at least 2")
     heldout = max(1, round(HELDOUT_FRACTION * len(rows)))
-    if len(rows) < heldout + 1:
-        raise ValueError(f"{len(paths)} files make only {len(rows)} row(s) of {row_length} tokens; need at least 2")
     partial = root.with_name(root.name + ".partial")
     write_split(str(partial), "heldout", rows[:heldout])
     write_split(str(partial), "train", rows[heldout:])
     partial.replace(root)
     return root
+
+
+def build(root: Path, paths: list[Path], row_length: int = ROW_LENGTH, seed: int = 0) -> Path:
+    """Write train.zarr and heldout.zarr under root from the given source files."""
+    return write_store(root, pack_rows(tokenise_documents(paths), row_length, seed), f"{len(paths)} files")
 
 
 def embedded_corpus() -> str:

@@ -1,0 +1,134 @@
+"""Evaluate trained runs: the loss at every position 1..N of heldout documents.
+
+    python eval.py runs/a runs/b --context 8192 --out runs/eval
+
+Writes results.json (per-position mean loss of every run, accumulated in float64),
+loss_by_position.csv (binned), loss_by_position.png (one curve per run, each run's training
+context marked) and, when the runs were trained at several contexts,
+loss_by_training_context.png (mean loss over 1..N against training context, one line per variant).
+"""
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from sympow import checkpoint, data
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (their latest checkpoint) or checkpoint folders")
+    parser.add_argument("--context", type=int, required=True, help="evaluate positions 1..N of each document")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--windows", type=int, default=16, help="heldout windows of N tokens to average over, taken column by column "
+                        "(every document's first window, then every second one, ...)")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    parser.add_argument("--bins", type=int, default=64, help="position bins in the CSV and the plot")
+    parser.add_argument("--data", default=None, help="token store (default: the one each run trained on)")
+    return parser.parse_args(argv)
+
+
+@eqx.filter_jit
+def position_losses(model, inputs, targets):
+    """Next-token loss at every position, [batch, seq], float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(model(inputs).astype(jnp.float32), targets)
+
+
+def evaluate(model, stream: data.WindowStream, windows: int) -> np.ndarray:
+    """Mean loss at each position over `windows` windows, summed in float64."""
+    total = np.zeros(stream.context, np.float64)
+    batches = -(-windows // stream.batch_size)
+    for _ in tqdm(range(batches), desc="eval", leave=False):
+        inputs, targets = stream.next_batch()
+        total += np.asarray(position_losses(model, jnp.asarray(inputs), jnp.asarray(targets)), np.float64).sum(axis=0)
+    return total / (batches * stream.batch_size)
+
+
+def binned(losses: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(last position of each bin, mean loss in it): bins of equal width over positions 1..N."""
+    edges = np.linspace(0, len(losses), min(bins, len(losses)) + 1).astype(int)
+    return edges[1:], np.array([losses[a:b].mean() for a, b in zip(edges[:-1], edges[1:])])
+
+
+def label(result: dict) -> str:
+    return f"{result['attention']} (p={result['p']}, trained at {result['train_context']})" if result["attention"] != "softmax" else f"softmax (trained at {result['train_context']})"
+
+
+def plot_by_position(results: list[dict], bins: int, path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for result in results:
+        ends, means = binned(np.asarray(result["loss_by_position"]), bins)
+        line, = axes.plot(ends, means, label=label(result))
+        axes.axvline(result["train_context"], color=line.get_color(), linestyle=":", alpha=0.7)
+    axes.set(xlabel="position in document (bin end)", ylabel="mean next-token loss (nats)", title="Loss by position (dotted: training context)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_by_training_context(results: list[dict], path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(7, 5))
+    for attention in dict.fromkeys(r["attention"] for r in results):
+        points = sorted((r["train_context"], r["mean_loss"]) for r in results if r["attention"] == attention)
+        axes.plot(*zip(*points), marker="o", label=attention)
+    axes.set(xscale="log", xlabel="training context", ylabel=f"mean loss over positions 1..{results[0]['eval_context']}", title="Final loss against training context")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_csv(results: list[dict], bins: int, path: Path) -> None:
+    columns = [binned(np.asarray(r["loss_by_position"]), bins) for r in results]
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["bin_end_position"] + [str(r["run"]) for r in results])
+        for i, end in enumerate(columns[0][0]):
+            writer.writerow([int(end)] + [f"{means[i]:.6f}" for _, means in columns])
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for run in args.runs:
+        model, meta = checkpoint.load_model(run)
+        heldout = data.open_split(data.resolve(args.data or meta["args"]["data"]), "heldout")
+        stream = data.WindowStream(heldout, args.context, args.batch_size)
+        windows = -(-min(args.windows, stream.examples) // args.batch_size) * args.batch_size  # whole batches
+        losses = evaluate(model, stream, windows)
+        results.append(dict(
+            run=str(run), attention=meta["config"]["attention"], p=meta["config"]["p"], step=meta["step"],
+            train_context=int(meta["args"]["context"]), eval_context=args.context, windows=windows,
+            mean_loss=float(losses.mean()), loss_by_position=losses.tolist(),
+        ))
+        print(f"{run}: mean loss {losses.mean():.4f} over positions 1..{args.context} ({windows} windows)")
+
+    (args.out / "results.json").write_text(json.dumps(results))
+    write_csv(results, args.bins, args.out / "loss_by_position.csv")
+    plot_by_position(results, args.bins, args.out / "loss_by_position.png")
+    if len({r["train_context"] for r in results}) > 1:
+        plot_by_training_context(results, args.out / "loss_by_training_context.png")
+    print(f"\n| run | attention | trained at | loss, positions 1..{results[0]['train_context']} | loss past training context | mean over 1..{args.context} |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        losses, trained = np.asarray(r["loss_by_position"]), r["train_context"]
+        beyond = f"{losses[trained:].mean():.4f}" if trained < len(losses) else "-"
+        print(f"| {r['run']} | {r['attention']} | {trained} | {losses[:trained].mean():.4f} | {beyond} | {r['mean_loss']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
