@@ -1,0 +1,1 @@
+"""Triton kernels for symmetric power attention, launched through ops.sympow.triton.launch."""

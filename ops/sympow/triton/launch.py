@@ -1,0 +1,125 @@
+"""One launcher for every kernel: jax_triton.triton_call on a GPU; on a CPU the same kernel
+in Triton's interpreter inside jax.pure_callback (float32: the interpreter mishandles bf16).
+
+Kernels are plain Python functions written in triton.language, taking their input pointers,
+then their output pointers, then keyword constants (all tl.constexpr). The launcher decorates
+them: triton.jit for the GPU, the interpreter's InterpretedFunction for the CPU. Outputs are
+filled with NaN before an interpreted run, so a tile the kernel never writes shows."""
+
+import contextlib
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import triton
+from triton.runtime.interpreter import InterpretedFunction, _patch_lang
+from triton.runtime.jit import JITFunction
+
+
+class HostTensor:
+    """Just enough of a torch tensor for Triton's interpreter, over a numpy array in host
+    memory. The interpreter would copy device tensors to the host and back; here the memory
+    already is the host's, so every copy is the identity."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.dtype = array.dtype
+
+    def data_ptr(self) -> int:
+        return self.array.ctypes.data
+
+    def untyped_storage(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def new_empty(self, *_, **__):
+        return self
+
+    def set_(self, storage, *_):
+        return storage
+
+    def copy_(self, other):
+        assert other is self, "host tensors are never copied"
+
+    def storage_offset(self) -> int:
+        return 0
+
+    def size(self):
+        return self.array.shape
+
+    def stride(self):
+        return tuple(s // self.array.itemsize for s in self.array.strides)
+
+
+# Triton reads a kernel's source and globals, so it gets the plain function, not a wrapper
+# (the test suite's jaxtyping hook wraps every function in `ops`).
+@functools.cache
+def compiled(kernel):
+    return triton.jit(inspect.unwrap(kernel))
+
+
+@functools.cache
+def interpreted(kernel):
+    return InterpretedFunction(inspect.unwrap(kernel))
+
+
+def call_interpreted(device_function: JITFunction, *args, **kwargs):
+    """A device function called from interpreted code, run by the interpreter. Unlike
+    InterpretedFunction.__call__ (triton 3.7), this undoes its patches of triton.language,
+    which would otherwise break every later compile in the process."""
+    scope = _patch_lang(device_function.fn)
+    try:
+        return interpreted(device_function.fn).rewrite()(*args, **kwargs)
+    finally:
+        scope.restore()
+
+
+@contextlib.contextmanager
+def interpreting():
+    """Run as if TRITON_INTERPRET=1 had been set before triton was imported: triton's own
+    device functions (tl.max, tl.sum, ...) were made as compiled JITFunctions then, and
+    refuse to be called from interpreted code unless routed to the interpreter."""
+    saved_call, saved_knob = JITFunction.__call__, triton.knobs.runtime.interpret
+    JITFunction.__call__ = call_interpreted
+    triton.knobs.runtime.interpret = True
+    try:
+        yield
+    finally:
+        JITFunction.__call__, triton.knobs.runtime.interpret = saved_call, saved_knob
+
+
+def compile_for(kernel, pointer_types: dict[str, str], constants: dict, capability: int = 90):
+    """Compile kernel ahead of time for an NVIDIA GPU of the given compute capability; works without a GPU."""
+    from triton.backends.compiler import GPUTarget
+
+    signature = {**pointer_types, **{name: "constexpr" for name in constants}}
+    source = triton.compiler.ASTSource(fn=compiled(kernel), signature=signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32))
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def launch(kernel, grid: tuple[int, ...], inputs: list[jax.Array], out_shapes: list[jax.ShapeDtypeStruct], **constants) -> list[jax.Array]:
+    """Run kernel(*inputs, *outputs, **constants) over grid; return the outputs."""
+    if on_gpu():
+        import jax_triton  # imported on a GPU only; on a CPU it would find no backend to lower to
+
+        return list(jax_triton.triton_call(*inputs, kernel=compiled(kernel), out_type=out_shapes, grid=grid, **constants))
+
+    def run_on_host(*arrays):
+        outputs = [np.full(s.shape, np.nan, s.dtype) for s in out_shapes]
+        arguments = [HostTensor(np.array(a)) for a in arrays] + [HostTensor(o) for o in outputs]
+        # log(0) of padded keys is -inf by design; other floating-point errors still show as NaN.
+        with interpreting(), np.errstate(divide="ignore"):
+            interpreted(kernel)[grid](*arguments, **constants)
+        return outputs
+
+    if any(s.dtype != jnp.float32 for s in out_shapes) or any(a.dtype not in (jnp.float32, jnp.int32) for a in inputs):
+        raise TypeError("the Triton interpreter runs float32 only (it mishandles bf16); cast first")
+    return list(jax.pure_callback(run_on_host, out_shapes, *inputs))
