@@ -11,7 +11,7 @@ from conftest import attention_inputs
 
 import ops
 import sympow
-from ops.sympow import check_shapes
+from ops.sympow.api import check_shapes
 
 Q, K, V, LOG_G = attention_inputs(1, 10, 2, 4, gamma=0.9)
 
@@ -63,9 +63,12 @@ def test_unknown_impl_and_bad_chunk_or_scale():
             ops.sympow_attention(Q, K, V, scale=scale)
 
 
-def test_triton_is_not_silently_replaced():
-    with pytest.raises(NotImplementedError, match="Triton kernels"):
-        ops.sympow_attention(Q, K, V, impl="triton")
+def test_triton_refuses_what_its_kernels_cannot_do():
+    with pytest.raises(ValueError, match="head dim in"):
+        ops.sympow_attention(*(a.astype(jnp.float32) for a in (Q, K, V)), impl="triton")  # dim 4
+    q16 = jnp.ones((1, 5, 1, 16), jnp.float64)
+    with pytest.raises(TypeError, match="float32 only"):
+        ops.sympow_attention(q16, q16, q16, impl="triton")
 
 
 def test_seq_not_a_multiple_of_chunk_size_is_padded_not_rejected():

@@ -75,16 +75,16 @@ def test_float32_inputs_give_float32_outputs_close_to_float64(impl):
 
 
 def test_auto_picks_attention_for_short_or_wide_and_chunked_otherwise(monkeypatch):
-    from ops import sympow
+    from ops.sympow import api
 
-    assert sympow.choose_impl("auto", 64, 64, 2, 128) == "attention"
-    assert sympow.choose_impl("auto", 2000, 64, 2, 128) == "attention"  # T <= D = 2080
-    assert sympow.choose_impl("auto", 4096, 64, 2, 128) == "chunked"
-    assert sympow.choose_impl("auto", 200, 4, 2, 16) == "chunked"  # D = 10
-    assert sympow.choose_impl("auto", 4096, 64, 4, 128) == "attention"  # 766480 x 64 state
+    assert api.choose_impl("auto", 64, 64, 2, 128) == "attention"
+    assert api.choose_impl("auto", 2000, 64, 2, 128) == "attention"  # T <= D = 2080
+    assert api.choose_impl("auto", 4096, 64, 2, 128) == "chunked"
+    assert api.choose_impl("auto", 200, 4, 2, 16) == "chunked"  # D = 10
+    assert api.choose_impl("auto", 4096, 64, 4, 128) == "attention"  # 766480 x 64 state
     q, k, v, log_g = attention_inputs(1, 40, 1, 2, gamma=0.9)  # D = 3 < 40
     called = []
-    monkeypatch.setattr(sympow, "chunked_form", lambda *a: called.append("chunked") or a[2])
+    monkeypatch.setattr(api, "chunked_form", lambda *a: called.append("chunked") or a[2])
     ops.sympow_attention(q, k, v, log_g, chunk_size=16)
     assert called == ["chunked"]
 

@@ -6,10 +6,12 @@ log w_ij = p log|s q_i . k_j| + G_i - G_j (j <= i), kept against a running row m
 as flash attention keeps softmax scores; y_i = sum_j w_ij v_j / max(sum_j w_ij, eps) in the
 frame of the final row max. The log-normaliser m_i + log l_i is stored for the backward pass."""
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import triton
 import triton.language as tl
 
 from ops.sympow.naive import cumulative_gate
@@ -45,11 +47,8 @@ def power_attention_forward(
         col_ok = cols < SEQ
         k = tl.load(K + qkv_base + cols[:, None] * row_stride + dims[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(V + qkv_base + cols[:, None] * row_stride + dims[None, :], mask=col_ok[:, None], other=0.0)
-        log_w = POWER * tl.log(tl.abs(tl.dot(q, tl.trans(k)) * SCALE))
-        if GATED:
-            gate_cols = tl.load(G + gate_base + cols * HEADS, mask=col_ok, other=0.0)
-            log_w += gate_rows[:, None] - gate_cols[None, :]
-        log_w = tl.where((rows[:, None] >= cols[None, :]) & col_ok[None, :], log_w, float("-inf"))
+        gate_cols = tl.load(G + gate_base + cols * HEADS, mask=col_ok, other=0.0)
+        log_w, _ = gated_log_weights(q, k, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED)
 
         new_max = tl.maximum(row_max, tl.max(log_w, axis=1))
         frame = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with no weight yet stays at 0
@@ -64,14 +63,169 @@ def power_attention_forward(
     tl.store(LOG_NORMALISER + gate_base + rows * HEADS, row_max + tl.log(row_sum), mask=row_ok)
 
 
-def attention_forward(q, k, v, log_g, p: int, scale: float, block_m: int = 16, block_n: int = 16):
-    """(y, log normaliser) of gated power attention through the kernel; q, k, v [batch, seq, heads, dim]."""
+
+@triton.jit
+def gated_log_weights(q, k, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED):
+    """log w = p log|s q . k| + G_i - G_j on a tile, -inf above the diagonal and past SEQ; also q . k."""
+    dot = tl.dot(q, tl.trans(k))
+    log_w = POWER * tl.log(tl.abs(dot * SCALE))
+    if GATED:
+        log_w += gate_rows[:, None] - gate_cols[None, :]
+    return tl.where((rows[:, None] >= cols[None, :]) & (cols[None, :] < SEQ), log_w, float("-inf")), dot
+
+
+@triton.jit
+def weight_gradients(q, k, v, dy, delta, log_normaliser, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED):
+    """On a tile: P_ij = w_ij / l_i, d log w_ij = P_ij (dy_i . v_j - Delta_i), and d(q_i . k_j) = d log w_ij p / (q_i . k_j)."""
+    log_w, dot = gated_log_weights(q, k, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED)
+    probabilities = tl.exp(log_w - log_normaliser[:, None])
+    d_log_w = probabilities * (tl.dot(dy, tl.trans(v)) - delta[:, None])
+    is_zero = dot == 0.0  # there P = 0, and so is the gradient
+    d_dot = tl.where(is_zero, 0.0, d_log_w * POWER / tl.where(is_zero, 1.0, dot))
+    return probabilities, d_log_w, d_dot
+
+
+def power_attention_backward_keys(
+    Q, K, V, G, DY, DELTA, LOG_NORMALISER, DK, DV, DG,
+    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
+    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dk, dv and dG for one key block, over the query blocks at or below its diagonal.
+    DELTA_i = dy_i . y_i; dG_j = -sum_i d log w_ij (the row sums of d log w vanish)."""
+    block_n = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch, head = batch_head // HEADS, batch_head % HEADS
+    row_stride = HEADS * DIM
+    qkv_base = batch * SEQ * row_stride + head * DIM
+    gate_base = batch * SEQ * HEADS + head
+
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, DIM)
+    col_ok = cols < SEQ
+    k = tl.load(K + qkv_base + cols[:, None] * row_stride + dims[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + qkv_base + cols[:, None] * row_stride + dims[None, :], mask=col_ok[:, None], other=0.0)
+    gate_cols = tl.load(G + gate_base + cols * HEADS, mask=col_ok, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, DIM], tl.float32)
+    dg = tl.zeros([BLOCK_N], tl.float32)
+    for start in range((block_n * BLOCK_N // BLOCK_M) * BLOCK_M, SEQ, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < SEQ
+        q = tl.load(Q + qkv_base + rows[:, None] * row_stride + dims[None, :], mask=row_ok[:, None], other=0.0)
+        dy = tl.load(DY + qkv_base + rows[:, None] * row_stride + dims[None, :], mask=row_ok[:, None], other=0.0)
+        delta = tl.load(DELTA + gate_base + rows * HEADS, mask=row_ok, other=0.0)
+        log_normaliser = tl.load(LOG_NORMALISER + gate_base + rows * HEADS, mask=row_ok, other=0.0)
+        gate_rows = tl.load(G + gate_base + rows * HEADS, mask=row_ok, other=0.0)
+        probabilities, d_log_w, d_dot = weight_gradients(
+            q, k, v, dy, delta, log_normaliser, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED
+        )
+        probabilities = tl.where(row_ok[:, None], probabilities, 0.0)
+        d_log_w = tl.where(row_ok[:, None], d_log_w, 0.0)
+        d_dot = tl.where(row_ok[:, None], d_dot, 0.0)
+        dv += tl.dot(tl.trans(probabilities).to(dy.dtype), dy)
+        dk += tl.dot(tl.trans(d_dot).to(q.dtype), q)
+        dg -= tl.sum(d_log_w, axis=0)
+
+    tl.store(DK + qkv_base + cols[:, None] * row_stride + dims[None, :], dk, mask=col_ok[:, None])
+    tl.store(DV + qkv_base + cols[:, None] * row_stride + dims[None, :], dv, mask=col_ok[:, None])
+    tl.store(DG + gate_base + cols * HEADS, dg, mask=col_ok)
+
+
+def power_attention_backward_queries(
+    Q, K, V, G, DY, DELTA, LOG_NORMALISER, DQ,
+    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
+    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dq for one query block: dq_i = sum_j d(q_i . k_j) k_j over the key blocks up to the diagonal."""
+    block_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch, head = batch_head // HEADS, batch_head % HEADS
+    row_stride = HEADS * DIM
+    qkv_base = batch * SEQ * row_stride + head * DIM
+    gate_base = batch * SEQ * HEADS + head
+
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, DIM)
+    row_ok = rows < SEQ
+    q = tl.load(Q + qkv_base + rows[:, None] * row_stride + dims[None, :], mask=row_ok[:, None], other=0.0)
+    dy = tl.load(DY + qkv_base + rows[:, None] * row_stride + dims[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.load(DELTA + gate_base + rows * HEADS, mask=row_ok, other=0.0)
+    log_normaliser = tl.load(LOG_NORMALISER + gate_base + rows * HEADS, mask=row_ok, other=0.0)
+    gate_rows = tl.load(G + gate_base + rows * HEADS, mask=row_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, DIM], tl.float32)
+    for start in range(0, (block_m + 1) * BLOCK_M, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < SEQ
+        k = tl.load(K + qkv_base + cols[:, None] * row_stride + dims[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + qkv_base + cols[:, None] * row_stride + dims[None, :], mask=col_ok[:, None], other=0.0)
+        gate_cols = tl.load(G + gate_base + cols * HEADS, mask=col_ok, other=0.0)
+        _, _, d_dot = weight_gradients(q, k, v, dy, delta, log_normaliser, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED)
+        dq += tl.dot(d_dot.to(k.dtype), k)
+
+    tl.store(DQ + qkv_base + rows[:, None] * row_stride + dims[None, :], dq, mask=row_ok[:, None])
+
+
+def kernel_constants(q, gated: bool, p: int, scale: float, block_m: int, block_n: int) -> dict:
     batch, seq, heads, dim = q.shape
-    gated = log_g is not None
-    gate = cumulative_gate(log_g).astype(jnp.float32) if gated else jnp.zeros((batch, seq, heads), jnp.float32)
-    out_shapes = [jax.ShapeDtypeStruct(q.shape, v.dtype), jax.ShapeDtypeStruct((batch, seq, heads), jnp.float32)]
+    return dict(SEQ=seq, HEADS=heads, DIM=dim, SCALE=scale, POWER=p, GATED=gated, BLOCK_M=block_m, BLOCK_N=block_n)
+
+
+def attention_forward(q, k, v, gate, p: int, scale: float, gated: bool, block_m: int = 16, block_n: int = 16):
+    """(y, log normaliser) through the forward kernel; gate is the cumulative gate G [batch, seq, heads]."""
+    batch, seq, heads, _ = q.shape
+    out_shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((batch, seq, heads), jnp.float32)]
     grid = (math.ceil(seq / block_m), batch * heads)
-    return launch(
-        power_attention_forward, grid, [q, k, v, gate], out_shapes,
-        SEQ=seq, HEADS=heads, DIM=dim, SCALE=scale, POWER=p, GATED=gated, BLOCK_M=block_m, BLOCK_N=block_n,
+    return launch(power_attention_forward, grid, [q, k, v, gate], out_shapes, **kernel_constants(q, gated, p, scale, block_m, block_n))
+
+
+def attention_backward(q, k, v, gate, y, log_normaliser, dy, p: int, scale: float, gated: bool, block_m: int = 16, block_n: int = 16):
+    """(dq, dk, dv, dG) through the two backward kernels."""
+    batch, seq, heads, _ = q.shape
+    constants = kernel_constants(q, gated, p, scale, block_m, block_n)
+    delta = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1)
+    inputs = [q, k, v, gate, dy, delta, log_normaliser]
+    dk, dv, dgate = launch(
+        power_attention_backward_keys, (math.ceil(seq / block_n), batch * heads), inputs,
+        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(gate.shape, jnp.float32)],
+        **constants,
     )
+    (dq,) = launch(power_attention_backward_queries, (math.ceil(seq / block_m), batch * heads), inputs, [jax.ShapeDtypeStruct(q.shape, q.dtype)], **constants)
+    return dq, dk, dv, dgate
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def triton_attention(q, k, v, log_g, p: int, scale: float, gated: bool):
+    """Gated power attention through the Triton kernels, differentiable in q, k, v and log_g."""
+    y, _ = attention_forward(q, k, v, cumulative_gate(log_g), p, scale, gated)
+    return y
+
+
+def triton_attention_forward(q, k, v, log_g, p, scale, gated):
+    gate = cumulative_gate(log_g)
+    y, log_normaliser = attention_forward(q, k, v, gate, p, scale, gated)
+    return y, (q, k, v, gate, y, log_normaliser)
+
+
+def triton_attention_backward(p, scale, gated, residuals, dy):
+    q, k, v, gate, y, log_normaliser = residuals
+    dq, dk, dv, dgate = attention_backward(q, k, v, gate, y, log_normaliser, dy, p, scale, gated)
+    # G is the cumulative sum of log_g, so d log_g_u = sum_{t >= u} dG_t.
+    d_log_g = jnp.flip(jnp.cumsum(jnp.flip(dgate, axis=1), axis=1), axis=1).astype(gate.dtype)
+    return dq, dk, dv, d_log_g
+
+
+triton_attention.defvjp(triton_attention_forward, triton_attention_backward)
+
+
+TRITON_DIMS = (16, 32, 64, 128)
+
+
+def attention(q, k, v, log_g, p: int, scale: float):
+    """The whole op through the flash-style kernels (O(T^2 d) work, O(T d) memory)."""
+    if q.shape[-1] not in TRITON_DIMS or v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"impl='triton' needs q, k and v of one head dim in {TRITON_DIMS}; got {q.shape[-1]} and {v.shape[-1]}")
+    gated = log_g is not None
+    log_g = log_g if gated else jnp.zeros(q.shape[:3], jnp.float32)
+    return triton_attention(q, k, v, log_g.astype(jnp.float32), p, scale, gated)
