@@ -19,8 +19,9 @@ VARIANT_IMPLS = [("softmax", "auto")] + [(a, i) for a in sympow.ATTENTIONS[1:] f
 def test_logits_at_t_do_not_depend_on_later_tokens(attention, impl):
     model = sympow.Transformer(sympow.ModelConfig(**SMALL, attention=attention, impl=impl), key=jax.random.key(0))
     embeddings = jax.random.normal(jax.random.key(1), (2, 21, 16), jnp.float32)
+    gradient_of_position = jax.jit(jax.grad(lambda x, t: jnp.sum(model.from_embeddings(x)[:, t])))
     for t in (0, 9, 20):
-        grad = jax.grad(lambda x: jnp.sum(model.from_embeddings(x)[:, t]))(embeddings)
+        grad = gradient_of_position(embeddings, t)
         assert np.all(grad[:, t + 1 :] == 0), f"position {t} sees the future"
         assert np.all(np.any(grad[:, : t + 1] != 0, axis=-1)), f"position {t} ignores its past"
 
@@ -36,7 +37,7 @@ def test_every_variant_gives_finite_logits_and_gradients(attention):
         logits = model(tokens[:, :-1])
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1))
 
-    value, grads = eqx.filter_value_and_grad(loss)(model)
+    value, grads = eqx.filter_jit(eqx.filter_value_and_grad(loss))(model)
     assert np.isfinite(value) and abs(float(value) - np.log(50)) < 1.0
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
@@ -53,10 +54,11 @@ def test_conformal_with_zero_rotary_weights_equals_sympow_gated():
     gated = sympow.Transformer(sympow.ModelConfig(**SMALL, attention="sympow_gated"), key=jax.random.key(4))
     conformal = sympow.Transformer(sympow.ModelConfig(**SMALL, attention="conformal"), key=jax.random.key(4))
     tokens = jax.random.randint(jax.random.key(5), (2, 40), 0, 50)
-    np.testing.assert_array_equal(conformal(tokens), gated(tokens))
+    run = eqx.filter_jit(lambda model, tokens: model(tokens))
+    np.testing.assert_array_equal(run(conformal, tokens), run(gated, tokens))
     # ... and differs once the rotary is learned.
     moved = eqx.tree_at(lambda m: m.blocks[0].attention.learned_rotary.bias, conformal, jnp.full((2,), 0.5, jnp.float32))
-    assert not np.allclose(moved(tokens), gated(tokens))
+    assert not np.allclose(run(moved, tokens), run(gated, tokens))
 
 
 def test_gate_starts_near_0999():
@@ -77,7 +79,7 @@ def test_presets():
 
 def test_model_evaluates_longer_than_it_was_built_for():
     model = sympow.Transformer(sympow.ModelConfig(**SMALL, attention="conformal"), key=jax.random.key(8))
-    logits = model(jnp.zeros((1, 300), jnp.int32))
+    logits = eqx.filter_jit(lambda model, tokens: model(tokens))(model, jnp.zeros((1, 300), jnp.int32))
     assert np.all(np.isfinite(logits))
 
 
