@@ -93,3 +93,10 @@ def test_eval_writes_losses_by_position_and_plots(store, tmp_path):
     for png in ("loss_by_position.png", "loss_by_training_context.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "| conformal | 32 |" in result.stdout
+
+
+def test_bfloat16_compute_trains_like_float32(store, tmp_path):
+    train(store, tmp_path / "f32", "--steps", "2", "--dtype", "float32")
+    train(store, tmp_path / "bf16", "--steps", "2", "--dtype", "bfloat16")
+    f32, bf16 = losses(tmp_path / "f32"), losses(tmp_path / "bf16")
+    np.testing.assert_allclose([bf16[1], bf16[2]], [f32[1], f32[2]], atol=0.05)
