@@ -4,7 +4,8 @@
 
 Writes results.json (per-position mean loss of every run, accumulated in float64),
 loss_by_position.csv (binned), loss_by_position.png (one curve per run, each run's training
-context marked) and, when the runs were trained at several contexts,
+context marked), training_loss.png (the runs' logged training losses) and, when the runs
+were trained at several contexts,
 loss_by_training_context.png (mean loss over 1..N against training context, one line per variant).
 """
 
@@ -91,6 +92,21 @@ def plot_by_training_context(results: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def plot_training_curves(results: list[dict], path: Path) -> None:
+    """Each run's logged training loss (metrics.jsonl) against tokens seen."""
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for result in results:
+        metrics = Path(result["run"]) / "metrics.jsonl"
+        if metrics.exists():
+            records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+            axes.plot([r["tokens"] for r in records], [r["loss"] for r in records], label=label(result))
+    axes.set(xlabel="training tokens", ylabel="training loss (nats)", yscale="log", title="Training loss")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def write_csv(results: list[dict], bins: int, path: Path) -> None:
     columns = [binned(np.asarray(r["loss_by_position"]), bins) for r in results]
     with path.open("w", newline="") as file:
@@ -120,6 +136,7 @@ def main(argv=None) -> None:
     (args.out / "results.json").write_text(json.dumps(results))
     write_csv(results, args.bins, args.out / "loss_by_position.csv")
     plot_by_position(results, args.bins, args.out / "loss_by_position.png")
+    plot_training_curves(results, args.out / "training_loss.png")
     if len({r["train_context"] for r in results}) > 1:
         plot_by_training_context(results, args.out / "loss_by_training_context.png")
     print(f"\n| run | attention | trained at | loss, positions 1..{results[0]['train_context']} | loss past training context | mean over 1..{args.context} |")

@@ -90,7 +90,7 @@ def test_eval_writes_losses_by_position_and_plots(store, tmp_path):
         assert all(np.isfinite(r["loss_by_position"])) and abs(r["mean_loss"] - np.mean(r["loss_by_position"])) < 1e-9
     rows = (out / "loss_by_position.csv").read_text().splitlines()
     assert len(rows) == 1 + 8 and rows[1].startswith("16,")
-    for png in ("loss_by_position.png", "loss_by_training_context.png"):
+    for png in ("loss_by_position.png", "loss_by_training_context.png", "training_loss.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "| conformal | 32 |" in result.stdout
 
