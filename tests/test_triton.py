@@ -106,3 +106,33 @@ def test_impl_triton_through_the_public_api_under_jit_and_in_the_model():
     model = sympow.Transformer(config, key=jax.random.key(1))
     reference = sympow.Transformer(dataclasses.replace(config, impl="attention"), key=jax.random.key(1))
     assert relative_error(model(tokens), reference(tokens)) < 1e-5
+
+
+SHARDED_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+import ops
+assert jax.device_count() == 2
+mesh = jax.make_mesh((2,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
+keys = jax.random.split(jax.random.key(0), 4)
+q, k, v = (jax.random.normal(key, (4, 24, 2, 16), jnp.float32) for key in keys[:3])
+log_g = jnp.log(jax.random.uniform(keys[3], (4, 24, 2), jnp.float32, 0.5, 0.99))
+inputs = [jax.device_put(a, jax.sharding.NamedSharding(mesh, P("batch"))) for a in (q, k, v, log_g)]
+for impl in ("triton", "chunked"):
+    attend = lambda q, k, v, g: ops.sympow_attention(q, k, v, g, chunk_size=8, impl=impl)
+    sharded = jax.jit(jax.shard_map(attend, mesh=mesh, in_specs=P("batch"), out_specs=P("batch")))
+    y = sharded(*inputs)
+    assert len(y.sharding.device_set) == 2
+    np.testing.assert_allclose(y, attend(q, k, v, log_g), rtol=1e-5, atol=1e-6)
+print("sharded ok")
+"""
+
+
+def test_attention_on_a_batch_sharded_over_two_devices():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "sharded ok" in result.stdout, result.stderr[-3000:]

@@ -2,7 +2,7 @@
 
 import math
 
-import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -35,10 +35,17 @@ def check_shapes(q, k, v, log_g) -> None:
         raise ValueError(f"q, k and v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
+def raise_if_positive(any_positive) -> None:
+    if any_positive:
+        raise ValueError("log_g must be <= 0 (log of a gate in (0, 1]); got a positive value")
+
+
 def check_log_gate(log_g: Array) -> Array:
-    """log_g is log gamma with gamma in (0, 1]: a positive value is an error, also under jit.
-    (A NaN passes through to a NaN output, which a training loop reports as such.)"""
-    return eqx.error_if(log_g, log_g > 0, "log_g must be <= 0 (log of a gate in (0, 1]); got a positive value")
+    """log_g is log gamma with gamma in (0, 1]: a positive value is an error, also under jit,
+    grad, vmap and shard_map (a host callback; equinox.error_if breaks inside shard_map).
+    A NaN passes through to a NaN output, which a training loop reports as such."""
+    jax.debug.callback(raise_if_positive, jnp.any(log_g > 0))
+    return log_g
 
 
 def choose_impl(impl: str, seq: int, dim: int, p: int, chunk_size: int) -> str:

@@ -9,6 +9,7 @@ filled with NaN before an interpreted run, so a tile the kernel never writes sho
 import contextlib
 import functools
 import inspect
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -78,18 +79,24 @@ def call_interpreted(device_function: JITFunction, *args, **kwargs):
         scope.restore()
 
 
+# The interpreter keeps global state (grid indices, patches of triton.language), and devices
+# run their callbacks on threads of their own (two shards of a shard_map, say): one at a time.
+INTERPRETER_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def interpreting():
     """Run as if TRITON_INTERPRET=1 had been set before triton was imported: triton's own
     device functions (tl.max, tl.sum, ...) were made as compiled JITFunctions then, and
     refuse to be called from interpreted code unless routed to the interpreter."""
-    saved_call, saved_knob = JITFunction.__call__, triton.knobs.runtime.interpret
-    JITFunction.__call__ = call_interpreted
-    triton.knobs.runtime.interpret = True
-    try:
-        yield
-    finally:
-        JITFunction.__call__, triton.knobs.runtime.interpret = saved_call, saved_knob
+    with INTERPRETER_LOCK:
+        saved_call, saved_knob = JITFunction.__call__, triton.knobs.runtime.interpret
+        JITFunction.__call__ = call_interpreted
+        triton.knobs.runtime.interpret = True
+        try:
+            yield
+        finally:
+            JITFunction.__call__, triton.knobs.runtime.interpret = saved_call, saved_knob
 
 
 def compile_for(kernel, pointer_types: dict[str, str], constants: dict, capability: int = 90):
