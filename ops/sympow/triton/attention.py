@@ -20,34 +20,58 @@ from ops.sympow.triton.launch import launch
 EPS = tl.constexpr(1e-6)  # as ops.sympow.naive.EPS; a kernel reads only constexpr globals
 
 
+# q, k, v, y and their gradients are [batch, seq, heads, dim]; G and the per-row statistics
+# are [batch, seq, heads]; all contiguous. Program axis 1 runs over batch x heads.
+@triton.jit
+def head_bases(SEQ, HEADS, DIM):
+    """Offsets of this program's (batch, head) in a [batch, seq, heads, dim] and a [batch, seq, heads] array."""
+    batch_head = tl.program_id(1)
+    batch, head = batch_head // HEADS, batch_head % HEADS
+    return batch * SEQ * HEADS * DIM + head * DIM, batch * SEQ * HEADS + head
+
+
+@triton.jit
+def load_tile(X, base, positions, SEQ, HEADS, DIM):
+    """Rows `positions` of this head's [seq, dim] slice; zeros past SEQ."""
+    dims = tl.arange(0, DIM)
+    return tl.load(X + base + positions[:, None] * (HEADS * DIM) + dims[None, :], mask=(positions < SEQ)[:, None], other=0.0)
+
+
+@triton.jit
+def store_tile(X, base, positions, tile, SEQ, HEADS, DIM):
+    dims = tl.arange(0, DIM)
+    tl.store(X + base + positions[:, None] * (HEADS * DIM) + dims[None, :], tile, mask=(positions < SEQ)[:, None])
+
+
+@triton.jit
+def load_row(X, base, positions, SEQ, HEADS):
+    """Entries `positions` of this head's [seq] slice; zeros past SEQ."""
+    return tl.load(X + base + positions * HEADS, mask=positions < SEQ, other=0.0)
+
+
+@triton.jit
+def store_row(X, base, positions, row, SEQ, HEADS):
+    tl.store(X + base + positions * HEADS, row, mask=positions < SEQ)
+
+
 def power_attention_forward(
     Q, K, V, G, Y, LOG_NORMALISER,
     SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     block_m = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch, head = batch_head // HEADS, batch_head % HEADS
-    # q, k, v, y are [batch, seq, heads, dim] and G is [batch, seq, heads], all contiguous.
-    row_stride = HEADS * DIM
-    qkv_base = batch * SEQ * row_stride + head * DIM
-    gate_base = batch * SEQ * HEADS + head
-
+    tile_base, row_base = head_bases(SEQ, HEADS, DIM)
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, DIM)
-    row_ok = rows < SEQ
-    q = tl.load(Q + qkv_base + rows[:, None] * row_stride + dims[None, :], mask=row_ok[:, None], other=0.0)
-    gate_rows = tl.load(G + gate_base + rows * HEADS, mask=row_ok, other=0.0)
+    q = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM)
+    gate_rows = load_row(G, row_base, rows, SEQ, HEADS)
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DIM], tl.float32)
     for start in range(0, (block_m + 1) * BLOCK_M, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < SEQ
-        k = tl.load(K + qkv_base + cols[:, None] * row_stride + dims[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + qkv_base + cols[:, None] * row_stride + dims[None, :], mask=col_ok[:, None], other=0.0)
-        gate_cols = tl.load(G + gate_base + cols * HEADS, mask=col_ok, other=0.0)
+        k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, tile_base, cols, SEQ, HEADS, DIM)
+        gate_cols = load_row(G, row_base, cols, SEQ, HEADS)
         log_w, _ = gated_log_weights(q, k, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED)
 
         new_max = tl.maximum(row_max, tl.max(log_w, axis=1))
@@ -58,9 +82,8 @@ def power_attention_forward(
         acc = acc * rescale[:, None] + tl.dot(w.to(v.dtype), v)
         row_max = new_max
 
-    y = acc / tl.maximum(row_sum, EPS)[:, None]
-    tl.store(Y + qkv_base + rows[:, None] * row_stride + dims[None, :], y, mask=row_ok[:, None])
-    tl.store(LOG_NORMALISER + gate_base + rows * HEADS, row_max + tl.log(row_sum), mask=row_ok)
+    store_tile(Y, tile_base, rows, acc / tl.maximum(row_sum, EPS)[:, None], SEQ, HEADS, DIM)
+    store_row(LOG_NORMALISER, row_base, rows, row_max + tl.log(row_sum), SEQ, HEADS)
 
 
 
@@ -93,18 +116,10 @@ def power_attention_backward_keys(
     """dk, dv and dG for one key block, over the query blocks at or below its diagonal.
     DELTA_i = dy_i . y_i; dG_j = -sum_i d log w_ij (the row sums of d log w vanish)."""
     block_n = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch, head = batch_head // HEADS, batch_head % HEADS
-    row_stride = HEADS * DIM
-    qkv_base = batch * SEQ * row_stride + head * DIM
-    gate_base = batch * SEQ * HEADS + head
-
+    tile_base, row_base = head_bases(SEQ, HEADS, DIM)
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, DIM)
-    col_ok = cols < SEQ
-    k = tl.load(K + qkv_base + cols[:, None] * row_stride + dims[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + qkv_base + cols[:, None] * row_stride + dims[None, :], mask=col_ok[:, None], other=0.0)
-    gate_cols = tl.load(G + gate_base + cols * HEADS, mask=col_ok, other=0.0)
+    k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, tile_base, cols, SEQ, HEADS, DIM)
+    gate_cols = load_row(G, row_base, cols, SEQ, HEADS)
 
     dk = tl.zeros([BLOCK_N, DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, DIM], tl.float32)
@@ -112,11 +127,9 @@ def power_attention_backward_keys(
     for start in range((block_n * BLOCK_N // BLOCK_M) * BLOCK_M, SEQ, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < SEQ
-        q = tl.load(Q + qkv_base + rows[:, None] * row_stride + dims[None, :], mask=row_ok[:, None], other=0.0)
-        dy = tl.load(DY + qkv_base + rows[:, None] * row_stride + dims[None, :], mask=row_ok[:, None], other=0.0)
-        delta = tl.load(DELTA + gate_base + rows * HEADS, mask=row_ok, other=0.0)
-        log_normaliser = tl.load(LOG_NORMALISER + gate_base + rows * HEADS, mask=row_ok, other=0.0)
-        gate_rows = tl.load(G + gate_base + rows * HEADS, mask=row_ok, other=0.0)
+        q, dy = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM), load_tile(DY, tile_base, rows, SEQ, HEADS, DIM)
+        delta, log_normaliser = load_row(DELTA, row_base, rows, SEQ, HEADS), load_row(LOG_NORMALISER, row_base, rows, SEQ, HEADS)
+        gate_rows = load_row(G, row_base, rows, SEQ, HEADS)
         probabilities, d_log_w, d_dot = weight_gradients(
             q, k, v, dy, delta, log_normaliser, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED
         )
@@ -127,9 +140,9 @@ def power_attention_backward_keys(
         dk += tl.dot(tl.trans(d_dot).to(q.dtype), q)
         dg -= tl.sum(d_log_w, axis=0)
 
-    tl.store(DK + qkv_base + cols[:, None] * row_stride + dims[None, :], dk, mask=col_ok[:, None])
-    tl.store(DV + qkv_base + cols[:, None] * row_stride + dims[None, :], dv, mask=col_ok[:, None])
-    tl.store(DG + gate_base + cols * HEADS, dg, mask=col_ok)
+    store_tile(DK, tile_base, cols, dk, SEQ, HEADS, DIM)
+    store_tile(DV, tile_base, cols, dv, SEQ, HEADS, DIM)
+    store_row(DG, row_base, cols, dg, SEQ, HEADS)
 
 
 def power_attention_backward_queries(
@@ -139,32 +152,21 @@ def power_attention_backward_queries(
 ):
     """dq for one query block: dq_i = sum_j d(q_i . k_j) k_j over the key blocks up to the diagonal."""
     block_m = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch, head = batch_head // HEADS, batch_head % HEADS
-    row_stride = HEADS * DIM
-    qkv_base = batch * SEQ * row_stride + head * DIM
-    gate_base = batch * SEQ * HEADS + head
-
+    tile_base, row_base = head_bases(SEQ, HEADS, DIM)
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, DIM)
-    row_ok = rows < SEQ
-    q = tl.load(Q + qkv_base + rows[:, None] * row_stride + dims[None, :], mask=row_ok[:, None], other=0.0)
-    dy = tl.load(DY + qkv_base + rows[:, None] * row_stride + dims[None, :], mask=row_ok[:, None], other=0.0)
-    delta = tl.load(DELTA + gate_base + rows * HEADS, mask=row_ok, other=0.0)
-    log_normaliser = tl.load(LOG_NORMALISER + gate_base + rows * HEADS, mask=row_ok, other=0.0)
-    gate_rows = tl.load(G + gate_base + rows * HEADS, mask=row_ok, other=0.0)
+    q, dy = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM), load_tile(DY, tile_base, rows, SEQ, HEADS, DIM)
+    delta, log_normaliser = load_row(DELTA, row_base, rows, SEQ, HEADS), load_row(LOG_NORMALISER, row_base, rows, SEQ, HEADS)
+    gate_rows = load_row(G, row_base, rows, SEQ, HEADS)
 
     dq = tl.zeros([BLOCK_M, DIM], tl.float32)
     for start in range(0, (block_m + 1) * BLOCK_M, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < SEQ
-        k = tl.load(K + qkv_base + cols[:, None] * row_stride + dims[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + qkv_base + cols[:, None] * row_stride + dims[None, :], mask=col_ok[:, None], other=0.0)
-        gate_cols = tl.load(G + gate_base + cols * HEADS, mask=col_ok, other=0.0)
+        k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, tile_base, cols, SEQ, HEADS, DIM)
+        gate_cols = load_row(G, row_base, cols, SEQ, HEADS)
         _, _, d_dot = weight_gradients(q, k, v, dy, delta, log_normaliser, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED)
         dq += tl.dot(d_dot.to(k.dtype), k)
 
-    tl.store(DQ + qkv_base + rows[:, None] * row_stride + dims[None, :], dq, mask=row_ok[:, None])
+    store_tile(DQ, tile_base, rows, dq, SEQ, HEADS, DIM)
 
 
 def kernel_constants(q, gated: bool, p: int, scale: float, block_m: int, block_n: int) -> dict:
