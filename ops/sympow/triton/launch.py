@@ -56,8 +56,8 @@ class HostTensor:
         return tuple(s // self.array.itemsize for s in self.array.strides)
 
 
-# Triton reads a kernel's source and globals, so it gets the plain function, not a wrapper
-# (the test suite's jaxtyping hook wraps every function in `ops`).
+# Triton reads a kernel's source and globals, so it gets the plain function, never a wrapper
+# (a decorator or an import hook such as jaxtyping's would otherwise hide them).
 @functools.cache
 def compiled(kernel):
     return triton.jit(inspect.unwrap(kernel))
