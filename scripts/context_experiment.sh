@@ -8,4 +8,4 @@ steps=${STEPS:-300}
 for attention in softmax sympow sympow_gated conformal; do
     .venv/bin/python train.py --attention "$attention" --context 256 --steps "$steps" --out "runs/context256/$attention"
 done
-.venv/bin/python eval.py runs/context256/{softmax,sympow,sympow_gated,conformal} --context 2048 --out runs/context256/eval
+.venv/bin/python eval.py runs/context256/{softmax,sympow,sympow_gated,conformal} --context 2048 --windows 96 --batch-size 4 --out runs/context256/eval
