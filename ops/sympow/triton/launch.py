@@ -112,12 +112,24 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
+@functools.cache
+def jax_triton():
+    """jax_triton, imported on a GPU only (on a CPU it finds no backend to lower to). With
+    triton 3.6 (the lent GPU machine's), jax-triton 0.4.1 silently stubs its NVIDIA backend
+    unless TMA_TF32 exists before import (DESIGN.md section 6; not yet seen on a GPU here)."""
+    import triton.backends.nvidia.driver as nvidia_driver
+
+    if not hasattr(nvidia_driver, "TMA_TF32"):
+        nvidia_driver.TMA_TF32 = 11
+    import jax_triton
+
+    return jax_triton
+
+
 def launch(kernel, grid: tuple[int, ...], inputs: list[jax.Array], out_shapes: list[jax.ShapeDtypeStruct], **constants) -> list[jax.Array]:
     """Run kernel(*inputs, *outputs, **constants) over grid; return the outputs."""
     if on_gpu():
-        import jax_triton  # imported on a GPU only; on a CPU it would find no backend to lower to
-
-        return list(jax_triton.triton_call(*inputs, kernel=compiled(kernel), out_type=out_shapes, grid=grid, **constants))
+        return list(jax_triton().triton_call(*inputs, kernel=compiled(kernel), out_type=out_shapes, grid=grid, **constants))
 
     def run_on_host(*arrays):
         outputs = [np.full(s.shape, np.nan, s.dtype) for s in out_shapes]
