@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
@@ -67,6 +66,13 @@ def label(result: dict) -> str:
     return f"{result['attention']} (p={result['p']}, trained at {result['train_context']})" if result["attention"] != "softmax" else f"softmax (trained at {result['train_context']})"
 
 
+def save(figure, axes, path: Path) -> None:
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def plot_by_position(results: list[dict], bins: int, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(8, 5))
     for result in results:
@@ -74,10 +80,7 @@ def plot_by_position(results: list[dict], bins: int, path: Path) -> None:
         line, = axes.plot(ends, means, label=label(result))
         axes.axvline(result["train_context"], color=line.get_color(), linestyle=":", alpha=0.7)
     axes.set(xlabel="position in document (bin end)", ylabel="mean next-token loss (nats)", title="Loss by position (dotted: training context)")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save(figure, axes, path)
 
 
 def plot_by_training_context(results: list[dict], path: Path) -> None:
@@ -86,10 +89,7 @@ def plot_by_training_context(results: list[dict], path: Path) -> None:
         points = sorted((r["train_context"], r["mean_loss"]) for r in results if r["attention"] == attention)
         axes.plot(*zip(*points), marker="o", label=attention)
     axes.set(xscale="log", xlabel="training context", ylabel=f"mean loss over positions 1..{results[0]['eval_context']}", title="Final loss against training context")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save(figure, axes, path)
 
 
 def plot_training_curves(results: list[dict], path: Path) -> None:
@@ -101,10 +101,7 @@ def plot_training_curves(results: list[dict], path: Path) -> None:
             records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
             axes.plot([r["tokens"] for r in records], [r["loss"] for r in records], label=label(result))
     axes.set(xlabel="training tokens", ylabel="training loss (nats)", yscale="log", title="Training loss")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save(figure, axes, path)
 
 
 def write_csv(results: list[dict], bins: int, path: Path) -> None:
