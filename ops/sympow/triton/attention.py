@@ -54,21 +54,14 @@ def store_row(X, base, positions, row, SEQ, HEADS):
     tl.store(X + base + positions * HEADS, row, mask=positions < SEQ)
 
 
-def power_attention_forward(
-    Q, K, V, G, Y, LOG_NORMALISER,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
-    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+@triton.jit
+def accumulate_keys(
+    q, gate_rows, rows, row_max, row_sum, acc, K, V, G, tile_base, row_base, key_start, key_end,
+    SEQ, HEADS, DIM, SCALE, POWER, GATED, BLOCK_N,
 ):
-    block_m = tl.program_id(0)
-    tile_base, row_base = head_bases(SEQ, HEADS, DIM)
-    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM)
-    gate_rows = load_row(G, row_base, rows, SEQ, HEADS)
-
-    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DIM], tl.float32)
-    for start in range(0, (block_m + 1) * BLOCK_M, BLOCK_N):
+    """Fold keys key_start..key_end (block-aligned, causal mask applied) into a row's running
+    max, weight sum and weighted sum of values, rescaling to the new max as flash attention does."""
+    for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, tile_base, cols, SEQ, HEADS, DIM)
         gate_cols = load_row(G, row_base, cols, SEQ, HEADS)
@@ -81,10 +74,34 @@ def power_attention_forward(
         row_sum = row_sum * rescale + tl.sum(w, axis=1)
         acc = acc * rescale[:, None] + tl.dot(w.to(v.dtype), v)
         row_max = new_max
+    return row_max, row_sum, acc
 
+
+@triton.jit
+def store_outputs(Y, LOG_NORMALISER, tile_base, row_base, rows, row_max, row_sum, acc, SEQ, HEADS, DIM):
+    """y = acc / max(row sum, eps), and the log-normaliser, +inf for a row with no weight so
+    that the backward pass gives it probabilities exp(-inf) = 0 rather than NaN."""
     store_tile(Y, tile_base, rows, acc / tl.maximum(row_sum, EPS)[:, None], SEQ, HEADS, DIM)
-    store_row(LOG_NORMALISER, row_base, rows, row_max + tl.log(row_sum), SEQ, HEADS)
+    log_normaliser = tl.where(row_sum > 0, row_max + tl.log(row_sum), float("inf"))
+    store_row(LOG_NORMALISER, row_base, rows, log_normaliser, SEQ, HEADS)
 
+
+def power_attention_forward(
+    Q, K, V, G, Y, LOG_NORMALISER,
+    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
+    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    tile_base, row_base = head_bases(SEQ, HEADS, DIM)
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM)
+    gate_rows = load_row(G, row_base, rows, SEQ, HEADS)
+    row_max, row_sum, acc = accumulate_keys(
+        q, gate_rows, rows, tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+        tl.zeros([BLOCK_M, DIM], tl.float32), K, V, G, tile_base, row_base, 0, (block_m + 1) * BLOCK_M,
+        SEQ, HEADS, DIM, SCALE, POWER, GATED, BLOCK_N,
+    )
+    store_outputs(Y, LOG_NORMALISER, tile_base, row_base, rows, row_max, row_sum, acc, SEQ, HEADS, DIM)
 
 
 @triton.jit
@@ -108,23 +125,14 @@ def weight_gradients(q, k, v, dy, delta, log_normaliser, gate_rows, gate_cols, r
     return probabilities, d_log_w, d_dot
 
 
-def power_attention_backward_keys(
-    Q, K, V, G, DY, DELTA, LOG_NORMALISER, DK, DV, DG,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
-    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+@triton.jit
+def accumulate_key_gradients(
+    k, v, gate_cols, cols, dk, dv, dg, Q, DY, DELTA, LOG_NORMALISER, G, tile_base, row_base, query_start, query_end,
+    SEQ, HEADS, DIM, SCALE, POWER, GATED, BLOCK_M,
 ):
-    """dk, dv and dG for one key block, over the query blocks at or below its diagonal.
-    DELTA_i = dy_i . y_i; dG_j = -sum_i d log w_ij (the row sums of d log w vanish)."""
-    block_n = tl.program_id(0)
-    tile_base, row_base = head_bases(SEQ, HEADS, DIM)
-    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, tile_base, cols, SEQ, HEADS, DIM)
-    gate_cols = load_row(G, row_base, cols, SEQ, HEADS)
-
-    dk = tl.zeros([BLOCK_N, DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, DIM], tl.float32)
-    dg = tl.zeros([BLOCK_N], tl.float32)
-    for start in range((block_n * BLOCK_N // BLOCK_M) * BLOCK_M, SEQ, BLOCK_M):
+    """Add the gradients of one key block from queries query_start..query_end (block-aligned):
+    dv_j += sum_i P_ij dy_i, dk_j += sum_i d(q_i . k_j) q_i, dG_j -= sum_i d log w_ij."""
+    for start in range(query_start, query_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < SEQ
         q, dy = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM), load_tile(DY, tile_base, rows, SEQ, HEADS, DIM)
@@ -139,7 +147,41 @@ def power_attention_backward_keys(
         dv += tl.dot(tl.trans(probabilities).to(dy.dtype), dy)
         dk += tl.dot(tl.trans(d_dot).to(q.dtype), q)
         dg -= tl.sum(d_log_w, axis=0)
+    return dk, dv, dg
 
+
+@triton.jit
+def accumulate_query_gradients(
+    q, dy, delta, log_normaliser, gate_rows, rows, dq, K, V, G, tile_base, row_base, key_start, key_end,
+    SEQ, HEADS, DIM, SCALE, POWER, GATED, BLOCK_N,
+):
+    """Add dq_i += sum_j d(q_i . k_j) k_j over keys key_start..key_end (block-aligned)."""
+    for start in range(key_start, key_end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, tile_base, cols, SEQ, HEADS, DIM)
+        gate_cols = load_row(G, row_base, cols, SEQ, HEADS)
+        _, _, d_dot = weight_gradients(q, k, v, dy, delta, log_normaliser, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED)
+        dq += tl.dot(d_dot.to(k.dtype), k)
+    return dq
+
+
+def power_attention_backward_keys(
+    Q, K, V, G, DY, DELTA, LOG_NORMALISER, DK, DV, DG,
+    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
+    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dk, dv and dG for one key block, over the query blocks at or below its diagonal.
+    DELTA_i = dy_i . y_i; dG_j = -sum_i d log w_ij (the row sums of d log w vanish)."""
+    block_n = tl.program_id(0)
+    tile_base, row_base = head_bases(SEQ, HEADS, DIM)
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, tile_base, cols, SEQ, HEADS, DIM)
+    gate_cols = load_row(G, row_base, cols, SEQ, HEADS)
+    dk, dv, dg = accumulate_key_gradients(
+        k, v, gate_cols, cols, tl.zeros([BLOCK_N, DIM], tl.float32), tl.zeros([BLOCK_N, DIM], tl.float32),
+        tl.zeros([BLOCK_N], tl.float32), Q, DY, DELTA, LOG_NORMALISER, G, tile_base, row_base,
+        (block_n * BLOCK_N // BLOCK_M) * BLOCK_M, SEQ, SEQ, HEADS, DIM, SCALE, POWER, GATED, BLOCK_M,
+    )
     store_tile(DK, tile_base, cols, dk, SEQ, HEADS, DIM)
     store_tile(DV, tile_base, cols, dv, SEQ, HEADS, DIM)
     store_row(DG, row_base, cols, dg, SEQ, HEADS)
@@ -157,15 +199,10 @@ def power_attention_backward_queries(
     q, dy = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM), load_tile(DY, tile_base, rows, SEQ, HEADS, DIM)
     delta, log_normaliser = load_row(DELTA, row_base, rows, SEQ, HEADS), load_row(LOG_NORMALISER, row_base, rows, SEQ, HEADS)
     gate_rows = load_row(G, row_base, rows, SEQ, HEADS)
-
-    dq = tl.zeros([BLOCK_M, DIM], tl.float32)
-    for start in range(0, (block_m + 1) * BLOCK_M, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, tile_base, cols, SEQ, HEADS, DIM)
-        gate_cols = load_row(G, row_base, cols, SEQ, HEADS)
-        _, _, d_dot = weight_gradients(q, k, v, dy, delta, log_normaliser, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED)
-        dq += tl.dot(d_dot.to(k.dtype), k)
-
+    dq = accumulate_query_gradients(
+        q, dy, delta, log_normaliser, gate_rows, rows, tl.zeros([BLOCK_M, DIM], tl.float32), K, V, G,
+        tile_base, row_base, 0, (block_m + 1) * BLOCK_M, SEQ, HEADS, DIM, SCALE, POWER, GATED, BLOCK_N,
+    )
     store_tile(DQ, tile_base, rows, dq, SEQ, HEADS, DIM)
 
 
