@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from conftest import attention_inputs, relative_error
 
-from ops.sympow.naive import attention_form, cumulative_gate
+from ops.sympow.chunk import chunk_local_gates, chunk_states, chunked_form, split_chunks, state_scan
+from ops.sympow.naive import attention_form, cumulative_gate, symmetric_power_embedding
 from ops.sympow.triton.attention import (
     attention_forward,
     power_attention_backward_keys,
@@ -20,7 +21,25 @@ from ops.sympow.triton.attention import (
     power_attention_forward,
     triton_attention,
 )
+from ops.sympow.triton.chunked import (
+    CHUNKED_DIMS,
+    FEATURE_BLOCK,
+    chunk_gates,
+    chunked_forward,
+    kernel_constants,
+    pair_tables,
+    power_chunk_backward_keys,
+    power_chunk_backward_queries,
+    power_chunk_forward,
+    power_state_scan,
+    power_state_scan_backward,
+    triton_chunked,
+)
 from ops.sympow.triton.launch import compile_for
+
+# An H100 gives a block at most 227 KiB of shared memory; a kernel compiled to need more fails at launch.
+H100_SHARED_MEMORY = 227 * 1024
+GPU_BLOCK = 64  # ops.sympow.triton.launch.block_rows() on a GPU
 
 
 @pytest.mark.parametrize(
@@ -50,62 +69,156 @@ def test_attention_kernel_log_normaliser_is_log_of_the_weight_sum():
     np.testing.assert_allclose(log_normaliser[0, :, 0], expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "seq, dim, p, gamma", [(1, 16, 2, 0.9), (37, 16, 2, 0.01), (63, 32, 4, 0.999), (50, 16, 2, None)]
-)
-def test_attention_kernel_gradients_match_float64(seq, dim, p, gamma):
-    q, k, v, log_g = attention_inputs(1, seq, 2, dim, gamma=gamma, seed=seq)
+def check_gradients(kernel, reference_form, seq, dim, gamma, seed):
+    """Gradients in q, k, v (and log_g when gated) of a float32 kernel against float64, within
+    twice the error of the pure-JAX form in float32, floored at float32 round-off for gradients
+    that are ~0 (d y_1 / d q_1 = 0, say)."""
+    q, k, v, log_g = attention_inputs(1, seq, 2, dim, gamma=gamma, seed=seed)
     gated = log_g is not None
     log_g = jnp.zeros(q.shape[:3], q.dtype) if log_g is None else log_g
-    scale = 1 / math.sqrt(dim)
 
     def loss(attend, *args):
         return jnp.sum(jnp.sin(3 * attend(*args)))
 
-    naive = lambda q, k, v, g: attention_form(q, k, v, g if gated else None, p, scale)  # noqa: E731
-    kernel = lambda q, k, v, g: triton_attention(q, k, v, g, p, scale, gated)  # noqa: E731
-    reference = jax.grad(lambda *a: loss(naive, *a), argnums=(0, 1, 2, 3))(q, k, v, log_g)
+    def gradients(attend, *args):
+        return jax.grad(lambda *a: loss(attend, *a), argnums=(0, 1, 2, 3))(*args)
+
+    reference_form_gated = lambda q, k, v, g: reference_form(q, k, v, g if gated else None)  # noqa: E731
+    reference = gradients(reference_form_gated, q, k, v, log_g)
     as32 = [a.astype(jnp.float32) for a in (q, k, v, log_g)]
-    plain32 = jax.grad(lambda *a: loss(naive, *a), argnums=(0, 1, 2, 3))(*as32)
-    kernel32 = jax.grad(lambda *a: loss(kernel, *a), argnums=(0, 1, 2, 3))(*as32)
+    plain32, kernel32 = gradients(reference_form_gated, *as32), gradients(kernel, *as32)
     names = ("q", "k", "v", "log_g") if gated else ("q", "k", "v")
     for name, got, plain, expected in zip(names, kernel32, plain32, reference):
         assert np.all(np.isfinite(got)), name
-        # Twice the pure-JAX float32 error, floored at float32 round-off for gradients that are ~0.
         assert relative_error(got, expected) <= max(2 * relative_error(plain, expected), 1e-6), name
+
+
+@pytest.mark.parametrize(
+    "seq, dim, p, gamma", [(1, 16, 2, 0.9), (37, 16, 2, 0.01), (63, 32, 4, 0.999), (50, 16, 2, None)]
+)
+def test_attention_kernel_gradients_match_float64(seq, dim, p, gamma):
+    scale = 1 / math.sqrt(dim)
+    check_gradients(
+        lambda q, k, v, g: triton_attention(q, k, v, g, p, scale, gamma is not None),
+        lambda q, k, v, g: attention_form(q, k, v, g, p, scale),
+        seq, dim, gamma, seed=seq,
+    )
 
 
 KERNELS = {
     "forward": (power_attention_forward, ("Q", "K", "V", "Y"), ("G", "LOG_NORMALISER")),
     "backward_keys": (power_attention_backward_keys, ("Q", "K", "V", "DY", "DK", "DV"), ("G", "DELTA", "LOG_NORMALISER", "DG")),
-    "backward_queries": (power_attention_backward_queries, ("Q", "K", "V", "DY", "DQ"), ("G", "DELTA", "LOG_NORMALISER")),
+    "backward_queries": (power_attention_backward_queries, ("Q", "K", "V", "DY", "DQ"), ("G", "DELTA", "LOG_NORMALISER", "DG_ROWS")),
 }
 
 
 @pytest.mark.parametrize("name", KERNELS)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("dim, p", [(16, 2), (32, 2), (64, 2), (64, 4)])
+@pytest.mark.parametrize("dim, p", [(16, 2), (32, 2), (64, 2), (64, 4), (128, 2)])
 def test_attention_kernels_compile_for_sm90(name, dtype, dim, p):
     kernel, data_pointers, float32_pointers = KERNELS[name]
     pointers = {n: f"*{dtype}" for n in data_pointers} | {n: "*fp32" for n in float32_pointers}
-    constants = dict(SEQ=65536, HEADS=8, DIM=dim, SCALE=1 / math.sqrt(dim), POWER=p, GATED=True, BLOCK_M=64, BLOCK_N=64)
+    constants = dict(SEQ=65536, HEADS=8, DIM=dim, SCALE=1 / math.sqrt(dim), POWER=p, GATED=True, BLOCK_M=GPU_BLOCK, BLOCK_N=GPU_BLOCK)
     compiled = compile_for(kernel, pointers, constants)
     assert len(compiled.asm["cubin"]) > 0 and "sm_90" in compiled.asm["ptx"]
+    assert compiled.metadata.shared <= H100_SHARED_MEMORY
 
 
-def test_impl_triton_through_the_public_api_under_jit_and_in_the_model():
+@pytest.mark.parametrize(
+    "seq, dim, chunk, gamma",
+    [(1, 16, 16, 0.9), (63, 32, 32, 0.999), (100, 64, 48, None), (500, 16, 64, 0.01), (130, 32, 16, 0.5)],
+)
+def test_chunked_kernels_forward_matches_float64(seq, dim, chunk, gamma):
+    q, k, v, log_g = attention_inputs(2, seq, 2, dim, gamma=gamma, seed=seq + dim)
+    scale = 1 / math.sqrt(dim)
+    reference = attention_form(q, k, v, log_g, 2, scale)
+    as32 = [None if a is None else a.astype(jnp.float32) for a in (q, k, v, log_g)]
+    log_g32 = jnp.zeros(q.shape[:3], jnp.float32) if log_g is None else as32[3]
+    y, log_normaliser, S, z = chunked_forward(*as32[:3], chunk_gates(log_g32, chunk), scale, chunk)
+    assert y.dtype == jnp.float32 and all(np.all(np.isfinite(a)) for a in (y, log_normaliser, S, z))
+    # The precision rule of DESIGN.md section 4, against the pure-JAX chunked form in the same dtype.
+    jax_error = relative_error(chunked_form(*as32, 2, scale, chunk), reference)
+    assert relative_error(y, reference) <= 2 * jax_error
+
+
+def tiled_features(x: np.ndarray) -> np.ndarray:
+    """The kernels' phi_2 layout, vec(x_A outer x_B) per pair of blocks A <= B, concatenated."""
+    blocks = x.reshape(-1, FEATURE_BLOCK)
+    return np.concatenate([np.outer(blocks[a], blocks[b]).ravel() for a, b in zip(*pair_tables(x.shape[0]))])
+
+
+def test_state_scan_kernel_holds_the_pure_jax_states():
+    """The states entering each chunk, from the kernel (tiled layout) and from chunk.py's
+    chunk_states + state_scan (exact layout), give the same phi(r x)^T S for any x."""
+    dim, chunk, scale = 32, 32, 0.3
+    q, k, v, log_g = attention_inputs(1, 100, 2, dim, gamma=0.8, seed=3)
+    _, _, S_tiled, z_tiled = chunked_forward(*(a.astype(jnp.float32) for a in (q, k, v)), chunk_gates(log_g.astype(jnp.float32), chunk), scale, chunk)
+    L = chunk_local_gates(split_chunks(log_g, chunk))
+    S, z = state_scan(*chunk_states(split_chunks(k, chunk), split_chunks(v, chunk), L, 2, scale), L[:, :, -1])
+    x = np.asarray(jax.random.normal(jax.random.key(7), (dim,), jnp.float64))
+    phi = np.asarray(symmetric_power_embedding(jnp.asarray(x) * math.sqrt(scale), 2))
+    phi_tiled = tiled_features(x * math.sqrt(scale))
+    pairs = len(pair_tables(dim)[0])
+    S_tiled = np.asarray(S_tiled, np.float64).reshape(*S_tiled.shape[:3], pairs * FEATURE_BLOCK**2, dim)
+    z_tiled = np.asarray(z_tiled, np.float64).reshape(*z_tiled.shape[:3], pairs * FEATURE_BLOCK**2)
+    assert relative_error(phi_tiled @ S_tiled, np.einsum("D,bmhDv->bmhv", phi, S)) < 1e-5
+    assert relative_error(z_tiled @ phi_tiled, np.einsum("D,bmhD->bmh", phi, z)) < 1e-5
+
+
+@pytest.mark.parametrize("seq, dim, chunk, gamma", [(37, 16, 16, 0.01), (63, 32, 32, 0.999), (100, 16, 48, None), (70, 64, 32, 0.9)])
+def test_chunked_kernel_gradients_match_float64(seq, dim, chunk, gamma):
+    scale = 1 / math.sqrt(dim)
+    check_gradients(
+        lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk),
+        lambda q, k, v, g: chunked_form(q, k, v, g, 2, scale, chunk),
+        seq, dim, gamma, seed=seq + 1,
+    )
+
+
+CHUNKED_KERNELS = {
+    "state_scan": (power_state_scan, ("K", "V"), ("L", "S", "Z")),
+    "chunk_forward": (power_chunk_forward, ("Q", "K", "V", "Y"), ("L", "S", "Z", "LOG_NORMALISER")),
+    "chunk_backward_queries": (power_chunk_backward_queries, ("Q", "K", "V", "DY", "DQ"), ("L", "DELTA", "LOG_NORMALISER", "S", "Z", "DL_ROWS")),
+    "state_scan_backward": (power_state_scan_backward, ("Q", "DY"), ("L", "DELTA", "LOG_NORMALISER", "S", "Z", "DS", "DZ", "D_END_GATE")),
+    "chunk_backward_keys": (
+        power_chunk_backward_keys, ("Q", "K", "V", "DY", "DK", "DV"), ("L", "DELTA", "LOG_NORMALISER", "DS", "DZ", "DL", "THROUGH_STATE"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", CHUNKED_KERNELS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dim", CHUNKED_DIMS)
+def test_chunked_kernels_compile_for_sm90(name, dtype, dim):
+    kernel, data_pointers, float32_pointers = CHUNKED_KERNELS[name]
+    pointers = {n: f"*{dtype}" for n in data_pointers} | {n: "*fp32" for n in float32_pointers} | {"FIRST": "*i32", "SECOND": "*i32"}
+    compiled = compile_for(kernel, pointers, kernel_constants(65536, 8, dim, 1 / math.sqrt(dim), 128, GPU_BLOCK))
+    assert len(compiled.asm["cubin"]) > 0 and "sm_90" in compiled.asm["ptx"]
+    assert compiled.metadata.shared <= H100_SHARED_MEMORY
+
+
+@pytest.mark.parametrize("seq, p", [(40, 2), (24, 4)])  # p = 2 past one chunk takes the chunked kernels
+def test_impl_triton_through_the_public_api_under_jit_and_in_the_model(seq, p):
     import ops
     import sympow
 
-    q, k, v, log_g = (a.astype(jnp.float32) for a in attention_inputs(2, 40, 2, 16, gamma=0.9))
-    y = jax.jit(lambda *a: ops.sympow_attention(*a, impl="triton"))(q, k, v, log_g)
+    q, k, v, log_g = (a.astype(jnp.float32) for a in attention_inputs(2, seq, 2, 16, gamma=0.9))
+    y = jax.jit(lambda *a: ops.sympow_attention(*a, p=p, chunk_size=16, impl="triton"))(q, k, v, log_g)
     assert y.dtype == jnp.float32
-    assert relative_error(y, ops.sympow_attention(q, k, v, log_g, impl="attention")) < 1e-5
-    config = sympow.ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, attention="conformal", impl="triton")
-    tokens = jax.random.randint(jax.random.key(0), (1, 24), 0, 50)
+    assert relative_error(y, ops.sympow_attention(q, k, v, log_g, p=p, impl="attention")) < 1e-5
+    config = sympow.ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, attention="conformal", p=p, chunk_size=16, impl="triton")
+    tokens = jax.random.randint(jax.random.key(0), (1, seq), 0, 50)
     model = sympow.Transformer(config, key=jax.random.key(1))
     reference = sympow.Transformer(dataclasses.replace(config, impl="attention"), key=jax.random.key(1))
     assert relative_error(model(tokens), reference(tokens)) < 1e-5
+
+
+def test_impl_triton_rejects_chunks_that_split_its_tiles():
+    import ops
+
+    q, k, v, _ = (a.astype(jnp.float32) if a is not None else None for a in attention_inputs(1, 40, 1, 16))
+    with pytest.raises(ValueError, match="chunk_size a multiple of 16"):
+        ops.sympow_attention(q, k, v, chunk_size=24, impl="triton")
 
 
 SHARDED_SCRIPT = """
@@ -115,11 +228,11 @@ import ops
 assert jax.device_count() == 2
 mesh = jax.make_mesh((2,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
 keys = jax.random.split(jax.random.key(0), 4)
-q, k, v = (jax.random.normal(key, (4, 24, 2, 16), jnp.float32) for key in keys[:3])
-log_g = jnp.log(jax.random.uniform(keys[3], (4, 24, 2), jnp.float32, 0.5, 0.99))
+q, k, v = (jax.random.normal(key, (4, 40, 2, 16), jnp.float32) for key in keys[:3])
+log_g = jnp.log(jax.random.uniform(keys[3], (4, 40, 2), jnp.float32, 0.5, 0.99))
 inputs = [jax.device_put(a, jax.sharding.NamedSharding(mesh, P("batch"))) for a in (q, k, v, log_g)]
 for impl in ("triton", "chunked"):
-    attend = lambda q, k, v, g: ops.sympow_attention(q, k, v, g, chunk_size=8, impl=impl)
+    attend = lambda q, k, v, g: ops.sympow_attention(q, k, v, g, chunk_size=16, impl=impl)
     sharded = jax.jit(jax.shard_map(attend, mesh=mesh, in_specs=P("batch"), out_specs=P("batch")))
     y = sharded(*inputs)
     assert len(y.sharding.device_set) == 2

@@ -9,6 +9,8 @@ from jaxtyping import Array, Float
 from ops.sympow.chunk import chunked_form
 from ops.sympow.naive import attention_form, embedding_size, recurrent_form, symmetric_power_embedding
 from ops.sympow.triton.attention import attention as triton_attention
+from ops.sympow.triton.chunked import CHUNKED_DIMS
+from ops.sympow.triton.chunked import chunked as triton_chunked
 
 IMPLS = ("attention", "recurrent", "chunked", "triton", "auto")
 DEFAULT_CHUNK_SIZE = 128
@@ -76,8 +78,9 @@ def sympow_attention(
     w_ij = (scale q_i . k_j)^p exp(G_i - G_j), G the cumulative sum of log_g.
 
     impl: "attention" (O(T^2)), "recurrent" (token by token with the D x dv state), "chunked"
-    (chunks of chunk_size tokens; any seq, padded internally), "triton" (the flash-style
-    Triton kernels; on a CPU in Triton's interpreter, float32 only), or "auto" (attention where
+    (chunks of chunk_size tokens; any seq, padded internally), "triton" (the Triton kernels:
+    chunked for p = 2 past one chunk, flash-style otherwise; on a CPU in Triton's interpreter,
+    float32 only), or "auto" (attention where
     seq <= max(chunk_size, D) or the D x dim state is too large, else chunked). All are differentiable in
     q, k, v and log_g. Computes in at least float32 and returns v's dtype.
     """
@@ -95,7 +98,11 @@ def sympow_attention(
     if log_g is not None:
         log_g = check_log_gate(log_g)
     if impl == "triton":
-        # The kernels read bf16 or float32 as given and accumulate in float32.
+        # The kernels read bf16 or float32 as given and accumulate in float32. Past one chunk,
+        # p = 2 takes the chunked kernels where their state tiles fit; other powers (p = 4's
+        # state is too large) and head dim 128 take the flash-style ones.
+        if p == 2 and q.shape[1] > chunk_size and q.shape[-1] in CHUNKED_DIMS:
+            return triton_chunked(q, k, v, log_g, scale, chunk_size).astype(v.dtype)
         return triton_attention(q, k, v, log_g, p, scale).astype(v.dtype)
     dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     q, k, v = (a.astype(dtype) for a in (q, k, v))

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ops.sympow.naive import cumulative_gate
-from ops.sympow.triton.launch import launch
+from ops.sympow.triton.launch import block_rows, launch
 
 EPS = tl.constexpr(1e-6)  # as ops.sympow.naive.EPS; a kernel reads only constexpr globals
 
@@ -31,10 +31,16 @@ def head_bases(SEQ, HEADS, DIM):
 
 
 @triton.jit
+def load_block(X, base, positions, block, SEQ, HEADS, DIM, WIDTH):
+    """Rows `positions`, columns block * WIDTH .. (block + 1) * WIDTH of this head's [seq, dim] slice; zeros past SEQ."""
+    dims = block * WIDTH + tl.arange(0, WIDTH)
+    return tl.load(X + base + positions[:, None] * (HEADS * DIM) + dims[None, :], mask=(positions < SEQ)[:, None], other=0.0)
+
+
+@triton.jit
 def load_tile(X, base, positions, SEQ, HEADS, DIM):
     """Rows `positions` of this head's [seq, dim] slice; zeros past SEQ."""
-    dims = tl.arange(0, DIM)
-    return tl.load(X + base + positions[:, None] * (HEADS * DIM) + dims[None, :], mask=(positions < SEQ)[:, None], other=0.0)
+    return load_block(X, base, positions, 0, SEQ, HEADS, DIM, DIM)
 
 
 @triton.jit
@@ -152,17 +158,18 @@ def accumulate_key_gradients(
 
 @triton.jit
 def accumulate_query_gradients(
-    q, dy, delta, log_normaliser, gate_rows, rows, dq, K, V, G, tile_base, row_base, key_start, key_end,
+    q, dy, delta, log_normaliser, gate_rows, rows, dq, dg, K, V, G, tile_base, row_base, key_start, key_end,
     SEQ, HEADS, DIM, SCALE, POWER, GATED, BLOCK_N,
 ):
-    """Add dq_i += sum_j d(q_i . k_j) k_j over keys key_start..key_end (block-aligned)."""
+    """Add dq_i += sum_j d(q_i . k_j) k_j and dG_i += sum_j d log w_ij over keys key_start..key_end (block-aligned)."""
     for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, tile_base, cols, SEQ, HEADS, DIM)
         gate_cols = load_row(G, row_base, cols, SEQ, HEADS)
-        _, _, d_dot = weight_gradients(q, k, v, dy, delta, log_normaliser, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED)
+        _, d_log_w, d_dot = weight_gradients(q, k, v, dy, delta, log_normaliser, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED)
         dq += tl.dot(d_dot.to(k.dtype), k)
-    return dq
+        dg += tl.sum(d_log_w, axis=1)
+    return dq, dg
 
 
 def power_attention_backward_keys(
@@ -170,8 +177,8 @@ def power_attention_backward_keys(
     SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dk, dv and dG for one key block, over the query blocks at or below its diagonal.
-    DELTA_i = dy_i . y_i; dG_j = -sum_i d log w_ij (the row sums of d log w vanish)."""
+    """dk, dv and the column part of dG for one key block, over the query blocks at or below its
+    diagonal: DELTA_i = dy_i . y_i, dG_j -= sum_i d log w_ij."""
     block_n = tl.program_id(0)
     tile_base, row_base = head_bases(SEQ, HEADS, DIM)
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -188,50 +195,55 @@ def power_attention_backward_keys(
 
 
 def power_attention_backward_queries(
-    Q, K, V, G, DY, DELTA, LOG_NORMALISER, DQ,
+    Q, K, V, G, DY, DELTA, LOG_NORMALISER, DQ, DG_ROWS,
     SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dq for one query block: dq_i = sum_j d(q_i . k_j) k_j over the key blocks up to the diagonal."""
+    """dq and the row part of dG for one query block, over the key blocks up to the diagonal:
+    dq_i = sum_j d(q_i . k_j) k_j, dG_i = sum_j d log w_ij. The row part is 0 in exact arithmetic
+    (y_i does not change when its weights scale alike), but with it the rounding of each P_ij
+    cancels in the reverse cumulative sum that makes d log_g, instead of growing with seq."""
     block_m = tl.program_id(0)
     tile_base, row_base = head_bases(SEQ, HEADS, DIM)
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q, dy = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM), load_tile(DY, tile_base, rows, SEQ, HEADS, DIM)
     delta, log_normaliser = load_row(DELTA, row_base, rows, SEQ, HEADS), load_row(LOG_NORMALISER, row_base, rows, SEQ, HEADS)
     gate_rows = load_row(G, row_base, rows, SEQ, HEADS)
-    dq = accumulate_query_gradients(
-        q, dy, delta, log_normaliser, gate_rows, rows, tl.zeros([BLOCK_M, DIM], tl.float32), K, V, G,
-        tile_base, row_base, 0, (block_m + 1) * BLOCK_M, SEQ, HEADS, DIM, SCALE, POWER, GATED, BLOCK_N,
+    dq, dg = accumulate_query_gradients(
+        q, dy, delta, log_normaliser, gate_rows, rows, tl.zeros([BLOCK_M, DIM], tl.float32), tl.zeros([BLOCK_M], tl.float32),
+        K, V, G, tile_base, row_base, 0, (block_m + 1) * BLOCK_M, SEQ, HEADS, DIM, SCALE, POWER, GATED, BLOCK_N,
     )
     store_tile(DQ, tile_base, rows, dq, SEQ, HEADS, DIM)
+    store_row(DG_ROWS, row_base, rows, dg, SEQ, HEADS)
 
 
-def kernel_constants(q, gated: bool, p: int, scale: float, block_m: int, block_n: int) -> dict:
+def kernel_constants(q, gated: bool, p: int, scale: float, block: int) -> dict:
     batch, seq, heads, dim = q.shape
-    return dict(SEQ=seq, HEADS=heads, DIM=dim, SCALE=scale, POWER=p, GATED=gated, BLOCK_M=block_m, BLOCK_N=block_n)
+    return dict(SEQ=seq, HEADS=heads, DIM=dim, SCALE=scale, POWER=p, GATED=gated, BLOCK_M=block, BLOCK_N=block)
 
 
-def attention_forward(q, k, v, gate, p: int, scale: float, gated: bool, block_m: int = 16, block_n: int = 16):
+def attention_forward(q, k, v, gate, p: int, scale: float, gated: bool):
     """(y, log normaliser) through the forward kernel; gate is the cumulative gate G [batch, seq, heads]."""
     batch, seq, heads, _ = q.shape
     out_shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((batch, seq, heads), jnp.float32)]
-    grid = (math.ceil(seq / block_m), batch * heads)
-    return launch(power_attention_forward, grid, [q, k, v, gate], out_shapes, **kernel_constants(q, gated, p, scale, block_m, block_n))
+    block = block_rows()
+    grid = (math.ceil(seq / block), batch * heads)
+    return launch(power_attention_forward, grid, [q, k, v, gate], out_shapes, **kernel_constants(q, gated, p, scale, block))
 
 
-def attention_backward(q, k, v, gate, y, log_normaliser, dy, p: int, scale: float, gated: bool, block_m: int = 16, block_n: int = 16):
+def attention_backward(q, k, v, gate, y, log_normaliser, dy, p: int, scale: float, gated: bool):
     """(dq, dk, dv, dG) through the two backward kernels."""
     batch, seq, heads, _ = q.shape
-    constants = kernel_constants(q, gated, p, scale, block_m, block_n)
+    block = block_rows()
+    constants = kernel_constants(q, gated, p, scale, block)
     delta = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1)
     inputs = [q, k, v, gate, dy, delta, log_normaliser]
-    dk, dv, dgate = launch(
-        power_attention_backward_keys, (math.ceil(seq / block_n), batch * heads), inputs,
-        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(gate.shape, jnp.float32)],
-        **constants,
+    grid, rows = (math.ceil(seq / block), batch * heads), jax.ShapeDtypeStruct(gate.shape, jnp.float32)
+    dk, dv, dgate_columns = launch(
+        power_attention_backward_keys, grid, inputs, [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), rows], **constants
     )
-    (dq,) = launch(power_attention_backward_queries, (math.ceil(seq / block_m), batch * heads), inputs, [jax.ShapeDtypeStruct(q.shape, q.dtype)], **constants)
-    return dq, dk, dv, dgate
+    dq, dgate_rows = launch(power_attention_backward_queries, grid, inputs, [jax.ShapeDtypeStruct(q.shape, q.dtype), rows], **constants)
+    return dq, dk, dv, dgate_rows + dgate_columns
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -261,10 +273,14 @@ triton_attention.defvjp(triton_attention_forward, triton_attention_backward)
 TRITON_DIMS = (16, 32, 64, 128)
 
 
-def attention(q, k, v, log_g, p: int, scale: float):
-    """The whole op through the flash-style kernels (O(T^2 d) work, O(T d) memory)."""
+def check_dims(q, v) -> None:
     if q.shape[-1] not in TRITON_DIMS or v.shape[-1] != q.shape[-1]:
         raise ValueError(f"impl='triton' needs q, k and v of one head dim in {TRITON_DIMS}; got {q.shape[-1]} and {v.shape[-1]}")
+
+
+def attention(q, k, v, log_g, p: int, scale: float):
+    """The whole op through the flash-style kernels (O(T^2 d) work, O(T d) memory)."""
+    check_dims(q, v)
     gated = log_g is not None
     log_g = log_g if gated else jnp.zeros(q.shape[:3], jnp.float32)
     return triton_attention(q, k, v, log_g.astype(jnp.float32), p, scale, gated)
