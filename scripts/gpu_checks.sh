@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU checks of the Triton kernels, for the lent GPU machine (../shared/gpu/README.md), one
+# stage per call so that each fits the machine's 10-minute limit:
+#
+#   bash scripts/gpu_checks.sh tests   # tests/test_triton_gpu.py on the GPU (bf16 precision rule,
+#                                      # 16K/64K tokens, memory linear in seq), and the interpreter
+#                                      # tests of tests/test_triton.py on that machine's CPU
+#   bash scripts/gpu_checks.sh bench   # python -m ops.benchmark: p = 2 (chunk sweep) and p = 4
+#   bash scripts/gpu_checks.sh train   # 124m tokens/s, conformal against softmax, context 16384
+#
+# Here first (the machine has no network): ../shared/gpu/wheels.sh with pytest-xdist and execnet,
+# and for `train` tiktoken, regex, zarr, numcodecs, donfig and google-crc32c, at the versions
+# `.venv/bin/pip freeze` shows (it adds jax-triton and beartype itself); for `train` also build
+# the embedded corpus into the repository (17 MB):
+#   SYMPOW_CACHE=$PWD/.cache .venv/bin/python -c "from sympow.data import resolve; resolve('embedded')"
+# then carry .whl (and .cache). Results land in $OUT (or runs/gpu), a short table printed last.
+# Not yet run on a GPU: the first session with one runs it and records what it saw.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-runs/gpu}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl
+export PYTHONPATH=$PWD:$PWD/.site SYMPOW_CACHE=$PWD/.cache
+python3 -c "import jax, triton; print('jax', jax.__version__, jax.devices(), 'triton', triton.__version__)"
+
+case "${1:-}" in
+tests)
+    python3 -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py 2>&1 | tee "$out/test_triton_gpu.txt"
+    # The interpreter tests hold float32 to the pure-JAX float32 error, which TF32 matmuls on
+    # a GPU would not; they run on this machine's CPU.
+    JAX_PLATFORMS=cpu python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_triton.py 2>&1 | tail -3 | tee "$out/test_triton_cpu.txt"
+    ;;
+bench)
+    python3 -m ops.benchmark --out "$out/p2.json" | tee "$out/p2.txt"
+    python3 -m ops.benchmark --p 4 --impls softmax triton attention --seqs 1024 2048 4096 8192 16384 --out "$out/p4.json" | tee "$out/p4.txt"
+    ;;
+train)
+    for attention in softmax conformal; do
+        python3 train.py --preset 124m --attention "$attention" --context 16384 --steps 6 --tokens-per-update 65536 \
+            --micro-batch 1 --log-every 1 --checkpoint-every 1000 --out "$out/train_$attention" | tail -3
+    done
+    python3 - "$out" <<'EOF'
+import json, statistics, sys
+from pathlib import Path
+print("| attention | tokens/s (median of steps 3..6) |\n|---|---|")
+for attention in ("softmax", "conformal"):
+    rows = [json.loads(line) for line in (Path(sys.argv[1]) / f"train_{attention}" / "metrics.jsonl").read_text().splitlines()]
+    print(f"| {attention} | {statistics.median(r['tokens_per_second'] for r in rows[2:]):.0f} |")
+EOF
+    ;;
+*)
+    echo "usage: bash scripts/gpu_checks.sh tests|bench|train" >&2
+    exit 2
+    ;;
+esac
