@@ -59,8 +59,9 @@ CHUNKED_DIMS = (16, 32, 64)
 # the tables FIRST and SECOND give the blocks (A, B) of each pair.
 @triton.jit
 def state_tile(chunk, pair, HEADS, CHUNKS, PAIRS):
-    """Index of this program's (batch, chunk, head, pair) in the [batch, chunks, heads, pairs] grid of tiles."""
-    batch_head = tl.program_id(1)
+    """Index of this program's (batch, chunk, head, pair) in the [batch, chunks, heads, pairs] grid
+    of tiles, in int64: times the F^2 x dim elements of a tile it can pass 2^31."""
+    batch_head = tl.program_id(1).to(tl.int64)
     batch, head = batch_head // HEADS, batch_head % HEADS
     return ((batch * CHUNKS + chunk) * HEADS + head) * PAIRS + pair
 
