@@ -249,3 +249,69 @@ def test_attention_on_a_batch_sharded_over_two_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and "sharded ok" in result.stdout, result.stderr[-3000:]
+
+
+class FakeCudaKernels:
+    """Stands in for jaxlib's CUDA-only half of jax_triton (kernel objects and their launch
+    records), so that the GPU lowering runs on a CPU: every kernel goes through jax_triton's own
+    Triton compile for sm_90, and each launch is recorded with its grid and shared memory."""
+
+    def __init__(self):
+        self.launches = []
+
+    def get_compute_capability(self, device):
+        return 90
+
+    def TritonKernel(self, name, num_warps, num_ctas, shared_memory, *rest):  # noqa: N802 (jaxlib's name)
+        return dict(name=name, shared_memory=shared_memory)
+
+    def create_scalar_parameter(self, value, dtype):
+        return ("scalar", value, dtype)
+
+    def create_array_parameter(self, *args):
+        return ("array", *args)
+
+    def TritonKernelCall(self, kernel, grid_x, grid_y, grid_z, parameters):  # noqa: N802
+        launches = self.launches
+
+        class Call:
+            def to_proto(self, name, metadata):
+                launches.append(dict(kernel, grid=(grid_x, grid_y, grid_z)))
+                return b"launch"
+
+        return Call()
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_gpu_lowering_through_jax_triton(monkeypatch, p):
+    """jit(grad) of impl='triton' in bf16, lowered for CUDA on a CPU through jax_triton.triton_call:
+    the kernels, their constants and grids as a GPU would get them (64-row tiles), within an
+    H100's shared memory. (A GPU run still has to show that they launch and what they compute.)"""
+    import jax_triton.triton_lib
+
+    import ops.sympow.triton.launch as launcher
+    from ops.sympow.triton.attention import attention
+
+    fake = FakeCudaKernels()
+    monkeypatch.setattr(launcher, "on_gpu", lambda: True)
+    for name in ("get_compute_capability", "TritonKernel", "create_scalar_parameter", "create_array_parameter", "TritonKernelCall"):
+        monkeypatch.setattr(jax_triton.triton_lib.triton_kernel_call_lib, name, getattr(fake, name), raising=False)
+
+    def attend(q, k, v, log_g):
+        return triton_chunked(q, k, v, log_g, 0.125, 128) if p == 2 else attention(q, k, v, log_g, p, 0.125)
+
+    gradients = jax.grad(lambda *a: jnp.sum(attend(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
+    q = jnp.zeros((2, 320, 4, 64), jnp.bfloat16)
+    log_g = jnp.zeros((2, 320, 4), jnp.float32)
+    custom_call = jax.export.DisabledSafetyCheck.custom_call("triton_kernel_call_ffi")  # export's check, for serialising; nothing is saved
+    exported = jax.export.export(jax.jit(gradients), platforms=["cuda"], disabled_checks=[custom_call])(q, q, q, log_g)
+
+    expected = (
+        {"power_state_scan": (10, 8), "power_chunk_forward": (5, 8), "power_chunk_backward_queries": (5, 8),
+         "power_state_scan_backward": (10, 8), "power_chunk_backward_keys": (5, 8)}
+        if p == 2
+        else {"power_attention_forward": (5, 8), "power_attention_backward_keys": (5, 8), "power_attention_backward_queries": (5, 8)}
+    )
+    assert {launch["name"]: launch["grid"][:2] for launch in fake.launches} == expected
+    assert all(launch["shared_memory"] <= H100_SHARED_MEMORY for launch in fake.launches)
+    assert exported.mlir_module().count("stablehlo.custom_call @triton_kernel_call_ffi") == len(expected)
