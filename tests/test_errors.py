@@ -64,7 +64,7 @@ def test_unknown_impl_and_bad_chunk_or_scale():
 
 
 def test_triton_refuses_what_its_kernels_cannot_do():
-    with pytest.raises(ValueError, match="head dim in"):
+    with pytest.raises(ValueError, match="head dims of q, k and of v in"):
         ops.sympow_attention(*(a.astype(jnp.float32) for a in (Q, K, V)), impl="triton")  # dim 4
     q16 = jnp.ones((1, 5, 1, 16), jnp.float64)
     with pytest.raises(TypeError, match="float32 only"):

@@ -43,11 +43,11 @@ GPU_BLOCK = 64  # ops.sympow.triton.launch.block_rows() on a GPU
 
 
 @pytest.mark.parametrize(
-    "seq, dim, p, gamma",
-    [(1, 16, 2, 0.9), (63, 32, 2, 0.999), (63, 16, 4, 0.01), (100, 64, 2, None), (100, 16, 4, 0.5), (500, 16, 2, 0.9)],
+    "seq, dim, dim_v, p, gamma",
+    [(1, 16, 16, 2, 0.9), (63, 32, 32, 2, 0.999), (63, 16, 16, 4, 0.01), (100, 64, 64, 2, None), (100, 16, 32, 4, 0.5), (500, 16, 16, 2, 0.9)],
 )
-def test_attention_kernel_forward_matches_float64(seq, dim, p, gamma):
-    q, k, v, log_g = attention_inputs(2, seq, 2, dim, gamma=gamma, seed=seq + dim)
+def test_attention_kernel_forward_matches_float64(seq, dim, dim_v, p, gamma):
+    q, k, v, log_g = attention_inputs(2, seq, 2, dim, gamma=gamma, seed=seq + dim, dim_v=dim_v)
     scale = 1 / math.sqrt(dim)
     reference = attention_form(q, k, v, log_g, p, scale)
     as32 = [None if a is None else a.astype(jnp.float32) for a in (q, k, v, log_g)]
@@ -69,11 +69,11 @@ def test_attention_kernel_log_normaliser_is_log_of_the_weight_sum():
     np.testing.assert_allclose(log_normaliser[0, :, 0], expected, rtol=1e-5)
 
 
-def check_gradients(kernel, reference_form, seq, dim, gamma, seed):
+def check_gradients(kernel, reference_form, seq, dim, gamma, seed, dim_v=None):
     """Gradients in q, k, v (and log_g when gated) of a float32 kernel against float64, within
     twice the error of the pure-JAX form in float32, floored at float32 round-off for gradients
     that are ~0 (d y_1 / d q_1 = 0, say)."""
-    q, k, v, log_g = attention_inputs(1, seq, 2, dim, gamma=gamma, seed=seed)
+    q, k, v, log_g = attention_inputs(1, seq, 2, dim, gamma=gamma, seed=seed, dim_v=dim_v)
     gated = log_g is not None
     log_g = jnp.zeros(q.shape[:3], q.dtype) if log_g is None else log_g
 
@@ -94,14 +94,14 @@ def check_gradients(kernel, reference_form, seq, dim, gamma, seed):
 
 
 @pytest.mark.parametrize(
-    "seq, dim, p, gamma", [(1, 16, 2, 0.9), (37, 16, 2, 0.01), (63, 32, 4, 0.999), (50, 16, 2, None)]
+    "seq, dim, dim_v, p, gamma", [(1, 16, 16, 2, 0.9), (37, 16, 16, 2, 0.01), (63, 32, 32, 4, 0.999), (50, 16, 32, 2, None)]
 )
-def test_attention_kernel_gradients_match_float64(seq, dim, p, gamma):
+def test_attention_kernel_gradients_match_float64(seq, dim, dim_v, p, gamma):
     scale = 1 / math.sqrt(dim)
     check_gradients(
         lambda q, k, v, g: triton_attention(q, k, v, g, p, scale, gamma is not None),
         lambda q, k, v, g: attention_form(q, k, v, g, p, scale),
-        seq, dim, gamma, seed=seq,
+        seq, dim, gamma, seed=seq, dim_v=dim_v,
     )
 
 
@@ -118,18 +118,18 @@ KERNELS = {
 def test_attention_kernels_compile_for_sm90(name, dtype, dim, p):
     kernel, data_pointers, float32_pointers = KERNELS[name]
     pointers = {n: f"*{dtype}" for n in data_pointers} | {n: "*fp32" for n in float32_pointers}
-    constants = dict(SEQ=65536, HEADS=8, DIM=dim, SCALE=1 / math.sqrt(dim), POWER=p, GATED=True, BLOCK_M=GPU_BLOCK, BLOCK_N=GPU_BLOCK)
+    constants = dict(SEQ=65536, HEADS=8, DIM=dim, DIM_V=dim, SCALE=1 / math.sqrt(dim), POWER=p, GATED=True, BLOCK_M=GPU_BLOCK, BLOCK_N=GPU_BLOCK)
     compiled = compile_for(kernel, pointers, constants)
     assert len(compiled.asm["cubin"]) > 0 and "sm_90" in compiled.asm["ptx"]
     assert compiled.metadata.shared <= H100_SHARED_MEMORY
 
 
 @pytest.mark.parametrize(
-    "seq, dim, chunk, gamma",
-    [(1, 16, 16, 0.9), (63, 32, 32, 0.999), (100, 64, 48, None), (500, 16, 64, 0.01), (130, 32, 16, 0.5)],
+    "seq, dim, dim_v, chunk, gamma",
+    [(1, 16, 16, 16, 0.9), (63, 32, 32, 32, 0.999), (100, 64, 64, 48, None), (500, 16, 16, 64, 0.01), (130, 32, 16, 16, 0.5)],
 )
-def test_chunked_kernels_forward_matches_float64(seq, dim, chunk, gamma):
-    q, k, v, log_g = attention_inputs(2, seq, 2, dim, gamma=gamma, seed=seq + dim)
+def test_chunked_kernels_forward_matches_float64(seq, dim, dim_v, chunk, gamma):
+    q, k, v, log_g = attention_inputs(2, seq, 2, dim, gamma=gamma, seed=seq + dim, dim_v=dim_v)
     scale = 1 / math.sqrt(dim)
     reference = attention_form(q, k, v, log_g, 2, scale)
     as32 = [None if a is None else a.astype(jnp.float32) for a in (q, k, v, log_g)]
@@ -165,13 +165,15 @@ def test_state_scan_kernel_holds_the_pure_jax_states():
     assert relative_error(z_tiled @ phi_tiled, np.einsum("D,bmhD->bmh", phi, z)) < 1e-5
 
 
-@pytest.mark.parametrize("seq, dim, chunk, gamma", [(37, 16, 16, 0.01), (63, 32, 32, 0.999), (100, 16, 48, None), (70, 64, 32, 0.9)])
-def test_chunked_kernel_gradients_match_float64(seq, dim, chunk, gamma):
+@pytest.mark.parametrize(
+    "seq, dim, dim_v, chunk, gamma", [(37, 16, 16, 16, 0.01), (63, 32, 32, 32, 0.999), (100, 16, 32, 48, None), (70, 64, 64, 32, 0.9)]
+)
+def test_chunked_kernel_gradients_match_float64(seq, dim, dim_v, chunk, gamma):
     scale = 1 / math.sqrt(dim)
     check_gradients(
         lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk),
         lambda q, k, v, g: chunked_form(q, k, v, g, 2, scale, chunk),
-        seq, dim, gamma, seed=seq + 1,
+        seq, dim, gamma, seed=seq + 1, dim_v=dim_v,
     )
 
 
@@ -192,7 +194,7 @@ CHUNKED_KERNELS = {
 def test_chunked_kernels_compile_for_sm90(name, dtype, dim):
     kernel, data_pointers, float32_pointers = CHUNKED_KERNELS[name]
     pointers = {n: f"*{dtype}" for n in data_pointers} | {n: "*fp32" for n in float32_pointers} | {"FIRST": "*i32", "SECOND": "*i32"}
-    compiled = compile_for(kernel, pointers, kernel_constants(65536, 8, dim, 1 / math.sqrt(dim), 128, GPU_BLOCK))
+    compiled = compile_for(kernel, pointers, kernel_constants(65536, 8, dim, dim, 1 / math.sqrt(dim), 128, GPU_BLOCK))
     assert len(compiled.asm["cubin"]) > 0 and "sm_90" in compiled.asm["ptx"]
     assert compiled.metadata.shared <= H100_SHARED_MEMORY
 

@@ -101,7 +101,7 @@ def sympow_attention(
         # The kernels read bf16 or float32 as given and accumulate in float32. Past one chunk,
         # p = 2 takes the chunked kernels where their state tiles fit; other powers (p = 4's
         # state is too large) and head dim 128 take the flash-style ones.
-        if p == 2 and q.shape[1] > chunk_size and q.shape[-1] in CHUNKED_DIMS:
+        if p == 2 and q.shape[1] > chunk_size and q.shape[-1] in CHUNKED_DIMS and v.shape[-1] in CHUNKED_DIMS:
             return triton_chunked(q, k, v, log_g, scale, chunk_size).astype(v.dtype)
         return triton_attention(q, k, v, log_g, p, scale).astype(v.dtype)
     dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32

@@ -20,14 +20,15 @@ from ops.sympow.triton.launch import block_rows, launch
 EPS = tl.constexpr(1e-6)  # as ops.sympow.naive.EPS; a kernel reads only constexpr globals
 
 
-# q, k, v, y and their gradients are [batch, seq, heads, dim]; G and the per-row statistics
-# are [batch, seq, heads]; all contiguous. Program axis 1 runs over batch x heads.
+# q, k and their gradients are [batch, seq, heads, dim]; v, y and theirs [batch, seq, heads, dim_v];
+# G and the per-row statistics [batch, seq, heads]; all contiguous. Program axis 1 runs over batch x heads.
 @triton.jit
-def head_bases(SEQ, HEADS, DIM):
-    """Offsets of this program's (batch, head) in a [batch, seq, heads, dim] and a [batch, seq, heads] array."""
+def head_bases(SEQ, HEADS, DIM, DIM_V):
+    """Offsets of this program's (batch, head) in a [batch, seq, heads, dim] array (q, k), a
+    [batch, seq, heads, dim_v] array (v, y) and a [batch, seq, heads] array (gates, row statistics)."""
     batch_head = tl.program_id(1)
     batch, head = batch_head // HEADS, batch_head % HEADS
-    return batch * SEQ * HEADS * DIM + head * DIM, batch * SEQ * HEADS + head
+    return batch * SEQ * HEADS * DIM + head * DIM, batch * SEQ * HEADS * DIM_V + head * DIM_V, batch * SEQ * HEADS + head
 
 
 @triton.jit
@@ -62,14 +63,14 @@ def store_row(X, base, positions, row, SEQ, HEADS):
 
 @triton.jit
 def accumulate_keys(
-    q, gate_rows, rows, row_max, row_sum, acc, K, V, G, tile_base, row_base, key_start, key_end,
-    SEQ, HEADS, DIM, SCALE, POWER, GATED, BLOCK_N,
+    q, gate_rows, rows, row_max, row_sum, acc, K, V, G, tile_base, value_base, row_base, key_start, key_end,
+    SEQ, HEADS, DIM, DIM_V, SCALE, POWER, GATED, BLOCK_N,
 ):
     """Fold keys key_start..key_end (block-aligned, causal mask applied) into a row's running
     max, weight sum and weighted sum of values, rescaling to the new max as flash attention does."""
     for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, tile_base, cols, SEQ, HEADS, DIM)
+        k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, value_base, cols, SEQ, HEADS, DIM_V)
         gate_cols = load_row(G, row_base, cols, SEQ, HEADS)
         log_w, _ = gated_log_weights(q, k, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED)
 
@@ -84,30 +85,30 @@ def accumulate_keys(
 
 
 @triton.jit
-def store_outputs(Y, LOG_NORMALISER, tile_base, row_base, rows, row_max, row_sum, acc, SEQ, HEADS, DIM):
+def store_outputs(Y, LOG_NORMALISER, value_base, row_base, rows, row_max, row_sum, acc, SEQ, HEADS, DIM_V):
     """y = acc / max(row sum, eps), and the log-normaliser, +inf for a row with no weight so
     that the backward pass gives it probabilities exp(-inf) = 0 rather than NaN."""
-    store_tile(Y, tile_base, rows, acc / tl.maximum(row_sum, EPS)[:, None], SEQ, HEADS, DIM)
+    store_tile(Y, value_base, rows, acc / tl.maximum(row_sum, EPS)[:, None], SEQ, HEADS, DIM_V)
     log_normaliser = tl.where(row_sum > 0, row_max + tl.log(row_sum), float("inf"))
     store_row(LOG_NORMALISER, row_base, rows, log_normaliser, SEQ, HEADS)
 
 
 def power_attention_forward(
     Q, K, V, G, Y, LOG_NORMALISER,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
+    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     block_m = tl.program_id(0)
-    tile_base, row_base = head_bases(SEQ, HEADS, DIM)
+    tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM)
     gate_rows = load_row(G, row_base, rows, SEQ, HEADS)
     row_max, row_sum, acc = accumulate_keys(
         q, gate_rows, rows, tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
-        tl.zeros([BLOCK_M, DIM], tl.float32), K, V, G, tile_base, row_base, 0, (block_m + 1) * BLOCK_M,
-        SEQ, HEADS, DIM, SCALE, POWER, GATED, BLOCK_N,
+        tl.zeros([BLOCK_M, DIM_V], tl.float32), K, V, G, tile_base, value_base, row_base, 0, (block_m + 1) * BLOCK_M,
+        SEQ, HEADS, DIM, DIM_V, SCALE, POWER, GATED, BLOCK_N,
     )
-    store_outputs(Y, LOG_NORMALISER, tile_base, row_base, rows, row_max, row_sum, acc, SEQ, HEADS, DIM)
+    store_outputs(Y, LOG_NORMALISER, value_base, row_base, rows, row_max, row_sum, acc, SEQ, HEADS, DIM_V)
 
 
 @triton.jit
@@ -133,15 +134,15 @@ def weight_gradients(q, k, v, dy, delta, log_normaliser, gate_rows, gate_cols, r
 
 @triton.jit
 def accumulate_key_gradients(
-    k, v, gate_cols, cols, dk, dv, dg, Q, DY, DELTA, LOG_NORMALISER, G, tile_base, row_base, query_start, query_end,
-    SEQ, HEADS, DIM, SCALE, POWER, GATED, BLOCK_M,
+    k, v, gate_cols, cols, dk, dv, dg, Q, DY, DELTA, LOG_NORMALISER, G, tile_base, value_base, row_base, query_start, query_end,
+    SEQ, HEADS, DIM, DIM_V, SCALE, POWER, GATED, BLOCK_M,
 ):
     """Add the gradients of one key block from queries query_start..query_end (block-aligned):
     dv_j += sum_i P_ij dy_i, dk_j += sum_i d(q_i . k_j) q_i, dG_j -= sum_i d log w_ij."""
     for start in range(query_start, query_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < SEQ
-        q, dy = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM), load_tile(DY, tile_base, rows, SEQ, HEADS, DIM)
+        q, dy = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM), load_tile(DY, value_base, rows, SEQ, HEADS, DIM_V)
         delta, log_normaliser = load_row(DELTA, row_base, rows, SEQ, HEADS), load_row(LOG_NORMALISER, row_base, rows, SEQ, HEADS)
         gate_rows = load_row(G, row_base, rows, SEQ, HEADS)
         probabilities, d_log_w, d_dot = weight_gradients(
@@ -158,13 +159,13 @@ def accumulate_key_gradients(
 
 @triton.jit
 def accumulate_query_gradients(
-    q, dy, delta, log_normaliser, gate_rows, rows, dq, dg, K, V, G, tile_base, row_base, key_start, key_end,
-    SEQ, HEADS, DIM, SCALE, POWER, GATED, BLOCK_N,
+    q, dy, delta, log_normaliser, gate_rows, rows, dq, dg, K, V, G, tile_base, value_base, row_base, key_start, key_end,
+    SEQ, HEADS, DIM, DIM_V, SCALE, POWER, GATED, BLOCK_N,
 ):
     """Add dq_i += sum_j d(q_i . k_j) k_j and dG_i += sum_j d log w_ij over keys key_start..key_end (block-aligned)."""
     for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, tile_base, cols, SEQ, HEADS, DIM)
+        k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, value_base, cols, SEQ, HEADS, DIM_V)
         gate_cols = load_row(G, row_base, cols, SEQ, HEADS)
         _, d_log_w, d_dot = weight_gradients(q, k, v, dy, delta, log_normaliser, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED)
         dq += tl.dot(d_dot.to(k.dtype), k)
@@ -174,29 +175,29 @@ def accumulate_query_gradients(
 
 def power_attention_backward_keys(
     Q, K, V, G, DY, DELTA, LOG_NORMALISER, DK, DV, DG,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
+    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk, dv and the column part of dG for one key block, over the query blocks at or below its
     diagonal: DELTA_i = dy_i . y_i, dG_j -= sum_i d log w_ij."""
     block_n = tl.program_id(0)
-    tile_base, row_base = head_bases(SEQ, HEADS, DIM)
+    tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, tile_base, cols, SEQ, HEADS, DIM)
+    k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, value_base, cols, SEQ, HEADS, DIM_V)
     gate_cols = load_row(G, row_base, cols, SEQ, HEADS)
     dk, dv, dg = accumulate_key_gradients(
-        k, v, gate_cols, cols, tl.zeros([BLOCK_N, DIM], tl.float32), tl.zeros([BLOCK_N, DIM], tl.float32),
-        tl.zeros([BLOCK_N], tl.float32), Q, DY, DELTA, LOG_NORMALISER, G, tile_base, row_base,
-        (block_n * BLOCK_N // BLOCK_M) * BLOCK_M, SEQ, SEQ, HEADS, DIM, SCALE, POWER, GATED, BLOCK_M,
+        k, v, gate_cols, cols, tl.zeros([BLOCK_N, DIM], tl.float32), tl.zeros([BLOCK_N, DIM_V], tl.float32),
+        tl.zeros([BLOCK_N], tl.float32), Q, DY, DELTA, LOG_NORMALISER, G, tile_base, value_base, row_base,
+        (block_n * BLOCK_N // BLOCK_M) * BLOCK_M, SEQ, SEQ, HEADS, DIM, DIM_V, SCALE, POWER, GATED, BLOCK_M,
     )
     store_tile(DK, tile_base, cols, dk, SEQ, HEADS, DIM)
-    store_tile(DV, tile_base, cols, dv, SEQ, HEADS, DIM)
+    store_tile(DV, value_base, cols, dv, SEQ, HEADS, DIM_V)
     store_row(DG, row_base, cols, dg, SEQ, HEADS)
 
 
 def power_attention_backward_queries(
     Q, K, V, G, DY, DELTA, LOG_NORMALISER, DQ, DG_ROWS,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
+    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq and the row part of dG for one query block, over the key blocks up to the diagonal:
@@ -204,22 +205,22 @@ def power_attention_backward_queries(
     (y_i does not change when its weights scale alike), but with it the rounding of each P_ij
     cancels in the reverse cumulative sum that makes d log_g, instead of growing with seq."""
     block_m = tl.program_id(0)
-    tile_base, row_base = head_bases(SEQ, HEADS, DIM)
+    tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q, dy = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM), load_tile(DY, tile_base, rows, SEQ, HEADS, DIM)
+    q, dy = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM), load_tile(DY, value_base, rows, SEQ, HEADS, DIM_V)
     delta, log_normaliser = load_row(DELTA, row_base, rows, SEQ, HEADS), load_row(LOG_NORMALISER, row_base, rows, SEQ, HEADS)
     gate_rows = load_row(G, row_base, rows, SEQ, HEADS)
     dq, dg = accumulate_query_gradients(
         q, dy, delta, log_normaliser, gate_rows, rows, tl.zeros([BLOCK_M, DIM], tl.float32), tl.zeros([BLOCK_M], tl.float32),
-        K, V, G, tile_base, row_base, 0, (block_m + 1) * BLOCK_M, SEQ, HEADS, DIM, SCALE, POWER, GATED, BLOCK_N,
+        K, V, G, tile_base, value_base, row_base, 0, (block_m + 1) * BLOCK_M, SEQ, HEADS, DIM, DIM_V, SCALE, POWER, GATED, BLOCK_N,
     )
     store_tile(DQ, tile_base, rows, dq, SEQ, HEADS, DIM)
     store_row(DG_ROWS, row_base, rows, dg, SEQ, HEADS)
 
 
-def kernel_constants(q, gated: bool, p: int, scale: float, block: int) -> dict:
+def kernel_constants(q, v, gated: bool, p: int, scale: float, block: int) -> dict:
     batch, seq, heads, dim = q.shape
-    return dict(SEQ=seq, HEADS=heads, DIM=dim, SCALE=scale, POWER=p, GATED=gated, BLOCK_M=block, BLOCK_N=block)
+    return dict(SEQ=seq, HEADS=heads, DIM=dim, DIM_V=v.shape[-1], SCALE=scale, POWER=p, GATED=gated, BLOCK_M=block, BLOCK_N=block)
 
 
 def attention_forward(q, k, v, gate, p: int, scale: float, gated: bool):
@@ -228,14 +229,14 @@ def attention_forward(q, k, v, gate, p: int, scale: float, gated: bool):
     out_shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((batch, seq, heads), jnp.float32)]
     block = block_rows()
     grid = (math.ceil(seq / block), batch * heads)
-    return launch(power_attention_forward, grid, [q, k, v, gate], out_shapes, **kernel_constants(q, gated, p, scale, block))
+    return launch(power_attention_forward, grid, [q, k, v, gate], out_shapes, **kernel_constants(q, v, gated, p, scale, block))
 
 
 def attention_backward(q, k, v, gate, y, log_normaliser, dy, p: int, scale: float, gated: bool):
     """(dq, dk, dv, dG) through the two backward kernels."""
     batch, seq, heads, _ = q.shape
     block = block_rows()
-    constants = kernel_constants(q, gated, p, scale, block)
+    constants = kernel_constants(q, v, gated, p, scale, block)
     delta = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1)
     inputs = [q, k, v, gate, dy, delta, log_normaliser]
     grid, rows = (math.ceil(seq / block), batch * heads), jax.ShapeDtypeStruct(gate.shape, jnp.float32)
@@ -274,8 +275,8 @@ TRITON_DIMS = (16, 32, 64, 128)
 
 
 def check_dims(q, v) -> None:
-    if q.shape[-1] not in TRITON_DIMS or v.shape[-1] != q.shape[-1]:
-        raise ValueError(f"impl='triton' needs q, k and v of one head dim in {TRITON_DIMS}; got {q.shape[-1]} and {v.shape[-1]}")
+    if q.shape[-1] not in TRITON_DIMS or v.shape[-1] not in TRITON_DIMS:
+        raise ValueError(f"impl='triton' needs head dims of q, k and of v in {TRITON_DIMS}; got {q.shape[-1]} and {v.shape[-1]}")
 
 
 def attention(q, k, v, log_g, p: int, scale: float):

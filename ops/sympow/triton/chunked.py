@@ -55,7 +55,7 @@ FEATURE_BLOCK = 16  # the smallest width tl.dot takes
 CHUNKED_DIMS = (16, 32, 64)
 
 
-# States are [batch, chunks, heads, pairs, F^2, dim] and norms [batch, chunks, heads, pairs, F^2];
+# States are [batch, chunks, heads, pairs, F^2, dim_v] and norms [batch, chunks, heads, pairs, F^2];
 # the tables FIRST and SECOND give the blocks (A, B) of each pair.
 @triton.jit
 def state_tile(chunk, pair, HEADS, CHUNKS, PAIRS):
@@ -67,16 +67,16 @@ def state_tile(chunk, pair, HEADS, CHUNKS, PAIRS):
 
 
 @triton.jit
-def load_state(S, Z, tile, FEATURES, DIM):
+def load_state(S, Z, tile, FEATURES, DIM_V):
     features = tl.arange(0, FEATURES)
-    state = tl.load(S + tile * FEATURES * DIM + features[:, None] * DIM + tl.arange(0, DIM)[None, :])
+    state = tl.load(S + tile * FEATURES * DIM_V + features[:, None] * DIM_V + tl.arange(0, DIM_V)[None, :])
     return state, tl.load(Z + tile * FEATURES + features)
 
 
 @triton.jit
-def store_state(S, Z, tile, state, norm, FEATURES, DIM):
+def store_state(S, Z, tile, state, norm, FEATURES, DIM_V):
     features = tl.arange(0, FEATURES)
-    tl.store(S + tile * FEATURES * DIM + features[:, None] * DIM + tl.arange(0, DIM)[None, :], state)
+    tl.store(S + tile * FEATURES * DIM_V + features[:, None] * DIM_V + tl.arange(0, DIM_V)[None, :], state)
     tl.store(Z + tile * FEATURES + features, norm)
 
 
@@ -118,18 +118,18 @@ def key_root_decay(L, row_base, cols, end_gate, SEQ, HEADS, ROOT_SCALE):
 
 def power_state_scan(
     K, V, L, FIRST, SECOND, S, Z,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
     F: tl.constexpr, N_BLOCKS: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The state entering every chunk, for one pair of feature blocks; the running state stays in registers."""
     pair = tl.program_id(0)
-    tile_base, row_base = head_bases(SEQ, HEADS, DIM)
+    tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
     first, second, weight = pair_blocks(FIRST, SECOND, pair)
-    state = tl.zeros([F * F, DIM], tl.float32)
+    state = tl.zeros([F * F, DIM_V], tl.float32)
     norm = tl.zeros([F * F], tl.float32)
     for chunk in range(CHUNKS):
-        store_state(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), state, norm, F * F, DIM)
+        store_state(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), state, norm, F * F, DIM_V)
         end_gate = chunk_end_gate(L, row_base, chunk, SEQ, HEADS, CHUNK)
         state = state * tl.exp(end_gate)
         norm = norm * tl.exp(end_gate)
@@ -139,7 +139,7 @@ def power_state_scan(
             k_first = load_block(K, tile_base, cols, first, SEQ, HEADS, DIM, F) * root_decay
             k_second = load_block(K, tile_base, cols, second, SEQ, HEADS, DIM, F) * root_decay
             phi = pair_features(k_first, k_second, BLOCK_N, F) * weight
-            state += tl.dot(tl.trans(phi), load_tile(V, tile_base, cols, SEQ, HEADS, DIM).to(tl.float32))
+            state += tl.dot(tl.trans(phi), load_tile(V, value_base, cols, SEQ, HEADS, DIM_V).to(tl.float32))
             norm += tl.sum(phi, axis=0)
 
 
@@ -153,25 +153,25 @@ def query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, F, ROOT_SCA
 
 def power_chunk_forward(
     Q, K, V, L, S, Z, FIRST, SECOND, Y, LOG_NORMALISER,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
     F: tl.constexpr, N_BLOCKS: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """y for one query block: the state entering its chunk, queried, is the first term of the
     running row max and sums; the chunk's keys up to the diagonal follow as in flash attention."""
     block_m = tl.program_id(0)
-    tile_base, row_base = head_bases(SEQ, HEADS, DIM)
+    tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     chunk = block_m * BLOCK_M // CHUNK
     gate_rows = load_row(L, row_base, rows, SEQ, HEADS)
 
-    numerator = tl.zeros([BLOCK_M, DIM], tl.float32)
+    numerator = tl.zeros([BLOCK_M, DIM_V], tl.float32)
     denominator = tl.zeros([BLOCK_M], tl.float32)
     for pair in range(PAIRS):
         first, second, _ = pair_blocks(FIRST, SECOND, pair)
         q_first, q_second = query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, F, ROOT_SCALE)
         phi = pair_features(q_first, q_second, BLOCK_M, F)
-        state, norm = load_state(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), F * F, DIM)
+        state, norm = load_state(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), F * F, DIM_V)
         numerator += tl.dot(phi, state)
         denominator += tl.sum(phi * norm[None, :], axis=1)
 
@@ -183,10 +183,10 @@ def power_chunk_forward(
     acc = tl.where(has_state[:, None], numerator / tl.where(has_state, denominator, 1.0)[:, None], 0.0)
     q = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM)
     row_max, row_sum, acc = accumulate_keys(
-        q, gate_rows, rows, row_max, row_sum, acc, K, V, L, tile_base, row_base, chunk * CHUNK, (block_m + 1) * BLOCK_M,
-        SEQ, HEADS, DIM, SCALE, 2, True, BLOCK_N,
+        q, gate_rows, rows, row_max, row_sum, acc, K, V, L, tile_base, value_base, row_base, chunk * CHUNK, (block_m + 1) * BLOCK_M,
+        SEQ, HEADS, DIM, DIM_V, SCALE, 2, True, BLOCK_N,
     )
-    store_outputs(Y, LOG_NORMALISER, tile_base, row_base, rows, row_max, row_sum, acc, SEQ, HEADS, DIM)
+    store_outputs(Y, LOG_NORMALISER, value_base, row_base, rows, row_max, row_sum, acc, SEQ, HEADS, DIM_V)
 
 
 @triton.jit
@@ -197,7 +197,7 @@ def state_shares(L, LOG_NORMALISER, row_base, rows, SEQ, HEADS):
 
 def power_chunk_backward_queries(
     Q, K, V, L, DY, DELTA, LOG_NORMALISER, S, Z, FIRST, SECOND, DQ, DL_ROWS,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
     F: tl.constexpr, N_BLOCKS: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -205,15 +205,15 @@ def power_chunk_backward_queries(
     plus the state part d phi(r q_i) = share_i (S_m dy_i - Delta_i z_m), which gives L_i
     phi(r q_i) . d phi(r q_i). (The row part is 0 in exact arithmetic; see power_attention_backward_queries.)"""
     block_m = tl.program_id(0)
-    tile_base, row_base = head_bases(SEQ, HEADS, DIM)
+    tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     chunk = block_m * BLOCK_M // CHUNK
-    q, dy = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM), load_tile(DY, tile_base, rows, SEQ, HEADS, DIM)
+    q, dy = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM), load_tile(DY, value_base, rows, SEQ, HEADS, DIM_V)
     delta, log_normaliser = load_row(DELTA, row_base, rows, SEQ, HEADS), load_row(LOG_NORMALISER, row_base, rows, SEQ, HEADS)
     gate_rows = load_row(L, row_base, rows, SEQ, HEADS)
     dq, dl = accumulate_query_gradients(
         q, dy, delta, log_normaliser, gate_rows, rows, tl.zeros([BLOCK_M, DIM], tl.float32), tl.zeros([BLOCK_M], tl.float32),
-        K, V, L, tile_base, row_base, chunk * CHUNK, (block_m + 1) * BLOCK_M, SEQ, HEADS, DIM, SCALE, 2, True, BLOCK_N,
+        K, V, L, tile_base, value_base, row_base, chunk * CHUNK, (block_m + 1) * BLOCK_M, SEQ, HEADS, DIM, DIM_V, SCALE, 2, True, BLOCK_N,
     )
 
     share = state_shares(L, LOG_NORMALISER, row_base, rows, SEQ, HEADS)
@@ -223,7 +223,7 @@ def power_chunk_backward_queries(
     for pair in range(PAIRS):
         first, second, _ = pair_blocks(FIRST, SECOND, pair)
         q_first, q_second = query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, F, ROOT_SCALE)
-        state, norm = load_state(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), F * F, DIM)
+        state, norm = load_state(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), F * F, DIM_V)
         d_phi = tl.dot(d_numerator, tl.trans(state)) + d_norm[:, None] * norm[None, :]
         dl += tl.sum(pair_features(q_first, q_second, BLOCK_M, F) * d_phi, axis=1)
         d_blocks += pair_feature_gradient(d_phi, q_first, q_second, first, second, BLOCK_M, F, N_BLOCKS)
@@ -233,7 +233,7 @@ def power_chunk_backward_queries(
 
 def power_state_scan_backward(
     Q, L, DY, DELTA, LOG_NORMALISER, S, Z, FIRST, SECOND, DS, DZ, D_END_GATE,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
     F: tl.constexpr, N_BLOCKS: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -242,16 +242,16 @@ def power_state_scan_backward(
     (the norm likewise with -share_i Delta_i), dS_{last + 1} = 0. Stores, per chunk, dS_{m+1}
     (the gradient of the chunk's own contribution) and exp(E_m) <S_m, dS_{m+1}> (its end gate's)."""
     pair = tl.program_id(0)
-    tile_base, row_base = head_bases(SEQ, HEADS, DIM)
+    tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
     first, second, _ = pair_blocks(FIRST, SECOND, pair)
-    d_state = tl.zeros([F * F, DIM], tl.float32)
+    d_state = tl.zeros([F * F, DIM_V], tl.float32)
     d_norm = tl.zeros([F * F], tl.float32)
     for step in range(CHUNKS):
         chunk = CHUNKS - 1 - step
         tile = state_tile(chunk, pair, HEADS, CHUNKS, PAIRS)
-        store_state(DS, DZ, tile, d_state, d_norm, F * F, DIM)
+        store_state(DS, DZ, tile, d_state, d_norm, F * F, DIM_V)
         decay = tl.exp(chunk_end_gate(L, row_base, chunk, SEQ, HEADS, CHUNK))
-        state, norm = load_state(S, Z, tile, F * F, DIM)
+        state, norm = load_state(S, Z, tile, F * F, DIM_V)
         tl.store(D_END_GATE + tile, decay * (tl.sum(state * d_state) + tl.sum(norm * d_norm)))
         d_state = d_state * decay
         d_norm = d_norm * decay
@@ -260,14 +260,14 @@ def power_state_scan_backward(
             q_first, q_second = query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, F, ROOT_SCALE)
             phi = pair_features(q_first, q_second, BLOCK_M, F)
             share = state_shares(L, LOG_NORMALISER, row_base, rows, SEQ, HEADS)
-            dy = load_tile(DY, tile_base, rows, SEQ, HEADS, DIM).to(tl.float32)
+            dy = load_tile(DY, value_base, rows, SEQ, HEADS, DIM_V).to(tl.float32)
             d_state += tl.dot(tl.trans(phi), dy * share[:, None])
             d_norm -= tl.sum(phi * (load_row(DELTA, row_base, rows, SEQ, HEADS) * share)[:, None], axis=0)
 
 
 def power_chunk_backward_keys(
     Q, K, V, L, DY, DELTA, LOG_NORMALISER, DS, DZ, FIRST, SECOND, DK, DV, DL, THROUGH_STATE,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
     F: tl.constexpr, N_BLOCKS: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -275,15 +275,15 @@ def power_chunk_backward_keys(
     the key's share in the state after its chunk, c phi(x_j) v_j^T with x_j = r exp((E_m - L_j)/2) k_j.
     THROUGH_STATE_j = sum c phi(x_j) . (dS v_j + dz) is what that term gives dE_m; it takes as much from L_j."""
     block_n = tl.program_id(0)
-    tile_base, row_base = head_bases(SEQ, HEADS, DIM)
+    tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     chunk = block_n * BLOCK_N // CHUNK
-    k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, tile_base, cols, SEQ, HEADS, DIM)
+    k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, value_base, cols, SEQ, HEADS, DIM_V)
     gate_cols = load_row(L, row_base, cols, SEQ, HEADS)
     dk, dv, dl = accumulate_key_gradients(
-        k, v, gate_cols, cols, tl.zeros([BLOCK_N, DIM], tl.float32), tl.zeros([BLOCK_N, DIM], tl.float32),
-        tl.zeros([BLOCK_N], tl.float32), Q, DY, DELTA, LOG_NORMALISER, L, tile_base, row_base,
-        (block_n * BLOCK_N // BLOCK_M) * BLOCK_M, tl.minimum((chunk + 1) * CHUNK, SEQ), SEQ, HEADS, DIM, SCALE, 2, True, BLOCK_M,
+        k, v, gate_cols, cols, tl.zeros([BLOCK_N, DIM], tl.float32), tl.zeros([BLOCK_N, DIM_V], tl.float32),
+        tl.zeros([BLOCK_N], tl.float32), Q, DY, DELTA, LOG_NORMALISER, L, tile_base, value_base, row_base,
+        (block_n * BLOCK_N // BLOCK_M) * BLOCK_M, tl.minimum((chunk + 1) * CHUNK, SEQ), SEQ, HEADS, DIM, DIM_V, SCALE, 2, True, BLOCK_M,
     )
 
     root_decay = key_root_decay(L, row_base, cols, chunk_end_gate(L, row_base, chunk, SEQ, HEADS, CHUNK), SEQ, HEADS, ROOT_SCALE)
@@ -295,13 +295,13 @@ def power_chunk_backward_keys(
         k_first = load_block(K, tile_base, cols, first, SEQ, HEADS, DIM, F) * root_decay[:, None]
         k_second = load_block(K, tile_base, cols, second, SEQ, HEADS, DIM, F) * root_decay[:, None]
         phi = pair_features(k_first, k_second, BLOCK_N, F) * weight
-        d_state, d_norm = load_state(DS, DZ, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), F * F, DIM)
+        d_state, d_norm = load_state(DS, DZ, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), F * F, DIM_V)
         dv += tl.dot(phi, d_state)
         d_phi = tl.dot(v, tl.trans(d_state)) + d_norm[None, :]
         through_state += tl.sum(phi * d_phi, axis=1)
         d_blocks += pair_feature_gradient(d_phi * weight, k_first, k_second, first, second, BLOCK_N, F, N_BLOCKS)
     store_tile(DK, tile_base, cols, dk + tl.reshape(d_blocks, (BLOCK_N, DIM)) * root_decay[:, None], SEQ, HEADS, DIM)
-    store_tile(DV, tile_base, cols, dv, SEQ, HEADS, DIM)
+    store_tile(DV, value_base, cols, dv, SEQ, HEADS, DIM_V)
     store_row(DL, row_base, cols, dl - through_state, SEQ, HEADS)
     store_row(THROUGH_STATE, row_base, cols, through_state, SEQ, HEADS)
 
@@ -314,11 +314,11 @@ def pair_tables(dim: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array([a for a, _ in pairs], np.int32), np.array([b for _, b in pairs], np.int32)
 
 
-def kernel_constants(seq: int, heads: int, dim: int, scale: float, chunk_size: int, block: int) -> dict:
+def kernel_constants(seq: int, heads: int, dim: int, dim_v: int, scale: float, chunk_size: int, block: int) -> dict:
     """The constants every chunked kernel takes."""
     blocks = dim // FEATURE_BLOCK
     return dict(
-        SEQ=seq, HEADS=heads, DIM=dim, CHUNK=chunk_size, CHUNKS=math.ceil(seq / chunk_size), F=FEATURE_BLOCK,
+        SEQ=seq, HEADS=heads, DIM=dim, DIM_V=dim_v, CHUNK=chunk_size, CHUNKS=math.ceil(seq / chunk_size), F=FEATURE_BLOCK,
         N_BLOCKS=blocks, PAIRS=blocks * (blocks + 1) // 2, SCALE=scale, ROOT_SCALE=math.sqrt(scale), BLOCK_M=block, BLOCK_N=block,
     )
 
@@ -326,12 +326,12 @@ def kernel_constants(seq: int, heads: int, dim: int, scale: float, chunk_size: i
 class Plan:
     """Shapes, grids and constants shared by the five kernels for one problem."""
 
-    def __init__(self, q, scale: float, chunk_size: int):
+    def __init__(self, q, v, scale: float, chunk_size: int):
         batch, seq, heads, dim = q.shape
         block = block_rows()
-        self.constants = kernel_constants(seq, heads, dim, scale, chunk_size, block)
+        self.constants = kernel_constants(seq, heads, dim, v.shape[-1], scale, chunk_size, block)
         pairs, features = self.constants["PAIRS"], FEATURE_BLOCK**2
-        self.state = jax.ShapeDtypeStruct((batch, self.constants["CHUNKS"], heads, pairs, features, dim), jnp.float32)
+        self.state = jax.ShapeDtypeStruct((batch, self.constants["CHUNKS"], heads, pairs, features, v.shape[-1]), jnp.float32)
         self.norm = jax.ShapeDtypeStruct(self.state.shape[:-1], jnp.float32)
         self.rows = jax.ShapeDtypeStruct((batch, seq, heads), jnp.float32)
         self.pair_grid = (pairs, batch * heads)
@@ -347,7 +347,7 @@ def chunk_gates(log_g, chunk_size: int):
 
 def chunked_forward(q, k, v, L, scale: float, chunk_size: int):
     """(y, log normaliser, S, z) through the state scan and the chunk output kernel."""
-    plan = Plan(q, scale, chunk_size)
+    plan = Plan(q, v, scale, chunk_size)
     S, z = launch(power_state_scan, plan.pair_grid, [k, v, L, *plan.tables], [plan.state, plan.norm], **plan.constants)
     y, log_normaliser = launch(
         power_chunk_forward, plan.block_grid, [q, k, v, L, S, z, *plan.tables],
@@ -358,7 +358,7 @@ def chunked_forward(q, k, v, L, scale: float, chunk_size: int):
 
 def chunked_backward(q, k, v, L, y, log_normaliser, S, z, dy, scale: float, chunk_size: int):
     """(dq, dk, dv, dL) through the three backward kernels; dL is the gradient of the chunk-local gates."""
-    plan = Plan(q, scale, chunk_size)
+    plan = Plan(q, v, scale, chunk_size)
     delta = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1)
     rows = [q, k, v, L, dy, delta, log_normaliser]
     dq, dL_rows = launch(
@@ -404,8 +404,8 @@ triton_chunked.defvjp(triton_chunked_forward, triton_chunked_backward)
 
 def chunked(q, k, v, log_g, scale: float, chunk_size: int):
     """Gated power attention with p = 2 through the chunked kernels (O(T c d + T D' d) work, states per chunk)."""
-    if q.shape[-1] not in CHUNKED_DIMS or v.shape[-1] != q.shape[-1]:
-        raise ValueError(f"the chunked Triton kernels need q, k and v of one head dim in {CHUNKED_DIMS}; got {q.shape[-1]} and {v.shape[-1]}")
+    if q.shape[-1] not in CHUNKED_DIMS or v.shape[-1] not in CHUNKED_DIMS:
+        raise ValueError(f"the chunked Triton kernels need head dims of q, k and of v in {CHUNKED_DIMS}; got {q.shape[-1]} and {v.shape[-1]}")
     if chunk_size % block_rows():
         raise ValueError(f"impl='triton' needs chunk_size a multiple of {block_rows()} here (tiles do not straddle chunks); got {chunk_size}")
     log_g = jnp.zeros(q.shape[:3], jnp.float32) if log_g is None else log_g.astype(jnp.float32)
