@@ -19,7 +19,6 @@ attention 2 B H T^2 d forward; the chunked form B H (2 T c d + 4 T D d), D = C(d
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics

@@ -1,5 +1,7 @@
-"""Triton kernels: run in Triton's interpreter on a CPU against the float64 naive form, and
-compiled ahead of time for sm_90 (an H100) so a kernel that would not compile there fails here.
+"""Triton kernels: run in Triton's interpreter against the float64 naive form (on any machine:
+the launcher is held to its CPU path here, so a GPU's TF32 matmuls do not meet the float32
+rule), and compiled ahead of time for sm_90 (an H100) so a kernel that would not compile there
+fails here. tests/test_triton_gpu.py holds the compiled kernels on a GPU to the bf16 rule.
 
 The launcher fills every output with NaN before a run, so a tile the kernel never writes shows."""
 
@@ -35,11 +37,17 @@ from ops.sympow.triton.chunked import (
     power_state_scan_backward,
     triton_chunked,
 )
+import ops.sympow.triton.launch as launcher
 from ops.sympow.triton.launch import compile_for
 
 # An H100 gives a block at most 227 KiB of shared memory; a kernel compiled to need more fails at launch.
 H100_SHARED_MEMORY = 227 * 1024
 GPU_BLOCK = 64  # ops.sympow.triton.launch.block_rows() on a GPU
+
+
+@pytest.fixture(autouse=True)
+def interpreted_kernels(monkeypatch):
+    monkeypatch.setattr(launcher, "on_gpu", lambda: False)
 
 
 @pytest.mark.parametrize(
@@ -264,7 +272,7 @@ class FakeCudaKernels:
     def get_compute_capability(self, device):
         return 90
 
-    def TritonKernel(self, name, num_warps, num_ctas, shared_memory, *rest):  # noqa: N802 (jaxlib's name)
+    def TritonKernel(self, name, num_warps, num_ctas, shared_memory, *rest):
         return dict(name=name, shared_memory=shared_memory)
 
     def create_scalar_parameter(self, value, dtype):
@@ -273,7 +281,7 @@ class FakeCudaKernels:
     def create_array_parameter(self, *args):
         return ("array", *args)
 
-    def TritonKernelCall(self, kernel, grid_x, grid_y, grid_z, parameters):  # noqa: N802
+    def TritonKernelCall(self, kernel, grid_x, grid_y, grid_z, parameters):
         launches = self.launches
 
         class Call:
@@ -291,7 +299,6 @@ def test_gpu_lowering_through_jax_triton(monkeypatch, p):
     H100's shared memory. (A GPU run still has to show that they launch and what they compute.)"""
     import jax_triton.triton_lib
 
-    import ops.sympow.triton.launch as launcher
     from ops.sympow.triton.attention import attention
 
     fake = FakeCudaKernels()
