@@ -19,10 +19,10 @@ space by the flash-attention helpers. The states stay in float32 (TF32 matmuls o
 Kernels:
     power_state_scan           (pair, batch x head): S_m for every chunk, one chunk after another.
     power_chunk_forward        (query block, batch x head): y and the log-normaliser.
-    power_chunk_backward_queries  (query block, batch x head): dq.
+    power_chunk_backward_queries  (query block, batch x head): dq and the row part of dL.
     power_state_scan_backward  (pair, batch x head): the gradient of each chunk's state
                                contribution, and of its end gate through the decay.
-    power_chunk_backward_keys  (key block, batch x head): dk, dv, dL.
+    power_chunk_backward_keys  (key block, batch x head): dk, dv and the column part of dL.
 """
 
 import functools
