@@ -31,13 +31,10 @@ from tqdm import tqdm
 
 import ops
 from ops.sympow.triton.chunked import CHUNKED_DIMS
+from ops.sympow.triton.launch import on_gpu
 
 CHUNKED_IMPLS = ("chunked", "triton")
 IMPL_CHOICES = ("softmax", "attention", "recurrent", "chunked", "triton")
-
-
-def on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
 
 
 def make_inputs(batch, seq, heads, dim, dtype):
