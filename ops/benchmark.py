@@ -30,7 +30,6 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import ops
-from ops.sympow.triton.chunked import CHUNKED_DIMS
 from ops.sympow.triton.launch import on_gpu
 
 CHUNKED_IMPLS = ("chunked", "triton")
@@ -61,18 +60,18 @@ def timed_functions(impl, p, chunk_size):
     return {"forward": jax.jit(attend), "forward+backward": jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))}
 
 
-def uses_chunks(impl, seq, dim, p, chunk_size) -> bool:
+def uses_chunks(impl, seq, p, chunk_size) -> bool:
     """Whether this impl runs the chunked algorithm (as opposed to whole-sequence attention) here."""
     if impl == "chunked":
         return True
-    return impl == "triton" and p == 2 and seq > chunk_size and dim in CHUNKED_DIMS
+    return impl == "triton" and p == 2 and seq > chunk_size
 
 
 def forward_flops(impl, batch, seq, heads, dim, p, chunk_size) -> float:
     state = 4 * seq * ops.embedding_size(dim, p) * dim  # building the states and querying them
     if impl == "recurrent":
         return batch * heads * state
-    if uses_chunks(impl, seq, dim, p, chunk_size):
+    if uses_chunks(impl, seq, p, chunk_size):
         return batch * heads * (2 * seq * chunk_size * dim + state)
     return 2 * batch * heads * seq**2 * dim
 

@@ -7,6 +7,10 @@ The launcher fills every output with NaN before a run, so a tile the kernel neve
 
 import dataclasses
 import math
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,17 +21,20 @@ from conftest import attention_inputs, relative_error
 from ops.sympow.chunk import chunk_local_gates, chunk_states, chunked_form, split_chunks, state_scan
 from ops.sympow.naive import attention_form, cumulative_gate, symmetric_power_embedding
 from ops.sympow.triton.attention import (
+    TRITON_DIMS,
     attention_forward,
+    gpu_tilings as attention_gpu_tilings,
     power_attention_backward_keys,
     power_attention_backward_queries,
     power_attention_forward,
     triton_attention,
 )
 from ops.sympow.triton.chunked import (
-    CHUNKED_DIMS,
-    FEATURE_BLOCK,
+    FIRST_BLOCK,
+    SECOND_BLOCK,
     chunk_gates,
     chunked_forward,
+    gpu_tilings,
     kernel_constants,
     pair_tables,
     power_chunk_backward_keys,
@@ -42,7 +49,10 @@ from ops.sympow.triton.launch import compile_for
 
 # An H100 gives a block at most 227 KiB of shared memory; a kernel compiled to need more fails at launch.
 H100_SHARED_MEMORY = 227 * 1024
-GPU_BLOCK = 64  # ops.sympow.triton.launch.block_rows() on a GPU
+# Registers a thread may spill to local memory, in bytes: a few values held across a loop. The
+# spills that cost are hundreds of bytes in an inner loop (16 x 16 feature tiles spilled 544).
+SPILL_ALLOWANCE = 32
+ITEMSIZE = {"fp32": 4, "bf16": 2}
 
 
 @pytest.fixture(autouse=True)
@@ -77,11 +87,11 @@ def test_attention_kernel_log_normaliser_is_log_of_the_weight_sum():
     np.testing.assert_allclose(log_normaliser[0, :, 0], expected, rtol=1e-5)
 
 
-def check_gradients(kernel, reference_form, seq, dim, gamma, seed, dim_v=None):
+def check_gradients(kernel, reference_form, seq, dim, gamma, seed, dim_v=None, heads=2):
     """Gradients in q, k, v (and log_g when gated) of a float32 kernel against float64, within
     twice the error of the pure-JAX form in float32, floored at float32 round-off for gradients
     that are ~0 (d y_1 / d q_1 = 0, say)."""
-    q, k, v, log_g = attention_inputs(1, seq, 2, dim, gamma=gamma, seed=seed, dim_v=dim_v)
+    q, k, v, log_g = attention_inputs(1, seq, heads, dim, gamma=gamma, seed=seed, dim_v=dim_v)
     gated = log_g is not None
     log_g = jnp.zeros(q.shape[:3], q.dtype) if log_g is None else log_g
 
@@ -113,6 +123,25 @@ def test_attention_kernel_gradients_match_float64(seq, dim, dim_v, p, gamma):
     )
 
 
+def spilled_bytes(compiled) -> int:
+    """Bytes a thread spills to local memory, from ptxas -v (Triton's own ptxas and flags) on the kernel's PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as directory:
+        ptx = Path(directory) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        command = [get_ptxas(90).path, "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(ptx), "-o", str(ptx.with_suffix(".o"))]
+        log = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    return int(re.search(r"(\d+) bytes spill stores", log).group(1))
+
+
+def check_sm90_compile(kernel, pointers, constants, tiles):
+    compiled = compile_for(kernel, pointers, constants, tiles)
+    assert len(compiled.asm["cubin"]) > 0 and "sm_90" in compiled.asm["ptx"]
+    assert compiled.metadata.shared <= H100_SHARED_MEMORY
+    assert spilled_bytes(compiled) <= SPILL_ALLOWANCE
+
+
 KERNELS = {
     "forward": (power_attention_forward, ("Q", "K", "V", "Y"), ("G", "LOG_NORMALISER")),
     "backward_keys": (power_attention_backward_keys, ("Q", "K", "V", "DY", "DK", "DV"), ("G", "DELTA", "LOG_NORMALISER", "DG")),
@@ -124,12 +153,11 @@ KERNELS = {
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("dim, p", [(16, 2), (32, 2), (64, 2), (64, 4), (128, 2)])
 def test_attention_kernels_compile_for_sm90(name, dtype, dim, p):
+    """With its GPU tiling each kernel compiles for an H100, fits its shared memory and spills (next to) no registers."""
     kernel, data_pointers, float32_pointers = KERNELS[name]
     pointers = {n: f"*{dtype}" for n in data_pointers} | {n: "*fp32" for n in float32_pointers}
-    constants = dict(SEQ=65536, HEADS=8, DIM=dim, DIM_V=dim, SCALE=1 / math.sqrt(dim), POWER=p, GATED=True, BLOCK_M=GPU_BLOCK, BLOCK_N=GPU_BLOCK)
-    compiled = compile_for(kernel, pointers, constants)
-    assert len(compiled.asm["cubin"]) > 0 and "sm_90" in compiled.asm["ptx"]
-    assert compiled.metadata.shared <= H100_SHARED_MEMORY
+    constants = dict(SEQ=65536, HEADS=8, DIM=dim, DIM_V=dim, SCALE=1 / math.sqrt(dim), POWER=p, GATED=True)
+    check_sm90_compile(kernel, pointers, constants, attention_gpu_tilings(dim, ITEMSIZE[dtype])[kernel])
 
 
 @pytest.mark.parametrize(
@@ -150,9 +178,9 @@ def test_chunked_kernels_forward_matches_float64(seq, dim, dim_v, chunk, gamma):
 
 
 def tiled_features(x: np.ndarray) -> np.ndarray:
-    """The kernels' phi_2 layout, vec(x_A outer x_B) per pair of blocks A <= B, concatenated."""
-    blocks = x.reshape(-1, FEATURE_BLOCK)
-    return np.concatenate([np.outer(blocks[a], blocks[b]).ravel() for a, b in zip(*pair_tables(x.shape[0]))])
+    """The kernels' phi_2 layout, vec(x_A outer x_B) per tile (A in blocks of FA dims, B of FB), concatenated."""
+    first, second = x.reshape(-1, FIRST_BLOCK), x.reshape(-1, SECOND_BLOCK)
+    return np.concatenate([np.outer(first[a], second[b]).ravel() for a, b in zip(*pair_tables(x.shape[0]))])
 
 
 def test_state_scan_kernel_holds_the_pure_jax_states():
@@ -167,8 +195,8 @@ def test_state_scan_kernel_holds_the_pure_jax_states():
     phi = np.asarray(symmetric_power_embedding(jnp.asarray(x) * math.sqrt(scale), 2))
     phi_tiled = tiled_features(x * math.sqrt(scale))
     pairs = len(pair_tables(dim)[0])
-    S_tiled = np.asarray(S_tiled, np.float64).reshape(*S_tiled.shape[:3], pairs * FEATURE_BLOCK**2, dim)
-    z_tiled = np.asarray(z_tiled, np.float64).reshape(*z_tiled.shape[:3], pairs * FEATURE_BLOCK**2)
+    S_tiled = np.asarray(S_tiled, np.float64).reshape(*S_tiled.shape[:3], pairs * FIRST_BLOCK * SECOND_BLOCK, dim)
+    z_tiled = np.asarray(z_tiled, np.float64).reshape(*z_tiled.shape[:3], pairs * FIRST_BLOCK * SECOND_BLOCK)
     assert relative_error(phi_tiled @ S_tiled, np.einsum("D,bmhDv->bmhv", phi, S)) < 1e-5
     assert relative_error(z_tiled @ phi_tiled, np.einsum("D,bmhD->bmh", phi, z)) < 1e-5
 
@@ -185,6 +213,21 @@ def test_chunked_kernel_gradients_match_float64(seq, dim, dim_v, chunk, gamma):
     )
 
 
+def test_chunked_kernels_at_head_dim_128():
+    """Output and gradients at head dim 128 (144 feature tiles) against float64, by the same rule;
+    one head and short v, as the interpreter takes minutes for more."""
+    seq, dim, chunk, scale = 40, 128, 16, 1 / math.sqrt(128)
+    q, k, v, log_g = attention_inputs(1, seq, 1, dim, gamma=0.9, seed=4, dim_v=16)
+    as32 = [a.astype(jnp.float32) for a in (q, k, v, log_g)]
+    reference = attention_form(q, k, v, log_g, 2, scale)
+    assert relative_error(triton_chunked(*as32, scale, chunk), reference) <= 2 * relative_error(chunked_form(*as32, 2, scale, chunk), reference)
+    check_gradients(
+        lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk),
+        lambda q, k, v, g: chunked_form(q, k, v, g, 2, scale, chunk),
+        seq, dim, 0.9, seed=4, dim_v=16, heads=1,
+    )
+
+
 CHUNKED_KERNELS = {
     "state_scan": (power_state_scan, ("K", "V"), ("L", "S", "Z")),
     "chunk_forward": (power_chunk_forward, ("Q", "K", "V", "Y"), ("L", "S", "Z", "LOG_NORMALISER")),
@@ -198,13 +241,12 @@ CHUNKED_KERNELS = {
 
 @pytest.mark.parametrize("name", CHUNKED_KERNELS)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("dim", CHUNKED_DIMS)
+@pytest.mark.parametrize("dim", TRITON_DIMS)
 def test_chunked_kernels_compile_for_sm90(name, dtype, dim):
+    """With its GPU tiling each kernel compiles for an H100, fits its shared memory and spills (next to) no registers."""
     kernel, data_pointers, float32_pointers = CHUNKED_KERNELS[name]
     pointers = {n: f"*{dtype}" for n in data_pointers} | {n: "*fp32" for n in float32_pointers} | {"FIRST": "*i32", "SECOND": "*i32"}
-    compiled = compile_for(kernel, pointers, kernel_constants(65536, 8, dim, dim, 1 / math.sqrt(dim), 128, GPU_BLOCK))
-    assert len(compiled.asm["cubin"]) > 0 and "sm_90" in compiled.asm["ptx"]
-    assert compiled.metadata.shared <= H100_SHARED_MEMORY
+    check_sm90_compile(kernel, pointers, kernel_constants(65536, 8, dim, dim, 1 / math.sqrt(dim), 256), gpu_tilings(dim, ITEMSIZE[dtype])[kernel])
 
 
 @pytest.mark.parametrize("seq, p", [(40, 2), (24, 4)])  # p = 2 past one chunk takes the chunked kernels
@@ -273,7 +315,7 @@ class FakeCudaKernels:
         return 90
 
     def TritonKernel(self, name, num_warps, num_ctas, shared_memory, *rest):
-        return dict(name=name, shared_memory=shared_memory)
+        return dict(name=name, num_warps=num_warps, shared_memory=shared_memory)
 
     def create_scalar_parameter(self, value, dtype):
         return ("scalar", value, dtype)
@@ -295,7 +337,7 @@ class FakeCudaKernels:
 @pytest.mark.parametrize("p", [2, 4])
 def test_gpu_lowering_through_jax_triton(monkeypatch, p):
     """jit(grad) of impl='triton' in bf16, lowered for CUDA on a CPU through jax_triton.triton_call:
-    the kernels, their constants and grids as a GPU would get them (64-row tiles), within an
+    the kernels, their constants, grids and warps as a GPU would get them (their GPU tilings), within an
     H100's shared memory. (A GPU run still has to show that they launch and what they compute.)"""
     import jax_triton.triton_lib
 
@@ -315,12 +357,15 @@ def test_gpu_lowering_through_jax_triton(monkeypatch, p):
     custom_call = jax.export.DisabledSafetyCheck.custom_call("triton_kernel_call_ffi")  # export's check, for serialising; nothing is saved
     exported = jax.export.export(jax.jit(gradients), platforms=["cuda"], disabled_checks=[custom_call])(q, q, q, log_g)
 
+    # (grid, warps) of each kernel at 320 tokens, batch 2, 4 heads, dim 64: 40 feature tiles x 2
+    # value-column blocks for the scans, 64-row tiles for the rest but the flash forward (128)
+    # and backward keys (32) kernels.
     expected = (
-        {"power_state_scan": (10, 8), "power_chunk_forward": (5, 8), "power_chunk_backward_queries": (5, 8),
-         "power_state_scan_backward": (10, 8), "power_chunk_backward_keys": (5, 8)}
+        {"power_state_scan": ((80, 8), 8), "power_chunk_forward": ((5, 8), 8), "power_chunk_backward_queries": ((5, 8), 8),
+         "power_state_scan_backward": ((80, 8), 8), "power_chunk_backward_keys": ((5, 8), 8)}
         if p == 2
-        else {"power_attention_forward": (5, 8), "power_attention_backward_keys": (5, 8), "power_attention_backward_queries": (5, 8)}
+        else {"power_attention_forward": ((3, 8), 8), "power_attention_backward_keys": ((10, 8), 8), "power_attention_backward_queries": ((5, 8), 8)}
     )
-    assert {launch["name"]: launch["grid"][:2] for launch in fake.launches} == expected
+    assert {launch["name"]: (launch["grid"][:2], launch["num_warps"]) for launch in fake.launches} == expected
     assert all(launch["shared_memory"] <= H100_SHARED_MEMORY for launch in fake.launches)
     assert exported.mlir_module().count("stablehlo.custom_call @triton_kernel_call_ffi") == len(expected)

@@ -9,7 +9,6 @@ from jaxtyping import Array, Float
 from ops.sympow.chunk import chunked_form
 from ops.sympow.naive import attention_form, embedding_size, recurrent_form, symmetric_power_embedding
 from ops.sympow.triton.attention import attention as triton_attention
-from ops.sympow.triton.chunked import CHUNKED_DIMS
 from ops.sympow.triton.chunked import chunked as triton_chunked
 
 IMPLS = ("attention", "recurrent", "chunked", "triton", "auto")
@@ -99,9 +98,8 @@ def sympow_attention(
         log_g = check_log_gate(log_g)
     if impl == "triton":
         # The kernels read bf16 or float32 as given and accumulate in float32. Past one chunk,
-        # p = 2 takes the chunked kernels where their state tiles fit; other powers (p = 4's
-        # state is too large) and head dim 128 take the flash-style ones.
-        if p == 2 and q.shape[1] > chunk_size and q.shape[-1] in CHUNKED_DIMS and v.shape[-1] in CHUNKED_DIMS:
+        # p = 2 takes the chunked kernels; other powers (p = 4's state is too large) the flash-style ones.
+        if p == 2 and q.shape[1] > chunk_size:
             return triton_chunked(q, k, v, log_g, scale, chunk_size).astype(v.dtype)
         return triton_attention(q, k, v, log_g, p, scale).astype(v.dtype)
     dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32

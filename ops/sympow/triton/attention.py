@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ops.sympow.naive import cumulative_gate
-from ops.sympow.triton.launch import block_rows, launch
+from ops.sympow.triton.launch import Tiling, launch, tiling
 
 EPS = tl.constexpr(1e-6)  # as ops.sympow.naive.EPS; a kernel reads only constexpr globals
 
@@ -218,32 +218,55 @@ def power_attention_backward_queries(
     store_row(DG_ROWS, row_base, rows, dg, SEQ, HEADS)
 
 
-def kernel_constants(q, v, gated: bool, p: int, scale: float, block: int) -> dict:
+def gpu_tilings(dim: int, itemsize: int) -> dict:
+    """Each kernel's GPU tiling (launch.Tiling) for q and k rows of dim elements of itemsize
+    bytes. Compiled for sm_90 at head dims 16..128, p = 2 and 4, bf16 and float32, ptxas spills
+    no registers with these. The forward pass takes 128 query rows a program, as flash attention
+    does on an H100, but 64 for 512-byte rows (float32 at dim 128), whose tiles would need 257
+    KiB of shared memory; the backward passes take 32 rows of keys a tile (at 64, dim 64 in
+    float32 spilled 452 bytes a thread)."""
+    return {
+        power_attention_forward: Tiling(128 if dim * itemsize <= 256 else 64, 64, num_warps=8),
+        power_attention_backward_keys: Tiling(64, 32, num_warps=8),
+        power_attention_backward_queries: Tiling(64, 32, num_warps=8),
+    }
+
+
+def kernel_tilings(q) -> dict:
+    return {kernel: tiling(gpu) for kernel, gpu in gpu_tilings(q.shape[-1], q.dtype.itemsize).items()}
+
+
+def kernel_constants(q, v, gated: bool, p: int, scale: float) -> dict:
     batch, seq, heads, dim = q.shape
-    return dict(SEQ=seq, HEADS=heads, DIM=dim, DIM_V=v.shape[-1], SCALE=scale, POWER=p, GATED=gated, BLOCK_M=block, BLOCK_N=block)
+    return dict(SEQ=seq, HEADS=heads, DIM=dim, DIM_V=v.shape[-1], SCALE=scale, POWER=p, GATED=gated)
 
 
 def attention_forward(q, k, v, gate, p: int, scale: float, gated: bool):
     """(y, log normaliser) through the forward kernel; gate is the cumulative gate G [batch, seq, heads]."""
     batch, seq, heads, _ = q.shape
     out_shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((batch, seq, heads), jnp.float32)]
-    block = block_rows()
-    grid = (math.ceil(seq / block), batch * heads)
-    return launch(power_attention_forward, grid, [q, k, v, gate], out_shapes, **kernel_constants(q, v, gated, p, scale, block))
+    tiles = kernel_tilings(q)[power_attention_forward]
+    grid = (math.ceil(seq / tiles.query_rows), batch * heads)
+    return launch(power_attention_forward, grid, [q, k, v, gate], out_shapes, tiles, **kernel_constants(q, v, gated, p, scale))
 
 
 def attention_backward(q, k, v, gate, y, log_normaliser, dy, p: int, scale: float, gated: bool):
     """(dq, dk, dv, dG) through the two backward kernels."""
     batch, seq, heads, _ = q.shape
-    block = block_rows()
-    constants = kernel_constants(q, v, gated, p, scale, block)
+    constants = kernel_constants(q, v, gated, p, scale)
     delta = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1)
     inputs = [q, k, v, gate, dy, delta, log_normaliser]
-    grid, rows = (math.ceil(seq / block), batch * heads), jax.ShapeDtypeStruct(gate.shape, jnp.float32)
+    rows = jax.ShapeDtypeStruct(gate.shape, jnp.float32)
+    tilings = kernel_tilings(q)
+    keys, queries = tilings[power_attention_backward_keys], tilings[power_attention_backward_queries]
     dk, dv, dgate_columns = launch(
-        power_attention_backward_keys, grid, inputs, [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), rows], **constants
+        power_attention_backward_keys, (math.ceil(seq / keys.key_rows), batch * heads), inputs,
+        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), rows], keys, **constants,
     )
-    dq, dgate_rows = launch(power_attention_backward_queries, grid, inputs, [jax.ShapeDtypeStruct(q.shape, q.dtype), rows], **constants)
+    dq, dgate_rows = launch(
+        power_attention_backward_queries, (math.ceil(seq / queries.query_rows), batch * heads), inputs,
+        [jax.ShapeDtypeStruct(q.shape, q.dtype), rows], queries, **constants,
+    )
     return dq, dk, dv, dgate_rows + dgate_columns
 
 

@@ -1,13 +1,15 @@
 """The chunked path for p = 2 in Triton: the state scan, the state query fused with the
 intra-chunk attention and the normalisation, and their backward kernels.
 
-The state uses a tiled layout of phi_2. The head dim splits into blocks of F = FEATURE_BLOCK
-dims; for each pair of blocks A <= B the feature tile is vec(x_A outer x_B) (F^2 features),
-weighted c_AB = 1 on the diagonal and 2 off it, so that
-    sum_{A <= B} c_AB vec(x_A x_B^T) . vec(y_A y_B^T) = (x . y)^2.
-That is D' = n(n + 1)/2 F^2 features for n = dim / F (2560 at dim 64, F 16, against the exact
-2080): a little redundancy on the diagonal tiles buys dense F^2-row matmuls, and the features
-are made in registers from rows of q or k, so phi(Q) and phi(K) never go to memory.
+The state uses a tiled layout of phi_2. The head dim splits into blocks of FB = 16 dims; for
+each pair of blocks P <= B and each quarter A of P (FA = 4 dims) the feature tile is
+vec(x_A outer x_B) (FA FB = 64 features), weighted c = 1 when P = B and 2 otherwise, so that
+    sum over tiles c vec(x_A x_B^T) . vec(y_A y_B^T) = sum_{P <= B} c (x_P . y_P)(x_B . y_B) = (x . y)^2.
+That is D' = n(n + 1)/2 FB^2 features for n = dim / FB (2560 at dim 64, against the exact 2080):
+a little redundancy on the diagonal buys dense 64-row matmuls, and the features are made in
+registers from rows of q or k, so phi(Q) and phi(K) never go to memory. Tiles are this narrow
+for registers: at 64 rows of q or k and 8 warps, ptxas (sm_90) spilled 544 bytes a thread in
+the backward keys kernel with 16 x 16 tiles, 160 with 8 x 16, and none with 4 x 16.
 
 Per batch x head, with L the chunk-local cumulative gate and E_m the last L of chunk m
 (as in ops.sympow.chunk):
@@ -17,10 +19,10 @@ with r = sqrt(scale) and w_ij the gated power weights inside the chunk, evaluate
 space by the flash-attention helpers. The states stay in float32 (TF32 matmuls on a GPU).
 
 Kernels:
-    power_state_scan           (pair, batch x head): S_m for every chunk, one chunk after another.
+    power_state_scan           (pair x value columns, batch x head): S_m for every chunk, one chunk after another.
     power_chunk_forward        (query block, batch x head): y and the log-normaliser.
     power_chunk_backward_queries  (query block, batch x head): dq and the row part of dL.
-    power_state_scan_backward  (pair, batch x head): the gradient of each chunk's state
+    power_state_scan_backward  (pair x value columns, batch x head): the gradient of each chunk's state
                                contribution, and of its end gate through the decay.
     power_chunk_backward_keys  (key block, batch x head): dk, dv and the column part of dL.
 """
@@ -39,6 +41,7 @@ from ops.sympow.triton.attention import (
     accumulate_key_gradients,
     accumulate_keys,
     accumulate_query_gradients,
+    check_dims,
     head_bases,
     load_block,
     load_row,
@@ -47,61 +50,96 @@ from ops.sympow.triton.attention import (
     store_row,
     store_tile,
 )
-from ops.sympow.triton.launch import block_rows, launch
+from ops.sympow.triton.launch import Tiling, launch, tiling
 
-FEATURE_BLOCK = 16  # the smallest width tl.dot takes
-# At head dim 128 a [F^2, dim] float32 state tile and its matmul operands overflow an H100's
-# 227 KiB of shared memory per block (measured by the sm_90 compiles); such heads use the flash kernels.
-CHUNKED_DIMS = (16, 32, 64)
+SECOND_BLOCK = 16  # FB: the smallest width tl.dot takes
+FIRST_BLOCK = 4  # FA: a quarter of one
+# The scans run one program per (pair, block of this many value columns, batch x head), each
+# sequential over chunks: at dim 64, batch 1 and 8 heads that is 640 programs for an H100's 132
+# SMs, with half the registers for the running state that whole columns would take.
+SCAN_VALUE_COLUMNS = 32
 
 
-# States are [batch, chunks, heads, pairs, F^2, dim_v] and norms [batch, chunks, heads, pairs, F^2];
-# the tables FIRST and SECOND give the blocks (A, B) of each pair.
+# States are [batch, chunks, heads, pairs, FA FB, dim_v] and norms [batch, chunks, heads, pairs, FA FB];
+# the tables FIRST and SECOND give each pair's blocks (A, B), A in units of FA dims and B of FB.
 @triton.jit
 def state_tile(chunk, pair, HEADS, CHUNKS, PAIRS):
     """Index of this program's (batch, chunk, head, pair) in the [batch, chunks, heads, pairs] grid
-    of tiles, in int64: times the F^2 x dim elements of a tile it can pass 2^31."""
+    of tiles, in int64: times the FA FB x dim_v elements of a tile it can pass 2^31."""
     batch_head = tl.program_id(1).to(tl.int64)
     batch, head = batch_head // HEADS, batch_head % HEADS
     return ((batch * CHUNKS + chunk) * HEADS + head) * PAIRS + pair
 
 
 @triton.jit
+def state_offsets(tile, value_block, FEATURES, DIM_V, WIDTH):
+    """Offsets of columns value_block * WIDTH .. (value_block + 1) * WIDTH of a [FA FB, dim_v] state tile."""
+    columns = value_block * WIDTH + tl.arange(0, WIDTH)
+    return tile * FEATURES * DIM_V + tl.arange(0, FEATURES)[:, None] * DIM_V + columns[None, :]
+
+
+@triton.jit
+def load_norm(Z, tile, FEATURES):
+    return tl.load(Z + tile * FEATURES + tl.arange(0, FEATURES))
+
+
+@triton.jit
 def load_state(S, Z, tile, FEATURES, DIM_V):
+    """A whole state tile and its norm."""
+    return tl.load(S + state_offsets(tile, 0, FEATURES, DIM_V, DIM_V)), load_norm(Z, tile, FEATURES)
+
+
+@triton.jit
+def store_state_columns(S, Z, tile, value_block, state, norm, FEATURES, DIM_V, VALUE_BLOCK):
+    """One column block of a state tile; its norm is stored by the first column block only."""
+    tl.store(S + state_offsets(tile, value_block, FEATURES, DIM_V, VALUE_BLOCK), state)
     features = tl.arange(0, FEATURES)
-    state = tl.load(S + tile * FEATURES * DIM_V + features[:, None] * DIM_V + tl.arange(0, DIM_V)[None, :])
-    return state, tl.load(Z + tile * FEATURES + features)
+    tl.store(Z + tile * FEATURES + features, norm, mask=features < tl.where(value_block == 0, FEATURES, 0))
 
 
 @triton.jit
-def store_state(S, Z, tile, state, norm, FEATURES, DIM_V):
-    features = tl.arange(0, FEATURES)
-    tl.store(S + tile * FEATURES * DIM_V + features[:, None] * DIM_V + tl.arange(0, DIM_V)[None, :], state)
-    tl.store(Z + tile * FEATURES + features, norm)
+def scan_program(VALUE_BLOCKS):
+    """The (pair, value column block) of a scan program: program axis 0 runs over pairs x column blocks."""
+    return tl.program_id(0) // VALUE_BLOCKS, tl.program_id(0) % VALUE_BLOCKS
 
 
 @triton.jit
-def pair_features(x_first, x_second, ROWS, F):
-    """vec(x_A outer x_B) for each row: [ROWS, F^2]."""
-    return tl.reshape(x_first[:, :, None] * x_second[:, None, :], (ROWS, F * F))
+def pair_features(x_first, x_second, ROWS, FA, FB):
+    """vec(x_A outer x_B) for each row: [ROWS, FA FB]."""
+    return tl.reshape(x_first[:, :, None] * x_second[:, None, :], (ROWS, FA * FB))
 
 
 @triton.jit
-def pair_feature_gradient(d_features, x_first, x_second, first, second, ROWS, F, N_BLOCKS):
-    """The gradient of sum(d_features * vec(x_A outer x_B)) in x, as [ROWS, N_BLOCKS, F]: only
-    blocks A and B are non-zero (both halves land on one block when A == B)."""
-    d_outer = tl.reshape(d_features, (ROWS, F, F))
-    d_first = tl.sum(d_outer * x_second[:, None, :], axis=2)
-    d_second = tl.sum(d_outer * x_first[:, :, None], axis=1)
-    blocks = tl.arange(0, N_BLOCKS)[None, :, None]
-    return tl.where(blocks == first, d_first[:, None, :], 0.0) + tl.where(blocks == second, d_second[:, None, :], 0.0)
+def pair_feature_gradient(d_features, x_first, x_second, ROWS, FA, FB):
+    """The gradient of sum(d_features * vec(x_A outer x_B)) in x_A and in x_B."""
+    d_outer = tl.reshape(d_features, (ROWS, FA, FB))
+    return tl.sum(d_outer * x_second[:, None, :], axis=2), tl.sum(d_outer * x_first[:, :, None], axis=1)
 
 
 @triton.jit
-def pair_blocks(FIRST, SECOND, pair):
-    """Blocks (A, B) of a pair and its weight c_AB."""
+def into_block(d_block, block, ROWS, N, WIDTH):
+    """d_block [ROWS, WIDTH] placed at block `block` of a [ROWS, N, WIDTH] split of the head dim, zeros elsewhere."""
+    return tl.where(tl.arange(0, N)[None, :, None] == block, d_block[:, None, :], 0.0)
+
+
+@triton.jit
+def add_pair_gradient(d_first_blocks, d_second_blocks, d_features, x_first, x_second, first, second, ROWS, FA, FB, N_A, N_B):
+    """Add the gradient of sum(d_features * vec(x_A outer x_B)) to the gradients of the head dim
+    split in blocks of FA ([ROWS, N_A, FA]) and of FB ([ROWS, N_B, FB])."""
+    d_first, d_second = pair_feature_gradient(d_features, x_first, x_second, ROWS, FA, FB)
+    return d_first_blocks + into_block(d_first, first, ROWS, N_A, FA), d_second_blocks + into_block(d_second, second, ROWS, N_B, FB)
+
+
+@triton.jit
+def joined_gradient(d_first_blocks, d_second_blocks, ROWS, DIM):
+    return tl.reshape(d_first_blocks, (ROWS, DIM)) + tl.reshape(d_second_blocks, (ROWS, DIM))
+
+
+@triton.jit
+def pair_blocks(FIRST, SECOND, pair, FA, FB):
+    """Blocks (A, B) of a pair and its weight c: 1 when A is a quarter of B, else 2."""
     first, second = tl.load(FIRST + pair), tl.load(SECOND + pair)
-    return first, second, tl.where(first == second, 1.0, 2.0)
+    return first, second, tl.where(first // (FB // FA) == second, 1.0, 2.0)
 
 
 @triton.jit
@@ -119,43 +157,45 @@ def key_root_decay(L, row_base, cols, end_gate, SEQ, HEADS, ROOT_SCALE):
 def power_state_scan(
     K, V, L, FIRST, SECOND, S, Z,
     SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
-    F: tl.constexpr, N_BLOCKS: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FA: tl.constexpr, FB: tl.constexpr, N_A: tl.constexpr, N_B: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_BLOCK: tl.constexpr, VALUE_BLOCKS: tl.constexpr,
 ):
-    """The state entering every chunk, for one pair of feature blocks; the running state stays in registers."""
-    pair = tl.program_id(0)
+    """The state entering every chunk, for one pair of feature blocks and one block of value
+    columns; the running state stays in registers."""
+    pair, value_block = scan_program(VALUE_BLOCKS)
     tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
-    first, second, weight = pair_blocks(FIRST, SECOND, pair)
-    state = tl.zeros([F * F, DIM_V], tl.float32)
-    norm = tl.zeros([F * F], tl.float32)
+    first, second, weight = pair_blocks(FIRST, SECOND, pair, FA, FB)
+    state = tl.zeros([FA * FB, VALUE_BLOCK], tl.float32)
+    norm = tl.zeros([FA * FB], tl.float32)
     for chunk in range(CHUNKS):
-        store_state(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), state, norm, F * F, DIM_V)
+        store_state_columns(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), value_block, state, norm, FA * FB, DIM_V, VALUE_BLOCK)
         end_gate = chunk_end_gate(L, row_base, chunk, SEQ, HEADS, CHUNK)
         state = state * tl.exp(end_gate)
         norm = norm * tl.exp(end_gate)
         for start in range(chunk * CHUNK, (chunk + 1) * CHUNK, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             root_decay = key_root_decay(L, row_base, cols, end_gate, SEQ, HEADS, ROOT_SCALE)[:, None]
-            k_first = load_block(K, tile_base, cols, first, SEQ, HEADS, DIM, F) * root_decay
-            k_second = load_block(K, tile_base, cols, second, SEQ, HEADS, DIM, F) * root_decay
-            phi = pair_features(k_first, k_second, BLOCK_N, F) * weight
-            state += tl.dot(tl.trans(phi), load_tile(V, value_base, cols, SEQ, HEADS, DIM_V).to(tl.float32))
+            k_first = load_block(K, tile_base, cols, first, SEQ, HEADS, DIM, FA) * root_decay
+            k_second = load_block(K, tile_base, cols, second, SEQ, HEADS, DIM, FB) * root_decay
+            phi = pair_features(k_first, k_second, BLOCK_N, FA, FB) * weight
+            v = load_block(V, value_base, cols, value_block, SEQ, HEADS, DIM_V, VALUE_BLOCK)
+            state += tl.dot(tl.trans(phi), v.to(tl.float32))
             norm += tl.sum(phi, axis=0)
 
 
 @triton.jit
-def query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, F, ROOT_SCALE):
+def query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, FA, FB, ROOT_SCALE):
     """Blocks A and B of r q for these rows, in float32."""
-    q_first = load_block(Q, tile_base, rows, first, SEQ, HEADS, DIM, F).to(tl.float32) * ROOT_SCALE
-    q_second = load_block(Q, tile_base, rows, second, SEQ, HEADS, DIM, F).to(tl.float32) * ROOT_SCALE
+    q_first = load_block(Q, tile_base, rows, first, SEQ, HEADS, DIM, FA).to(tl.float32) * ROOT_SCALE
+    q_second = load_block(Q, tile_base, rows, second, SEQ, HEADS, DIM, FB).to(tl.float32) * ROOT_SCALE
     return q_first, q_second
 
 
 def power_chunk_forward(
     Q, K, V, L, S, Z, FIRST, SECOND, Y, LOG_NORMALISER,
     SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
-    F: tl.constexpr, N_BLOCKS: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FA: tl.constexpr, FB: tl.constexpr, N_A: tl.constexpr, N_B: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_BLOCK: tl.constexpr, VALUE_BLOCKS: tl.constexpr,
 ):
     """y for one query block: the state entering its chunk, queried, is the first term of the
     running row max and sums; the chunk's keys up to the diagonal follow as in flash attention."""
@@ -168,10 +208,10 @@ def power_chunk_forward(
     numerator = tl.zeros([BLOCK_M, DIM_V], tl.float32)
     denominator = tl.zeros([BLOCK_M], tl.float32)
     for pair in range(PAIRS):
-        first, second, _ = pair_blocks(FIRST, SECOND, pair)
-        q_first, q_second = query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, F, ROOT_SCALE)
-        phi = pair_features(q_first, q_second, BLOCK_M, F)
-        state, norm = load_state(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), F * F, DIM_V)
+        first, second, _ = pair_blocks(FIRST, SECOND, pair, FA, FB)
+        q_first, q_second = query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, FA, FB, ROOT_SCALE)
+        phi = pair_features(q_first, q_second, BLOCK_M, FA, FB)
+        state, norm = load_state(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), FA * FB, DIM_V)
         numerator += tl.dot(phi, state)
         denominator += tl.sum(phi * norm[None, :], axis=1)
 
@@ -198,8 +238,8 @@ def state_shares(L, LOG_NORMALISER, row_base, rows, SEQ, HEADS):
 def power_chunk_backward_queries(
     Q, K, V, L, DY, DELTA, LOG_NORMALISER, S, Z, FIRST, SECOND, DQ, DL_ROWS,
     SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
-    F: tl.constexpr, N_BLOCKS: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FA: tl.constexpr, FB: tl.constexpr, N_A: tl.constexpr, N_B: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_BLOCK: tl.constexpr, VALUE_BLOCKS: tl.constexpr,
 ):
     """dq and the row part of dL for one query block: the intra-chunk part as in flash attention,
     plus the state part d phi(r q_i) = share_i (S_m dy_i - Delta_i z_m), which gives L_i
@@ -219,48 +259,54 @@ def power_chunk_backward_queries(
     share = state_shares(L, LOG_NORMALISER, row_base, rows, SEQ, HEADS)
     d_numerator = dy.to(tl.float32) * share[:, None]
     d_norm = -delta * share
-    d_blocks = tl.zeros([BLOCK_M, N_BLOCKS, F], tl.float32)
+    d_first_blocks, d_second_blocks = tl.zeros([BLOCK_M, N_A, FA], tl.float32), tl.zeros([BLOCK_M, N_B, FB], tl.float32)
     for pair in range(PAIRS):
-        first, second, _ = pair_blocks(FIRST, SECOND, pair)
-        q_first, q_second = query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, F, ROOT_SCALE)
-        state, norm = load_state(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), F * F, DIM_V)
+        first, second, _ = pair_blocks(FIRST, SECOND, pair, FA, FB)
+        q_first, q_second = query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, FA, FB, ROOT_SCALE)
+        state, norm = load_state(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), FA * FB, DIM_V)
         d_phi = tl.dot(d_numerator, tl.trans(state)) + d_norm[:, None] * norm[None, :]
-        dl += tl.sum(pair_features(q_first, q_second, BLOCK_M, F) * d_phi, axis=1)
-        d_blocks += pair_feature_gradient(d_phi, q_first, q_second, first, second, BLOCK_M, F, N_BLOCKS)
-    store_tile(DQ, tile_base, rows, dq + tl.reshape(d_blocks, (BLOCK_M, DIM)) * ROOT_SCALE, SEQ, HEADS, DIM)
+        dl += tl.sum(pair_features(q_first, q_second, BLOCK_M, FA, FB) * d_phi, axis=1)
+        d_first_blocks, d_second_blocks = add_pair_gradient(
+            d_first_blocks, d_second_blocks, d_phi, q_first, q_second, first, second, BLOCK_M, FA, FB, N_A, N_B
+        )
+    d_q_state = joined_gradient(d_first_blocks, d_second_blocks, BLOCK_M, DIM)
+    store_tile(DQ, tile_base, rows, dq + d_q_state * ROOT_SCALE, SEQ, HEADS, DIM)
     store_row(DL_ROWS, row_base, rows, dl, SEQ, HEADS)
 
 
 def power_state_scan_backward(
     Q, L, DY, DELTA, LOG_NORMALISER, S, Z, FIRST, SECOND, DS, DZ, D_END_GATE,
     SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
-    F: tl.constexpr, N_BLOCKS: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FA: tl.constexpr, FB: tl.constexpr, N_A: tl.constexpr, N_B: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_BLOCK: tl.constexpr, VALUE_BLOCKS: tl.constexpr,
 ):
-    """The scan run backwards, for one pair of feature blocks. With dS_m the gradient of the
-    state entering chunk m: dS_m = exp(E_m) dS_{m+1} + sum_{i in m} phi(r q_i) share_i dy_i^T
-    (the norm likewise with -share_i Delta_i), dS_{last + 1} = 0. Stores, per chunk, dS_{m+1}
-    (the gradient of the chunk's own contribution) and exp(E_m) <S_m, dS_{m+1}> (its end gate's)."""
-    pair = tl.program_id(0)
+    """The scan run backwards, for one pair of feature blocks and one block of value columns.
+    With dS_m the gradient of the state entering chunk m: dS_m = exp(E_m) dS_{m+1} +
+    sum_{i in m} phi(r q_i) share_i dy_i^T (the norm likewise with -share_i Delta_i),
+    dS_{last + 1} = 0. Stores, per chunk, dS_{m+1} (the gradient of the chunk's own contribution)
+    and this program's part of exp(E_m) <S_m, dS_{m+1}> (its end gate's; the norm's part in the
+    first column block)."""
+    pair, value_block = scan_program(VALUE_BLOCKS)
     tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
-    first, second, _ = pair_blocks(FIRST, SECOND, pair)
-    d_state = tl.zeros([F * F, DIM_V], tl.float32)
-    d_norm = tl.zeros([F * F], tl.float32)
+    first, second, _ = pair_blocks(FIRST, SECOND, pair, FA, FB)
+    d_state = tl.zeros([FA * FB, VALUE_BLOCK], tl.float32)
+    d_norm = tl.zeros([FA * FB], tl.float32)
     for step in range(CHUNKS):
         chunk = CHUNKS - 1 - step
         tile = state_tile(chunk, pair, HEADS, CHUNKS, PAIRS)
-        store_state(DS, DZ, tile, d_state, d_norm, F * F, DIM_V)
+        store_state_columns(DS, DZ, tile, value_block, d_state, d_norm, FA * FB, DIM_V, VALUE_BLOCK)
         decay = tl.exp(chunk_end_gate(L, row_base, chunk, SEQ, HEADS, CHUNK))
-        state, norm = load_state(S, Z, tile, F * F, DIM_V)
-        tl.store(D_END_GATE + tile, decay * (tl.sum(state * d_state) + tl.sum(norm * d_norm)))
+        state = tl.load(S + state_offsets(tile, value_block, FA * FB, DIM_V, VALUE_BLOCK))
+        through_norm = tl.where(value_block == 0, tl.sum(load_norm(Z, tile, FA * FB) * d_norm), 0.0)
+        tl.store(D_END_GATE + tile * VALUE_BLOCKS + value_block, decay * (tl.sum(state * d_state) + through_norm))
         d_state = d_state * decay
         d_norm = d_norm * decay
         for start in range(chunk * CHUNK, (chunk + 1) * CHUNK, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
-            q_first, q_second = query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, F, ROOT_SCALE)
-            phi = pair_features(q_first, q_second, BLOCK_M, F)
+            q_first, q_second = query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, FA, FB, ROOT_SCALE)
+            phi = pair_features(q_first, q_second, BLOCK_M, FA, FB)
             share = state_shares(L, LOG_NORMALISER, row_base, rows, SEQ, HEADS)
-            dy = load_tile(DY, value_base, rows, SEQ, HEADS, DIM_V).to(tl.float32)
+            dy = load_block(DY, value_base, rows, value_block, SEQ, HEADS, DIM_V, VALUE_BLOCK).to(tl.float32)
             d_state += tl.dot(tl.trans(phi), dy * share[:, None])
             d_norm -= tl.sum(phi * (load_row(DELTA, row_base, rows, SEQ, HEADS) * share)[:, None], axis=0)
 
@@ -268,8 +314,8 @@ def power_state_scan_backward(
 def power_chunk_backward_keys(
     Q, K, V, L, DY, DELTA, LOG_NORMALISER, DS, DZ, FIRST, SECOND, DK, DV, DL, THROUGH_STATE,
     SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
-    F: tl.constexpr, N_BLOCKS: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FA: tl.constexpr, FB: tl.constexpr, N_A: tl.constexpr, N_B: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_BLOCK: tl.constexpr, VALUE_BLOCKS: tl.constexpr,
 ):
     """dk, dv and dL for one key block: from the chunk's queries as in flash attention, and from
     the key's share in the state after its chunk, c phi(x_j) v_j^T with x_j = r exp((E_m - L_j)/2) k_j.
@@ -288,19 +334,22 @@ def power_chunk_backward_keys(
 
     root_decay = key_root_decay(L, row_base, cols, chunk_end_gate(L, row_base, chunk, SEQ, HEADS, CHUNK), SEQ, HEADS, ROOT_SCALE)
     v = v.to(tl.float32)
-    d_blocks = tl.zeros([BLOCK_N, N_BLOCKS, F], tl.float32)
+    d_first_blocks, d_second_blocks = tl.zeros([BLOCK_N, N_A, FA], tl.float32), tl.zeros([BLOCK_N, N_B, FB], tl.float32)
     through_state = tl.zeros([BLOCK_N], tl.float32)
     for pair in range(PAIRS):
-        first, second, weight = pair_blocks(FIRST, SECOND, pair)
-        k_first = load_block(K, tile_base, cols, first, SEQ, HEADS, DIM, F) * root_decay[:, None]
-        k_second = load_block(K, tile_base, cols, second, SEQ, HEADS, DIM, F) * root_decay[:, None]
-        phi = pair_features(k_first, k_second, BLOCK_N, F) * weight
-        d_state, d_norm = load_state(DS, DZ, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), F * F, DIM_V)
+        first, second, weight = pair_blocks(FIRST, SECOND, pair, FA, FB)
+        k_first = load_block(K, tile_base, cols, first, SEQ, HEADS, DIM, FA) * root_decay[:, None]
+        k_second = load_block(K, tile_base, cols, second, SEQ, HEADS, DIM, FB) * root_decay[:, None]
+        phi = pair_features(k_first, k_second, BLOCK_N, FA, FB) * weight
+        d_state, d_norm = load_state(DS, DZ, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), FA * FB, DIM_V)
         dv += tl.dot(phi, d_state)
         d_phi = tl.dot(v, tl.trans(d_state)) + d_norm[None, :]
         through_state += tl.sum(phi * d_phi, axis=1)
-        d_blocks += pair_feature_gradient(d_phi * weight, k_first, k_second, first, second, BLOCK_N, F, N_BLOCKS)
-    store_tile(DK, tile_base, cols, dk + tl.reshape(d_blocks, (BLOCK_N, DIM)) * root_decay[:, None], SEQ, HEADS, DIM)
+        d_first_blocks, d_second_blocks = add_pair_gradient(
+            d_first_blocks, d_second_blocks, d_phi * weight, k_first, k_second, first, second, BLOCK_N, FA, FB, N_A, N_B
+        )
+    d_k_state = joined_gradient(d_first_blocks, d_second_blocks, BLOCK_N, DIM)
+    store_tile(DK, tile_base, cols, dk + d_k_state * root_decay[:, None], SEQ, HEADS, DIM)
     store_tile(DV, value_base, cols, dv, SEQ, HEADS, DIM_V)
     store_row(DL, row_base, cols, dl - through_state, SEQ, HEADS)
     store_row(THROUGH_STATE, row_base, cols, through_state, SEQ, HEADS)
@@ -308,35 +357,66 @@ def power_chunk_backward_keys(
 
 @functools.cache
 def pair_tables(dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Blocks (A, B), A <= B, of every feature pair, in the order of the state's pair axis."""
-    blocks = dim // FEATURE_BLOCK
-    pairs = [(a, b) for a in range(blocks) for b in range(a, blocks)]
+    """Blocks (A, B) of every feature tile, in the order of the state's pair axis: for each pair
+    of FB-blocks P <= B, the quarters A of P (in units of FA dims)."""
+    parts, blocks = SECOND_BLOCK // FIRST_BLOCK, dim // SECOND_BLOCK
+    pairs = [(p * parts + part, b) for p in range(blocks) for b in range(p, blocks) for part in range(parts)]
     return np.array([a for a, _ in pairs], np.int32), np.array([b for _, b in pairs], np.int32)
 
 
-def kernel_constants(seq: int, heads: int, dim: int, dim_v: int, scale: float, chunk_size: int, block: int) -> dict:
-    """The constants every chunked kernel takes."""
-    blocks = dim // FEATURE_BLOCK
+def kernel_constants(seq: int, heads: int, dim: int, dim_v: int, scale: float, chunk_size: int) -> dict:
+    """The constants every chunked kernel takes (and the tile rows, from its tiling)."""
+    value_block = min(dim_v, SCAN_VALUE_COLUMNS)
     return dict(
-        SEQ=seq, HEADS=heads, DIM=dim, DIM_V=dim_v, CHUNK=chunk_size, CHUNKS=math.ceil(seq / chunk_size), F=FEATURE_BLOCK,
-        N_BLOCKS=blocks, PAIRS=blocks * (blocks + 1) // 2, SCALE=scale, ROOT_SCALE=math.sqrt(scale), BLOCK_M=block, BLOCK_N=block,
+        SEQ=seq, HEADS=heads, DIM=dim, DIM_V=dim_v, CHUNK=chunk_size, CHUNKS=math.ceil(seq / chunk_size),
+        FA=FIRST_BLOCK, FB=SECOND_BLOCK, N_A=dim // FIRST_BLOCK, N_B=dim // SECOND_BLOCK, PAIRS=len(pair_tables(dim)[0]),
+        SCALE=scale, ROOT_SCALE=math.sqrt(scale), VALUE_BLOCK=value_block, VALUE_BLOCKS=dim_v // value_block,
     )
 
 
+def gpu_tilings(dim: int, itemsize: int) -> dict:
+    """Each kernel's GPU tiling for q and k rows of dim elements of itemsize bytes: 64 rows and
+    8 warps; the backward chunk kernels with 2 pipeline stages, and 32 rows unless bf16 at dim
+    <= 64. Compiled for sm_90 at dims 16..128 in bf16 and float32, ptxas spills at most 20 bytes
+    a thread with these (none in the scans and the forward kernels); 64 rows in the backward
+    keys kernel spilled 780 bytes for bf16 at dim 128 and 60..504 for float32."""
+    backward = Tiling(*(2 * [64 if itemsize == 2 and dim <= 64 else 32]), num_warps=8, num_stages=2)
+    return {
+        power_state_scan: Tiling(64, 64, num_warps=8),
+        power_chunk_forward: Tiling(64, 64, num_warps=8),
+        power_chunk_backward_queries: backward,
+        power_state_scan_backward: Tiling(64, 64, num_warps=8),
+        power_chunk_backward_keys: backward,
+    }
+
+
+def chunk_multiple(q) -> int:
+    """chunk_size must be a multiple of every tile's rows, so that no tile straddles two chunks."""
+    return max(max(t.query_rows, t.key_rows) for t in map(tiling, gpu_tilings(q.shape[-1], q.dtype.itemsize).values()))
+
+
 class Plan:
-    """Shapes, grids and constants shared by the five kernels for one problem."""
+    """Shapes, tilings, grids and constants of the five kernels for one problem."""
 
     def __init__(self, q, v, scale: float, chunk_size: int):
         batch, seq, heads, dim = q.shape
-        block = block_rows()
-        self.constants = kernel_constants(seq, heads, dim, v.shape[-1], scale, chunk_size, block)
-        pairs, features = self.constants["PAIRS"], FEATURE_BLOCK**2
+        self.constants = kernel_constants(seq, heads, dim, v.shape[-1], scale, chunk_size)
+        pairs, features = self.constants["PAIRS"], FIRST_BLOCK * SECOND_BLOCK
         self.state = jax.ShapeDtypeStruct((batch, self.constants["CHUNKS"], heads, pairs, features, v.shape[-1]), jnp.float32)
         self.norm = jax.ShapeDtypeStruct(self.state.shape[:-1], jnp.float32)
         self.rows = jax.ShapeDtypeStruct((batch, seq, heads), jnp.float32)
-        self.pair_grid = (pairs, batch * heads)
-        self.block_grid = (math.ceil(seq / block), batch * heads)
         self.tables = [jnp.asarray(t) for t in pair_tables(dim)]
+        self.tilings = {kernel: tiling(gpu) for kernel, gpu in gpu_tilings(dim, q.dtype.itemsize).items()}
+        scan_grid = (pairs * self.constants["VALUE_BLOCKS"], batch * heads)
+        self.grids = {
+            power_state_scan: scan_grid,
+            power_state_scan_backward: scan_grid,
+            **{k: (math.ceil(seq / self.tilings[k].query_rows), batch * heads) for k in (power_chunk_forward, power_chunk_backward_queries)},
+            power_chunk_backward_keys: (math.ceil(seq / self.tilings[power_chunk_backward_keys].key_rows), batch * heads),
+        }
+
+    def launch(self, kernel, inputs, out_shapes):
+        return launch(kernel, self.grids[kernel], inputs, out_shapes, self.tilings[kernel], **self.constants)
 
 
 def chunk_gates(log_g, chunk_size: int):
@@ -348,11 +428,8 @@ def chunk_gates(log_g, chunk_size: int):
 def chunked_forward(q, k, v, L, scale: float, chunk_size: int):
     """(y, log normaliser, S, z) through the state scan and the chunk output kernel."""
     plan = Plan(q, v, scale, chunk_size)
-    S, z = launch(power_state_scan, plan.pair_grid, [k, v, L, *plan.tables], [plan.state, plan.norm], **plan.constants)
-    y, log_normaliser = launch(
-        power_chunk_forward, plan.block_grid, [q, k, v, L, S, z, *plan.tables],
-        [jax.ShapeDtypeStruct(v.shape, v.dtype), plan.rows], **plan.constants,
-    )
+    S, z = plan.launch(power_state_scan, [k, v, L, *plan.tables], [plan.state, plan.norm])
+    y, log_normaliser = plan.launch(power_chunk_forward, [q, k, v, L, S, z, *plan.tables], [jax.ShapeDtypeStruct(v.shape, v.dtype), plan.rows])
     return y, log_normaliser, S, z
 
 
@@ -361,19 +438,17 @@ def chunked_backward(q, k, v, L, y, log_normaliser, S, z, dy, scale: float, chun
     plan = Plan(q, v, scale, chunk_size)
     delta = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1)
     rows = [q, k, v, L, dy, delta, log_normaliser]
-    dq, dL_rows = launch(
-        power_chunk_backward_queries, plan.block_grid, [*rows, S, z, *plan.tables], [jax.ShapeDtypeStruct(q.shape, q.dtype), plan.rows], **plan.constants
+    dq, dL_rows = plan.launch(power_chunk_backward_queries, [*rows, S, z, *plan.tables], [jax.ShapeDtypeStruct(q.shape, q.dtype), plan.rows])
+    d_state, d_norm, d_end_gate = plan.launch(
+        power_state_scan_backward, [q, L, dy, delta, log_normaliser, S, z, *plan.tables],
+        [plan.state, plan.norm, jax.ShapeDtypeStruct((*plan.state.shape[:4], plan.constants["VALUE_BLOCKS"]), jnp.float32)],
     )
-    d_state, d_norm, d_end_gate = launch(
-        power_state_scan_backward, plan.pair_grid, [q, L, dy, delta, log_normaliser, S, z, *plan.tables],
-        [plan.state, plan.norm, jax.ShapeDtypeStruct(plan.state.shape[:4], jnp.float32)], **plan.constants,
-    )
-    dk, dv, dL_columns, through_state = launch(
-        power_chunk_backward_keys, plan.block_grid, [*rows, d_state, d_norm, *plan.tables],
-        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), plan.rows, plan.rows], **plan.constants,
+    dk, dv, dL_columns, through_state = plan.launch(
+        power_chunk_backward_keys, [*rows, d_state, d_norm, *plan.tables],
+        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), plan.rows, plan.rows],
     )
     # E_m is L at chunk m's last position: it collects the scan's part and the keys' parts.
-    d_end = jnp.sum(d_end_gate, axis=3) + jnp.sum(split_chunks(through_state, chunk_size), axis=2)  # [batch, chunks, heads]
+    d_end = jnp.sum(d_end_gate, axis=(3, 4)) + jnp.sum(split_chunks(through_state, chunk_size), axis=2)  # [batch, chunks, heads]
     dL = split_chunks(dL_rows + dL_columns, chunk_size).at[:, :, -1].add(d_end)
     return dq, dk, dv, dL
 
@@ -404,9 +479,9 @@ triton_chunked.defvjp(triton_chunked_forward, triton_chunked_backward)
 
 def chunked(q, k, v, log_g, scale: float, chunk_size: int):
     """Gated power attention with p = 2 through the chunked kernels (O(T c d + T D' d) work, states per chunk)."""
-    if q.shape[-1] not in CHUNKED_DIMS or v.shape[-1] not in CHUNKED_DIMS:
-        raise ValueError(f"the chunked Triton kernels need head dims of q, k and of v in {CHUNKED_DIMS}; got {q.shape[-1]} and {v.shape[-1]}")
-    if chunk_size % block_rows():
-        raise ValueError(f"impl='triton' needs chunk_size a multiple of {block_rows()} here (tiles do not straddle chunks); got {chunk_size}")
+    check_dims(q, v)
+    multiple = chunk_multiple(q)
+    if chunk_size % multiple:
+        raise ValueError(f"impl='triton' needs chunk_size a multiple of {multiple} here (tiles do not straddle chunks); got {chunk_size}")
     log_g = jnp.zeros(q.shape[:3], jnp.float32) if log_g is None else log_g.astype(jnp.float32)
     return triton_chunked(q, k, v, log_g, scale, chunk_size)

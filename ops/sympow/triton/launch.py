@@ -7,6 +7,7 @@ them: triton.jit for the GPU, the interpreter's InterpretedFunction for the CPU.
 filled with NaN before an interpreted run, so a tile the kernel never writes shows."""
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import threading
@@ -99,13 +100,41 @@ def interpreting():
             JITFunction.__call__, triton.knobs.runtime.interpret = saved_call, saved_knob
 
 
-def compile_for(kernel, pointer_types: dict[str, str], constants: dict, capability: int = 90):
-    """Compile kernel ahead of time for an NVIDIA GPU of the given compute capability; works without a GPU."""
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """How a kernel is cut and launched: rows of q (BLOCK_M) and of k (BLOCK_N) per tile, warps
+    and software-pipeline stages. Each kernel's GPU tiling is the largest tile that, compiled for
+    sm_90, fits an H100's shared memory and spills (next to) no registers, as tests/test_triton.py
+    checks; none is timed on a GPU yet."""
+
+    query_rows: int
+    key_rows: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def blocks(self) -> dict:
+        return dict(BLOCK_M=self.query_rows, BLOCK_N=self.key_rows)
+
+
+# The interpreter takes 16-row tiles, so that small test shapes cross many tiles and their masks.
+INTERPRETER_TILING = Tiling(16, 16)
+
+
+def tiling(gpu: Tiling) -> Tiling:
+    """The tiling to run a kernel with here: its GPU tiling on a GPU, else the interpreter's."""
+    return gpu if on_gpu() else INTERPRETER_TILING
+
+
+def compile_for(kernel, pointer_types: dict[str, str], constants: dict, tiles: Tiling, capability: int = 90):
+    """Compile kernel with this tiling ahead of time for an NVIDIA GPU of the given compute
+    capability; works without a GPU."""
     from triton.backends.compiler import GPUTarget
 
+    constants = constants | tiles.blocks()
     signature = {**pointer_types, **{name: "constexpr" for name in constants}}
     source = triton.compiler.ASTSource(fn=compiled(kernel), signature=signature, constexprs=constants)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32))
+    options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
 def on_gpu() -> bool:
@@ -126,17 +155,18 @@ def jax_triton():
     return jax_triton
 
 
-def block_rows() -> int:
-    """Rows of q or k per tile. The interpreter takes 16, so that small test shapes cross many
-    tiles and their masks; a GPU 64, whose configurations the compile tests check against an
-    H100's shared memory (not yet tuned on one)."""
-    return 64 if on_gpu() else 16
-
-
-def launch(kernel, grid: tuple[int, ...], inputs: list[jax.Array], out_shapes: list[jax.ShapeDtypeStruct], **constants) -> list[jax.Array]:
-    """Run kernel(*inputs, *outputs, **constants) over grid; return the outputs."""
+def launch(
+    kernel, grid: tuple[int, ...], inputs: list[jax.Array], out_shapes: list[jax.ShapeDtypeStruct], tiles: Tiling, **constants
+) -> list[jax.Array]:
+    """Run kernel(*inputs, *outputs, **constants, BLOCK_M, BLOCK_N) over grid with this tiling; return the outputs."""
+    constants = constants | tiles.blocks()
     if on_gpu():
-        return list(jax_triton().triton_call(*inputs, kernel=compiled(kernel), out_type=out_shapes, grid=grid, **constants))
+        return list(
+            jax_triton().triton_call(
+                *inputs, kernel=compiled(kernel), out_type=out_shapes, grid=grid,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages, **constants,
+            )
+        )
 
     def run_on_host(*arrays):
         outputs = [np.full(s.shape, np.nan, s.dtype) for s in out_shapes]
