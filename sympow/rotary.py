@@ -13,44 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from ops.exact import exact_cumsum, two_product
+
 
 def frequencies_in_turns(head_dim: int, rotary_length: int) -> np.ndarray:
     """theta_k / (2 pi) = N^(-2k/d), k = 0..d/2-1, as float32."""
     return (float(rotary_length) ** (-2.0 * np.arange(head_dim // 2) / head_dim)).astype(np.float32)
-
-
-def two_sum(a: Array, b: Array) -> tuple[Array, Array]:
-    """s + e = a + b exactly, s = fl(a + b) (Knuth)."""
-    s = a + b
-    b_virtual = s - a
-    return s, (a - (s - b_virtual)) + (b - b_virtual)
-
-
-def split(a: Array) -> tuple[Array, Array]:
-    """a = hi + lo exactly, each with at most 12 significant bits (Veltkamp, float32)."""
-    c = a * 4097.0
-    hi = c - (c - a)
-    return hi, a - hi
-
-
-def two_product(a: Array, b: Array) -> tuple[Array, Array]:
-    """p + e = a * b exactly, p = fl(a * b) (Dekker)."""
-    product = a * b
-    a_hi, a_lo = split(a)
-    b_hi, b_lo = split(b)
-    error = ((a_hi * b_hi - product) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
-    return product, error
-
-
-def add_pairs(x: tuple[Array, Array], y: tuple[Array, Array]) -> tuple[Array, Array]:
-    """(hi, lo) + (hi, lo) in double-float32 arithmetic."""
-    s, e = two_sum(x[0], y[0])
-    return two_sum(s, e + x[1] + y[1])
-
-
-def exact_positions(beta: Float[Array, "batch seq heads"]) -> tuple[Array, Array]:
-    """sum_{u<=t} beta_u as hi + lo, by an associative scan with error-free additions."""
-    return jax.lax.associative_scan(add_pairs, (beta, jnp.zeros_like(beta)), axis=1)
 
 
 def fraction(x: Array) -> Array:
@@ -62,7 +30,7 @@ def rotation_angles(
 ) -> Float[Array, "batch seq heads half"]:
     """mu_t,k = theta_k sum_{u<=t} beta_u, reduced into [0, 2 pi)."""
     turns_per_step = jnp.asarray(frequencies_in_turns(head_dim, rotary_length))
-    hi, lo = (jax.lax.stop_gradient(a.astype(jnp.float32))[..., None] for a in exact_positions(beta))
+    hi, lo = (jax.lax.stop_gradient(a.astype(jnp.float32))[..., None] for a in exact_cumsum(beta, axis=1))
     product, error = two_product(hi, turns_per_step)
     turns = fraction(fraction(product) + (error + lo * turns_per_step))
     exact = (2 * np.pi) * turns

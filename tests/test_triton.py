@@ -19,10 +19,11 @@ import pytest
 from conftest import attention_inputs, relative_error
 
 from ops.sympow.chunk import chunk_local_gates, chunk_states, chunked_form, split_chunks, state_scan
-from ops.sympow.naive import attention_form, cumulative_gate, symmetric_power_embedding
+from ops.sympow.naive import attention_form, symmetric_power_embedding
 from ops.sympow.triton.attention import (
     TRITON_DIMS,
     attention_forward,
+    exact_gate,
     gpu_tilings as attention_gpu_tilings,
     power_attention_backward_keys,
     power_attention_backward_queries,
@@ -62,25 +63,29 @@ def interpreted_kernels(monkeypatch):
 
 @pytest.mark.parametrize(
     "seq, dim, dim_v, p, gamma",
-    [(1, 16, 16, 2, 0.9), (63, 32, 32, 2, 0.999), (63, 16, 16, 4, 0.01), (100, 64, 64, 2, None), (100, 16, 32, 4, 0.5), (500, 16, 16, 2, 0.9)],
+    [(1, 16, 16, 2, 0.9), (63, 32, 32, 2, 0.999), (63, 16, 16, 4, 0.01), (100, 64, 64, 2, None), (100, 16, 32, 4, 0.5),
+     (500, 16, 16, 2, 0.9), (500, 16, 16, 4, 0.01)],
 )
 def test_attention_kernel_forward_matches_float64(seq, dim, dim_v, p, gamma):
+    """The precision rule of DESIGN.md section 4: no worse than twice the pure-JAX chunked form in
+    the same dtype. With strong gates |G| grows with seq (~3000 at 500 tokens, gamma 0.01); the
+    kernels difference G in hi + lo pairs, where a float32 G lost ~1e-4 in every weight (measured:
+    1.9e-5 in y against the chunked form's 2.8e-6)."""
     q, k, v, log_g = attention_inputs(2, seq, 2, dim, gamma=gamma, seed=seq + dim, dim_v=dim_v)
     scale = 1 / math.sqrt(dim)
     reference = attention_form(q, k, v, log_g, p, scale)
     as32 = [None if a is None else a.astype(jnp.float32) for a in (q, k, v, log_g)]
-    gate = jnp.zeros(q.shape[:3], jnp.float32) if log_g is None else cumulative_gate(as32[3])
+    gate = exact_gate(jnp.zeros(q.shape[:3], jnp.float32) if log_g is None else as32[3])
     y, log_normaliser = attention_forward(*as32[:3], gate, p, scale, gated=log_g is not None)
     assert y.dtype == jnp.float32 and np.all(np.isfinite(y)) and np.all(np.isfinite(log_normaliser))
-    # The precision rule of DESIGN.md section 4: no worse than twice the pure-JAX form in the same dtype.
-    jax_error = relative_error(attention_form(*as32, p, scale), reference)
+    jax_error = relative_error(chunked_form(*as32, p, scale, 64), reference)
     assert relative_error(y, reference) <= 2 * jax_error
 
 
 def test_attention_kernel_log_normaliser_is_log_of_the_weight_sum():
     q, k, v, log_g = attention_inputs(1, 40, 1, 16, gamma=0.8)
     q32, k32, v32, log_g32 = (a.astype(jnp.float32) for a in (q, k, v, log_g))
-    _, log_normaliser = attention_forward(q32, k32, v32, cumulative_gate(log_g32), 2, 0.25, gated=True)
+    _, log_normaliser = attention_forward(q32, k32, v32, exact_gate(log_g32), 2, 0.25, gated=True)
     G = np.cumsum(np.asarray(log_g), axis=1)[0, :, 0]
     w = (0.25 * np.asarray(q)[0, :, 0] @ np.asarray(k)[0, :, 0].T) ** 2 * np.exp(G[:, None] - G[None, :])
     expected = np.log(np.sum(np.tril(w), axis=1))
@@ -112,13 +117,14 @@ def check_gradients(kernel, reference_form, seq, dim, gamma, seed, dim_v=None, h
 
 
 @pytest.mark.parametrize(
-    "seq, dim, dim_v, p, gamma", [(1, 16, 16, 2, 0.9), (37, 16, 16, 2, 0.01), (63, 32, 32, 4, 0.999), (50, 16, 32, 2, None)]
+    "seq, dim, dim_v, p, gamma",
+    [(1, 16, 16, 2, 0.9), (37, 16, 16, 2, 0.01), (63, 32, 32, 4, 0.999), (50, 16, 32, 2, None), (200, 16, 16, 4, 0.01)],
 )
 def test_attention_kernel_gradients_match_float64(seq, dim, dim_v, p, gamma):
     scale = 1 / math.sqrt(dim)
     check_gradients(
         lambda q, k, v, g: triton_attention(q, k, v, g, p, scale, gamma is not None),
-        lambda q, k, v, g: attention_form(q, k, v, g, p, scale),
+        lambda q, k, v, g: chunked_form(q, k, v, g, p, scale, 64),
         seq, dim, gamma, seed=seq, dim_v=dim_v,
     )
 
@@ -143,9 +149,9 @@ def check_sm90_compile(kernel, pointers, constants, tiles):
 
 
 KERNELS = {
-    "forward": (power_attention_forward, ("Q", "K", "V", "Y"), ("G", "LOG_NORMALISER")),
-    "backward_keys": (power_attention_backward_keys, ("Q", "K", "V", "DY", "DK", "DV"), ("G", "DELTA", "LOG_NORMALISER", "DG")),
-    "backward_queries": (power_attention_backward_queries, ("Q", "K", "V", "DY", "DQ"), ("G", "DELTA", "LOG_NORMALISER", "DG_ROWS")),
+    "forward": (power_attention_forward, ("Q", "K", "V", "Y"), ("G", "G_LO", "LOG_NORMALISER")),
+    "backward_keys": (power_attention_backward_keys, ("Q", "K", "V", "DY", "DK", "DV"), ("G", "G_LO", "DELTA", "LOG_NORMALISER", "DG")),
+    "backward_queries": (power_attention_backward_queries, ("Q", "K", "V", "DY", "DQ"), ("G", "G_LO", "DELTA", "LOG_NORMALISER", "DG_ROWS")),
 }
 
 
@@ -230,11 +236,11 @@ def test_chunked_kernels_at_head_dim_128():
 
 CHUNKED_KERNELS = {
     "state_scan": (power_state_scan, ("K", "V"), ("L", "S", "Z")),
-    "chunk_forward": (power_chunk_forward, ("Q", "K", "V", "Y"), ("L", "S", "Z", "LOG_NORMALISER")),
-    "chunk_backward_queries": (power_chunk_backward_queries, ("Q", "K", "V", "DY", "DQ"), ("L", "DELTA", "LOG_NORMALISER", "S", "Z", "DL_ROWS")),
+    "chunk_forward": (power_chunk_forward, ("Q", "K", "V", "Y"), ("L", "L_LO", "S", "Z", "LOG_NORMALISER")),
+    "chunk_backward_queries": (power_chunk_backward_queries, ("Q", "K", "V", "DY", "DQ"), ("L", "L_LO", "DELTA", "LOG_NORMALISER", "S", "Z", "DL_ROWS")),
     "state_scan_backward": (power_state_scan_backward, ("Q", "DY"), ("L", "DELTA", "LOG_NORMALISER", "S", "Z", "DS", "DZ", "D_END_GATE")),
     "chunk_backward_keys": (
-        power_chunk_backward_keys, ("Q", "K", "V", "DY", "DK", "DV"), ("L", "DELTA", "LOG_NORMALISER", "DS", "DZ", "DL", "THROUGH_STATE"),
+        power_chunk_backward_keys, ("Q", "K", "V", "DY", "DK", "DV"), ("L", "L_LO", "DELTA", "LOG_NORMALISER", "DS", "DZ", "DL", "THROUGH_STATE"),
     ),
 }
 
@@ -359,10 +365,10 @@ def test_gpu_lowering_through_jax_triton(monkeypatch, p):
 
     # (grid, warps) of each kernel at 320 tokens, batch 2, 4 heads, dim 64: 40 feature tiles x 2
     # value-column blocks for the scans, 64-row tiles for the rest but the flash forward (128)
-    # and backward keys (32) kernels.
+    # and the two backward keys kernels (32).
     expected = (
         {"power_state_scan": ((80, 8), 8), "power_chunk_forward": ((5, 8), 8), "power_chunk_backward_queries": ((5, 8), 8),
-         "power_state_scan_backward": ((80, 8), 8), "power_chunk_backward_keys": ((5, 8), 8)}
+         "power_state_scan_backward": ((80, 8), 8), "power_chunk_backward_keys": ((10, 8), 8)}
         if p == 2
         else {"power_attention_forward": ((3, 8), 8), "power_attention_backward_keys": ((10, 8), 8), "power_attention_backward_queries": ((5, 8), 8)}
     )

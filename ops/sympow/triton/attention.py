@@ -2,7 +2,9 @@
 for states too large to hold (p = 4 at d = 64).
 
 Per (query block, batch x head) program, over key blocks up to the diagonal:
-log w_ij = p log|s q_i . k_j| + G_i - G_j (j <= i), kept against a running row max m_i
+log w_ij = p log|s q_i . k_j| + G_i - G_j (j <= i), with G given as hi + lo in float32 pairs
+(ops.exact) so that G_i - G_j keeps float32's relative precision when |G| is large (strong
+gates over long sequences: |G| ~ 3000 at T = 500, gamma = 0.01), kept against a running row max m_i
 as flash attention keeps softmax scores; y_i = sum_j w_ij v_j / max(sum_j w_ij, eps) in the
 frame of the final row max. The log-normaliser m_i + log l_i is stored for the backward pass."""
 
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
-from ops.sympow.naive import cumulative_gate
+from ops.exact import exact_cumsum
 from ops.sympow.triton.launch import Tiling, launch, tiling
 
 EPS = tl.constexpr(1e-6)  # as ops.sympow.naive.EPS; a kernel reads only constexpr globals
@@ -62,8 +64,20 @@ def store_row(X, base, positions, row, SEQ, HEADS):
 
 
 @triton.jit
+def load_gates(G, G_LO, row_base, positions, SEQ, HEADS):
+    """hi and lo of the cumulative gate at `positions` of this head."""
+    return load_row(G, row_base, positions, SEQ, HEADS), load_row(G_LO, row_base, positions, SEQ, HEADS)
+
+
+@triton.jit
+def gate_differences(rows_hi, rows_lo, cols_hi, cols_lo):
+    """G_i - G_j on a tile: the hi parts subtract with one rounding, relative to the difference."""
+    return (rows_hi[:, None] - cols_hi[None, :]) + (rows_lo[:, None] - cols_lo[None, :])
+
+
+@triton.jit
 def accumulate_keys(
-    q, gate_rows, rows, row_max, row_sum, acc, K, V, G, tile_base, value_base, row_base, key_start, key_end,
+    q, gate_rows, gate_rows_lo, rows, row_max, row_sum, acc, K, V, G, G_LO, tile_base, value_base, row_base, key_start, key_end,
     SEQ, HEADS, DIM, DIM_V, SCALE, POWER, GATED, BLOCK_N,
 ):
     """Fold keys key_start..key_end (block-aligned, causal mask applied) into a row's running
@@ -71,8 +85,9 @@ def accumulate_keys(
     for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, value_base, cols, SEQ, HEADS, DIM_V)
-        gate_cols = load_row(G, row_base, cols, SEQ, HEADS)
-        log_w, _ = gated_log_weights(q, k, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED)
+        gate_cols, gate_cols_lo = load_gates(G, G_LO, row_base, cols, SEQ, HEADS)
+        gates = gate_differences(gate_rows, gate_rows_lo, gate_cols, gate_cols_lo)
+        log_w, _ = gated_log_weights(q, k, gates, rows, cols, SEQ, SCALE, POWER, GATED)
 
         new_max = tl.maximum(row_max, tl.max(log_w, axis=1))
         frame = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with no weight yet stays at 0
@@ -94,7 +109,7 @@ def store_outputs(Y, LOG_NORMALISER, value_base, row_base, rows, row_max, row_su
 
 
 def power_attention_forward(
-    Q, K, V, G, Y, LOG_NORMALISER,
+    Q, K, V, G, G_LO, Y, LOG_NORMALISER,
     SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -102,29 +117,30 @@ def power_attention_forward(
     tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM)
-    gate_rows = load_row(G, row_base, rows, SEQ, HEADS)
+    gate_rows, gate_rows_lo = load_gates(G, G_LO, row_base, rows, SEQ, HEADS)
     row_max, row_sum, acc = accumulate_keys(
-        q, gate_rows, rows, tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
-        tl.zeros([BLOCK_M, DIM_V], tl.float32), K, V, G, tile_base, value_base, row_base, 0, (block_m + 1) * BLOCK_M,
+        q, gate_rows, gate_rows_lo, rows, tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+        tl.zeros([BLOCK_M, DIM_V], tl.float32), K, V, G, G_LO, tile_base, value_base, row_base, 0, (block_m + 1) * BLOCK_M,
         SEQ, HEADS, DIM, DIM_V, SCALE, POWER, GATED, BLOCK_N,
     )
     store_outputs(Y, LOG_NORMALISER, value_base, row_base, rows, row_max, row_sum, acc, SEQ, HEADS, DIM_V)
 
 
 @triton.jit
-def gated_log_weights(q, k, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED):
-    """log w = p log|s q . k| + G_i - G_j on a tile, -inf above the diagonal and past SEQ; also q . k."""
+def gated_log_weights(q, k, gates, rows, cols, SEQ, SCALE, POWER, GATED):
+    """log w = p log|s q . k| + G_i - G_j on a tile (gates: G_i - G_j), -inf above the diagonal
+    and past SEQ; also q . k."""
     dot = tl.dot(q, tl.trans(k))
     log_w = POWER * tl.log(tl.abs(dot * SCALE))
     if GATED:
-        log_w += gate_rows[:, None] - gate_cols[None, :]
+        log_w += gates
     return tl.where((rows[:, None] >= cols[None, :]) & (cols[None, :] < SEQ), log_w, float("-inf")), dot
 
 
 @triton.jit
-def weight_gradients(q, k, v, dy, delta, log_normaliser, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED):
+def weight_gradients(q, k, v, dy, delta, log_normaliser, gates, rows, cols, SEQ, SCALE, POWER, GATED):
     """On a tile: P_ij = w_ij / l_i, d log w_ij = P_ij (dy_i . v_j - Delta_i), and d(q_i . k_j) = d log w_ij p / (q_i . k_j)."""
-    log_w, dot = gated_log_weights(q, k, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED)
+    log_w, dot = gated_log_weights(q, k, gates, rows, cols, SEQ, SCALE, POWER, GATED)
     probabilities = tl.exp(log_w - log_normaliser[:, None])
     d_log_w = probabilities * (tl.dot(dy, tl.trans(v)) - delta[:, None])
     is_zero = dot == 0.0  # there P = 0, and so is the gradient
@@ -134,7 +150,7 @@ def weight_gradients(q, k, v, dy, delta, log_normaliser, gate_rows, gate_cols, r
 
 @triton.jit
 def accumulate_key_gradients(
-    k, v, gate_cols, cols, dk, dv, dg, Q, DY, DELTA, LOG_NORMALISER, G, tile_base, value_base, row_base, query_start, query_end,
+    k, v, gate_cols, gate_cols_lo, cols, dk, dv, dg, Q, DY, DELTA, LOG_NORMALISER, G, G_LO, tile_base, value_base, row_base, query_start, query_end,
     SEQ, HEADS, DIM, DIM_V, SCALE, POWER, GATED, BLOCK_M,
 ):
     """Add the gradients of one key block from queries query_start..query_end (block-aligned):
@@ -144,10 +160,9 @@ def accumulate_key_gradients(
         row_ok = rows < SEQ
         q, dy = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM), load_tile(DY, value_base, rows, SEQ, HEADS, DIM_V)
         delta, log_normaliser = load_row(DELTA, row_base, rows, SEQ, HEADS), load_row(LOG_NORMALISER, row_base, rows, SEQ, HEADS)
-        gate_rows = load_row(G, row_base, rows, SEQ, HEADS)
-        probabilities, d_log_w, d_dot = weight_gradients(
-            q, k, v, dy, delta, log_normaliser, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED
-        )
+        gate_rows, gate_rows_lo = load_gates(G, G_LO, row_base, rows, SEQ, HEADS)
+        gates = gate_differences(gate_rows, gate_rows_lo, gate_cols, gate_cols_lo)
+        probabilities, d_log_w, d_dot = weight_gradients(q, k, v, dy, delta, log_normaliser, gates, rows, cols, SEQ, SCALE, POWER, GATED)
         probabilities = tl.where(row_ok[:, None], probabilities, 0.0)
         d_log_w = tl.where(row_ok[:, None], d_log_w, 0.0)
         d_dot = tl.where(row_ok[:, None], d_dot, 0.0)
@@ -159,22 +174,23 @@ def accumulate_key_gradients(
 
 @triton.jit
 def accumulate_query_gradients(
-    q, dy, delta, log_normaliser, gate_rows, rows, dq, dg, K, V, G, tile_base, value_base, row_base, key_start, key_end,
+    q, dy, delta, log_normaliser, gate_rows, gate_rows_lo, rows, dq, dg, K, V, G, G_LO, tile_base, value_base, row_base, key_start, key_end,
     SEQ, HEADS, DIM, DIM_V, SCALE, POWER, GATED, BLOCK_N,
 ):
     """Add dq_i += sum_j d(q_i . k_j) k_j and dG_i += sum_j d log w_ij over keys key_start..key_end (block-aligned)."""
     for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, value_base, cols, SEQ, HEADS, DIM_V)
-        gate_cols = load_row(G, row_base, cols, SEQ, HEADS)
-        _, d_log_w, d_dot = weight_gradients(q, k, v, dy, delta, log_normaliser, gate_rows, gate_cols, rows, cols, SEQ, SCALE, POWER, GATED)
+        gate_cols, gate_cols_lo = load_gates(G, G_LO, row_base, cols, SEQ, HEADS)
+        gates = gate_differences(gate_rows, gate_rows_lo, gate_cols, gate_cols_lo)
+        _, d_log_w, d_dot = weight_gradients(q, k, v, dy, delta, log_normaliser, gates, rows, cols, SEQ, SCALE, POWER, GATED)
         dq += tl.dot(d_dot.to(k.dtype), k)
         dg += tl.sum(d_log_w, axis=1)
     return dq, dg
 
 
 def power_attention_backward_keys(
-    Q, K, V, G, DY, DELTA, LOG_NORMALISER, DK, DV, DG,
+    Q, K, V, G, G_LO, DY, DELTA, LOG_NORMALISER, DK, DV, DG,
     SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -184,10 +200,10 @@ def power_attention_backward_keys(
     tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, value_base, cols, SEQ, HEADS, DIM_V)
-    gate_cols = load_row(G, row_base, cols, SEQ, HEADS)
+    gate_cols, gate_cols_lo = load_gates(G, G_LO, row_base, cols, SEQ, HEADS)
     dk, dv, dg = accumulate_key_gradients(
-        k, v, gate_cols, cols, tl.zeros([BLOCK_N, DIM], tl.float32), tl.zeros([BLOCK_N, DIM_V], tl.float32),
-        tl.zeros([BLOCK_N], tl.float32), Q, DY, DELTA, LOG_NORMALISER, G, tile_base, value_base, row_base,
+        k, v, gate_cols, gate_cols_lo, cols, tl.zeros([BLOCK_N, DIM], tl.float32), tl.zeros([BLOCK_N, DIM_V], tl.float32),
+        tl.zeros([BLOCK_N], tl.float32), Q, DY, DELTA, LOG_NORMALISER, G, G_LO, tile_base, value_base, row_base,
         (block_n * BLOCK_N // BLOCK_M) * BLOCK_M, SEQ, SEQ, HEADS, DIM, DIM_V, SCALE, POWER, GATED, BLOCK_M,
     )
     store_tile(DK, tile_base, cols, dk, SEQ, HEADS, DIM)
@@ -196,7 +212,7 @@ def power_attention_backward_keys(
 
 
 def power_attention_backward_queries(
-    Q, K, V, G, DY, DELTA, LOG_NORMALISER, DQ, DG_ROWS,
+    Q, K, V, G, G_LO, DY, DELTA, LOG_NORMALISER, DQ, DG_ROWS,
     SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -209,10 +225,10 @@ def power_attention_backward_queries(
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q, dy = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM), load_tile(DY, value_base, rows, SEQ, HEADS, DIM_V)
     delta, log_normaliser = load_row(DELTA, row_base, rows, SEQ, HEADS), load_row(LOG_NORMALISER, row_base, rows, SEQ, HEADS)
-    gate_rows = load_row(G, row_base, rows, SEQ, HEADS)
+    gate_rows, gate_rows_lo = load_gates(G, G_LO, row_base, rows, SEQ, HEADS)
     dq, dg = accumulate_query_gradients(
-        q, dy, delta, log_normaliser, gate_rows, rows, tl.zeros([BLOCK_M, DIM], tl.float32), tl.zeros([BLOCK_M], tl.float32),
-        K, V, G, tile_base, value_base, row_base, 0, (block_m + 1) * BLOCK_M, SEQ, HEADS, DIM, DIM_V, SCALE, POWER, GATED, BLOCK_N,
+        q, dy, delta, log_normaliser, gate_rows, gate_rows_lo, rows, tl.zeros([BLOCK_M, DIM], tl.float32), tl.zeros([BLOCK_M], tl.float32),
+        K, V, G, G_LO, tile_base, value_base, row_base, 0, (block_m + 1) * BLOCK_M, SEQ, HEADS, DIM, DIM_V, SCALE, POWER, GATED, BLOCK_N,
     )
     store_tile(DQ, tile_base, rows, dq, SEQ, HEADS, DIM)
     store_row(DG_ROWS, row_base, rows, dg, SEQ, HEADS)
@@ -241,13 +257,18 @@ def kernel_constants(q, v, gated: bool, p: int, scale: float) -> dict:
     return dict(SEQ=seq, HEADS=heads, DIM=dim, DIM_V=v.shape[-1], SCALE=scale, POWER=p, GATED=gated)
 
 
+def exact_gate(log_g):
+    """The cumulative gate G = cumsum(log_g) [batch, seq, heads] as a pair (hi, lo) of float32."""
+    return exact_cumsum(log_g, axis=1)
+
+
 def attention_forward(q, k, v, gate, p: int, scale: float, gated: bool):
-    """(y, log normaliser) through the forward kernel; gate is the cumulative gate G [batch, seq, heads]."""
+    """(y, log normaliser) through the forward kernel; gate is the cumulative gate G as (hi, lo)."""
     batch, seq, heads, _ = q.shape
     out_shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((batch, seq, heads), jnp.float32)]
     tiles = kernel_tilings(q)[power_attention_forward]
     grid = (math.ceil(seq / tiles.query_rows), batch * heads)
-    return launch(power_attention_forward, grid, [q, k, v, gate], out_shapes, tiles, **kernel_constants(q, v, gated, p, scale))
+    return launch(power_attention_forward, grid, [q, k, v, *gate], out_shapes, tiles, **kernel_constants(q, v, gated, p, scale))
 
 
 def attention_backward(q, k, v, gate, y, log_normaliser, dy, p: int, scale: float, gated: bool):
@@ -255,8 +276,8 @@ def attention_backward(q, k, v, gate, y, log_normaliser, dy, p: int, scale: floa
     batch, seq, heads, _ = q.shape
     constants = kernel_constants(q, v, gated, p, scale)
     delta = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1)
-    inputs = [q, k, v, gate, dy, delta, log_normaliser]
-    rows = jax.ShapeDtypeStruct(gate.shape, jnp.float32)
+    inputs = [q, k, v, *gate, dy, delta, log_normaliser]
+    rows = jax.ShapeDtypeStruct(log_normaliser.shape, jnp.float32)
     tilings = kernel_tilings(q)
     keys, queries = tilings[power_attention_backward_keys], tilings[power_attention_backward_queries]
     dk, dv, dgate_columns = launch(
@@ -273,12 +294,12 @@ def attention_backward(q, k, v, gate, y, log_normaliser, dy, p: int, scale: floa
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def triton_attention(q, k, v, log_g, p: int, scale: float, gated: bool):
     """Gated power attention through the Triton kernels, differentiable in q, k, v and log_g."""
-    y, _ = attention_forward(q, k, v, cumulative_gate(log_g), p, scale, gated)
+    y, _ = attention_forward(q, k, v, exact_gate(log_g), p, scale, gated)
     return y
 
 
 def triton_attention_forward(q, k, v, log_g, p, scale, gated):
-    gate = cumulative_gate(log_g)
+    gate = exact_gate(log_g)
     y, log_normaliser = attention_forward(q, k, v, gate, p, scale, gated)
     return y, (q, k, v, gate, y, log_normaliser)
 
@@ -287,7 +308,7 @@ def triton_attention_backward(p, scale, gated, residuals, dy):
     q, k, v, gate, y, log_normaliser = residuals
     dq, dk, dv, dgate = attention_backward(q, k, v, gate, y, log_normaliser, dy, p, scale, gated)
     # G is the cumulative sum of log_g, so d log_g_u = sum_{t >= u} dG_t.
-    d_log_g = jnp.flip(jnp.cumsum(jnp.flip(dgate, axis=1), axis=1), axis=1).astype(gate.dtype)
+    d_log_g = jnp.flip(jnp.cumsum(jnp.flip(dgate, axis=1), axis=1), axis=1).astype(gate[0].dtype)
     return dq, dk, dv, d_log_g
 
 

@@ -36,7 +36,8 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from ops.sympow.chunk import chunk_local_gates, split_chunks
+from ops.exact import exact_cumsum
+from ops.sympow.chunk import split_chunks
 from ops.sympow.triton.attention import (
     accumulate_key_gradients,
     accumulate_keys,
@@ -44,6 +45,7 @@ from ops.sympow.triton.attention import (
     check_dims,
     head_bases,
     load_block,
+    load_gates,
     load_row,
     load_tile,
     store_outputs,
@@ -192,7 +194,7 @@ def query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, FA, FB, ROO
 
 
 def power_chunk_forward(
-    Q, K, V, L, S, Z, FIRST, SECOND, Y, LOG_NORMALISER,
+    Q, K, V, L, L_LO, S, Z, FIRST, SECOND, Y, LOG_NORMALISER,
     SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
     FA: tl.constexpr, FB: tl.constexpr, N_A: tl.constexpr, N_B: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_BLOCK: tl.constexpr, VALUE_BLOCKS: tl.constexpr,
@@ -203,7 +205,7 @@ def power_chunk_forward(
     tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     chunk = block_m * BLOCK_M // CHUNK
-    gate_rows = load_row(L, row_base, rows, SEQ, HEADS)
+    gate_rows, gate_rows_lo = load_gates(L, L_LO, row_base, rows, SEQ, HEADS)
 
     numerator = tl.zeros([BLOCK_M, DIM_V], tl.float32)
     denominator = tl.zeros([BLOCK_M], tl.float32)
@@ -223,7 +225,7 @@ def power_chunk_forward(
     acc = tl.where(has_state[:, None], numerator / tl.where(has_state, denominator, 1.0)[:, None], 0.0)
     q = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM)
     row_max, row_sum, acc = accumulate_keys(
-        q, gate_rows, rows, row_max, row_sum, acc, K, V, L, tile_base, value_base, row_base, chunk * CHUNK, (block_m + 1) * BLOCK_M,
+        q, gate_rows, gate_rows_lo, rows, row_max, row_sum, acc, K, V, L, L_LO, tile_base, value_base, row_base, chunk * CHUNK, (block_m + 1) * BLOCK_M,
         SEQ, HEADS, DIM, DIM_V, SCALE, 2, True, BLOCK_N,
     )
     store_outputs(Y, LOG_NORMALISER, value_base, row_base, rows, row_max, row_sum, acc, SEQ, HEADS, DIM_V)
@@ -236,7 +238,7 @@ def state_shares(L, LOG_NORMALISER, row_base, rows, SEQ, HEADS):
 
 
 def power_chunk_backward_queries(
-    Q, K, V, L, DY, DELTA, LOG_NORMALISER, S, Z, FIRST, SECOND, DQ, DL_ROWS,
+    Q, K, V, L, L_LO, DY, DELTA, LOG_NORMALISER, S, Z, FIRST, SECOND, DQ, DL_ROWS,
     SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
     FA: tl.constexpr, FB: tl.constexpr, N_A: tl.constexpr, N_B: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_BLOCK: tl.constexpr, VALUE_BLOCKS: tl.constexpr,
@@ -250,10 +252,10 @@ def power_chunk_backward_queries(
     chunk = block_m * BLOCK_M // CHUNK
     q, dy = load_tile(Q, tile_base, rows, SEQ, HEADS, DIM), load_tile(DY, value_base, rows, SEQ, HEADS, DIM_V)
     delta, log_normaliser = load_row(DELTA, row_base, rows, SEQ, HEADS), load_row(LOG_NORMALISER, row_base, rows, SEQ, HEADS)
-    gate_rows = load_row(L, row_base, rows, SEQ, HEADS)
+    gate_rows, gate_rows_lo = load_gates(L, L_LO, row_base, rows, SEQ, HEADS)
     dq, dl = accumulate_query_gradients(
-        q, dy, delta, log_normaliser, gate_rows, rows, tl.zeros([BLOCK_M, DIM], tl.float32), tl.zeros([BLOCK_M], tl.float32),
-        K, V, L, tile_base, value_base, row_base, chunk * CHUNK, (block_m + 1) * BLOCK_M, SEQ, HEADS, DIM, DIM_V, SCALE, 2, True, BLOCK_N,
+        q, dy, delta, log_normaliser, gate_rows, gate_rows_lo, rows, tl.zeros([BLOCK_M, DIM], tl.float32), tl.zeros([BLOCK_M], tl.float32),
+        K, V, L, L_LO, tile_base, value_base, row_base, chunk * CHUNK, (block_m + 1) * BLOCK_M, SEQ, HEADS, DIM, DIM_V, SCALE, 2, True, BLOCK_N,
     )
 
     share = state_shares(L, LOG_NORMALISER, row_base, rows, SEQ, HEADS)
@@ -312,7 +314,7 @@ def power_state_scan_backward(
 
 
 def power_chunk_backward_keys(
-    Q, K, V, L, DY, DELTA, LOG_NORMALISER, DS, DZ, FIRST, SECOND, DK, DV, DL, THROUGH_STATE,
+    Q, K, V, L, L_LO, DY, DELTA, LOG_NORMALISER, DS, DZ, FIRST, SECOND, DK, DV, DL, THROUGH_STATE,
     SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
     FA: tl.constexpr, FB: tl.constexpr, N_A: tl.constexpr, N_B: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_BLOCK: tl.constexpr, VALUE_BLOCKS: tl.constexpr,
@@ -325,10 +327,10 @@ def power_chunk_backward_keys(
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     chunk = block_n * BLOCK_N // CHUNK
     k, v = load_tile(K, tile_base, cols, SEQ, HEADS, DIM), load_tile(V, value_base, cols, SEQ, HEADS, DIM_V)
-    gate_cols = load_row(L, row_base, cols, SEQ, HEADS)
+    gate_cols, gate_cols_lo = load_gates(L, L_LO, row_base, cols, SEQ, HEADS)
     dk, dv, dl = accumulate_key_gradients(
-        k, v, gate_cols, cols, tl.zeros([BLOCK_N, DIM], tl.float32), tl.zeros([BLOCK_N, DIM_V], tl.float32),
-        tl.zeros([BLOCK_N], tl.float32), Q, DY, DELTA, LOG_NORMALISER, L, tile_base, value_base, row_base,
+        k, v, gate_cols, gate_cols_lo, cols, tl.zeros([BLOCK_N, DIM], tl.float32), tl.zeros([BLOCK_N, DIM_V], tl.float32),
+        tl.zeros([BLOCK_N], tl.float32), Q, DY, DELTA, LOG_NORMALISER, L, L_LO, tile_base, value_base, row_base,
         (block_n * BLOCK_N // BLOCK_M) * BLOCK_M, tl.minimum((chunk + 1) * CHUNK, SEQ), SEQ, HEADS, DIM, DIM_V, SCALE, 2, True, BLOCK_M,
     )
 
@@ -376,11 +378,12 @@ def kernel_constants(seq: int, heads: int, dim: int, dim_v: int, scale: float, c
 
 def gpu_tilings(dim: int, itemsize: int) -> dict:
     """Each kernel's GPU tiling for q and k rows of dim elements of itemsize bytes: 64 rows and
-    8 warps; the backward chunk kernels with 2 pipeline stages, and 32 rows unless bf16 at dim
-    <= 64. Compiled for sm_90 at dims 16..128 in bf16 and float32, ptxas spills at most 20 bytes
-    a thread with these (none in the scans and the forward kernels); 64 rows in the backward
-    keys kernel spilled 780 bytes for bf16 at dim 128 and 60..504 for float32."""
-    backward = Tiling(*(2 * [64 if itemsize == 2 and dim <= 64 else 32]), num_warps=8, num_stages=2)
+    8 warps. The backward chunk kernels take 32 rows of keys a tile, 2 pipeline stages, and 32
+    rows of queries too unless bf16 at dim <= 64. Compiled for sm_90 at dims 16..128 in bf16 and
+    float32, ptxas spills at most 32 bytes a thread with these (none in the scans and the forward
+    kernels); 64 rows of keys in the backward keys kernel spilled 104 bytes for bf16 at dim 64,
+    780 at dim 128, and 60..504 for float32."""
+    backward = Tiling(64 if itemsize == 2 and dim <= 64 else 32, 32, num_warps=8, num_stages=2)
     return {
         power_state_scan: Tiling(64, 64, num_warps=8),
         power_chunk_forward: Tiling(64, 64, num_warps=8),
@@ -420,16 +423,17 @@ class Plan:
 
 
 def chunk_gates(log_g, chunk_size: int):
-    """L: the cumulative gate restarted at each chunk, [batch, seq, heads]."""
-    L = chunk_local_gates(split_chunks(log_g, chunk_size))
-    return L.reshape(log_g.shape[0], -1, log_g.shape[2])[:, : log_g.shape[1]]
+    """L: the cumulative gate restarted at each chunk, [batch, seq, heads], as a pair (hi, lo) of
+    float32. The scans take hi; the intra-chunk weights difference both, as the flash kernels do."""
+    L = exact_cumsum(split_chunks(log_g, chunk_size), axis=2)
+    return tuple(part.reshape(log_g.shape[0], -1, log_g.shape[2])[:, : log_g.shape[1]] for part in L)
 
 
 def chunked_forward(q, k, v, L, scale: float, chunk_size: int):
-    """(y, log normaliser, S, z) through the state scan and the chunk output kernel."""
+    """(y, log normaliser, S, z) through the state scan and the chunk output kernel; L as (hi, lo)."""
     plan = Plan(q, v, scale, chunk_size)
-    S, z = plan.launch(power_state_scan, [k, v, L, *plan.tables], [plan.state, plan.norm])
-    y, log_normaliser = plan.launch(power_chunk_forward, [q, k, v, L, S, z, *plan.tables], [jax.ShapeDtypeStruct(v.shape, v.dtype), plan.rows])
+    S, z = plan.launch(power_state_scan, [k, v, L[0], *plan.tables], [plan.state, plan.norm])
+    y, log_normaliser = plan.launch(power_chunk_forward, [q, k, v, *L, S, z, *plan.tables], [jax.ShapeDtypeStruct(v.shape, v.dtype), plan.rows])
     return y, log_normaliser, S, z
 
 
@@ -437,10 +441,10 @@ def chunked_backward(q, k, v, L, y, log_normaliser, S, z, dy, scale: float, chun
     """(dq, dk, dv, dL) through the three backward kernels; dL is the gradient of the chunk-local gates."""
     plan = Plan(q, v, scale, chunk_size)
     delta = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1)
-    rows = [q, k, v, L, dy, delta, log_normaliser]
+    rows = [q, k, v, *L, dy, delta, log_normaliser]
     dq, dL_rows = plan.launch(power_chunk_backward_queries, [*rows, S, z, *plan.tables], [jax.ShapeDtypeStruct(q.shape, q.dtype), plan.rows])
     d_state, d_norm, d_end_gate = plan.launch(
-        power_state_scan_backward, [q, L, dy, delta, log_normaliser, S, z, *plan.tables],
+        power_state_scan_backward, [q, L[0], dy, delta, log_normaliser, S, z, *plan.tables],
         [plan.state, plan.norm, jax.ShapeDtypeStruct((*plan.state.shape[:4], plan.constants["VALUE_BLOCKS"]), jnp.float32)],
     )
     dk, dv, dL_columns, through_state = plan.launch(
@@ -471,7 +475,7 @@ def triton_chunked_backward(scale, chunk_size, residuals, dy):
     # L_t sums log_g over its chunk up to t, so d log_g_u = sum over t >= u in u's chunk of dL_t.
     d_log_g = jnp.flip(jnp.cumsum(jnp.flip(dL, axis=2), axis=2), axis=2)
     seq = dq.shape[1]
-    return dq, dk, dv, d_log_g.reshape(dq.shape[0], -1, dq.shape[2])[:, :seq].astype(residuals[3].dtype)
+    return dq, dk, dv, d_log_g.reshape(dq.shape[0], -1, dq.shape[2])[:, :seq].astype(residuals[3][0].dtype)
 
 
 triton_chunked.defvjp(triton_chunked_forward, triton_chunked_backward)
