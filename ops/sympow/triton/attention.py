@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ops.exact import exact_cumsum
-from ops.sympow.triton.launch import Tiling, launch, tiling
+from ops.sympow.triton.launch import Tiling, launch, tilings
 
 EPS = tl.constexpr(1e-6)  # as ops.sympow.naive.EPS; a kernel reads only constexpr globals
 
@@ -249,7 +249,7 @@ def gpu_tilings(dim: int, itemsize: int) -> dict:
 
 
 def kernel_tilings(q) -> dict:
-    return {kernel: tiling(gpu) for kernel, gpu in gpu_tilings(q.shape[-1], q.dtype.itemsize).items()}
+    return tilings(gpu_tilings(q.shape[-1], q.dtype.itemsize))
 
 
 def kernel_constants(q, v, gated: bool, p: int, scale: float) -> dict:
@@ -278,8 +278,8 @@ def attention_backward(q, k, v, gate, y, log_normaliser, dy, p: int, scale: floa
     delta = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1)
     inputs = [q, k, v, *gate, dy, delta, log_normaliser]
     rows = jax.ShapeDtypeStruct(log_normaliser.shape, jnp.float32)
-    tilings = kernel_tilings(q)
-    keys, queries = tilings[power_attention_backward_keys], tilings[power_attention_backward_queries]
+    here = kernel_tilings(q)
+    keys, queries = here[power_attention_backward_keys], here[power_attention_backward_queries]
     dk, dv, dgate_columns = launch(
         power_attention_backward_keys, (math.ceil(seq / keys.key_rows), batch * heads), inputs,
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), rows], keys, **constants,

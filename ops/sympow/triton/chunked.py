@@ -52,7 +52,7 @@ from ops.sympow.triton.attention import (
     store_row,
     store_tile,
 )
-from ops.sympow.triton.launch import Tiling, launch, tiling
+from ops.sympow.triton.launch import Tiling, launch, tilings
 
 SECOND_BLOCK = 16  # FB: the smallest width tl.dot takes
 FIRST_BLOCK = 4  # FA: a quarter of one
@@ -100,9 +100,12 @@ def store_state_columns(S, Z, tile, value_block, state, norm, FEATURES, DIM_V, V
 
 
 @triton.jit
-def scan_program(VALUE_BLOCKS):
-    """The (pair, value column block) of a scan program: program axis 0 runs over pairs x column blocks."""
-    return tl.program_id(0) // VALUE_BLOCKS, tl.program_id(0) % VALUE_BLOCKS
+def scan_program(FIRST, SECOND, FA, FB, VALUE_BLOCKS):
+    """The pair, its blocks (A, B) and weight, and the value column block of a scan program:
+    program axis 0 runs over pairs x column blocks."""
+    pair, value_block = tl.program_id(0) // VALUE_BLOCKS, tl.program_id(0) % VALUE_BLOCKS
+    first, second, weight = pair_blocks(FIRST, SECOND, pair, FA, FB)
+    return pair, first, second, weight, value_block
 
 
 @triton.jit
@@ -164,9 +167,8 @@ def power_state_scan(
 ):
     """The state entering every chunk, for one pair of feature blocks and one block of value
     columns; the running state stays in registers."""
-    pair, value_block = scan_program(VALUE_BLOCKS)
+    pair, first, second, weight, value_block = scan_program(FIRST, SECOND, FA, FB, VALUE_BLOCKS)
     tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
-    first, second, weight = pair_blocks(FIRST, SECOND, pair, FA, FB)
     state = tl.zeros([FA * FB, VALUE_BLOCK], tl.float32)
     norm = tl.zeros([FA * FB], tl.float32)
     for chunk in range(CHUNKS):
@@ -288,9 +290,8 @@ def power_state_scan_backward(
     dS_{last + 1} = 0. Stores, per chunk, dS_{m+1} (the gradient of the chunk's own contribution)
     and this program's part of exp(E_m) <S_m, dS_{m+1}> (its end gate's; the norm's part in the
     first column block)."""
-    pair, value_block = scan_program(VALUE_BLOCKS)
+    pair, first, second, _, value_block = scan_program(FIRST, SECOND, FA, FB, VALUE_BLOCKS)
     tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
-    first, second, _ = pair_blocks(FIRST, SECOND, pair, FA, FB)
     d_state = tl.zeros([FA * FB, VALUE_BLOCK], tl.float32)
     d_norm = tl.zeros([FA * FB], tl.float32)
     for step in range(CHUNKS):
@@ -395,7 +396,7 @@ def gpu_tilings(dim: int, itemsize: int) -> dict:
 
 def chunk_multiple(q) -> int:
     """chunk_size must be a multiple of every tile's rows, so that no tile straddles two chunks."""
-    return max(max(t.query_rows, t.key_rows) for t in map(tiling, gpu_tilings(q.shape[-1], q.dtype.itemsize).values()))
+    return max(max(t.query_rows, t.key_rows) for t in tilings(gpu_tilings(q.shape[-1], q.dtype.itemsize)).values())
 
 
 class Plan:
@@ -409,7 +410,7 @@ class Plan:
         self.norm = jax.ShapeDtypeStruct(self.state.shape[:-1], jnp.float32)
         self.rows = jax.ShapeDtypeStruct((batch, seq, heads), jnp.float32)
         self.tables = [jnp.asarray(t) for t in pair_tables(dim)]
-        self.tilings = {kernel: tiling(gpu) for kernel, gpu in gpu_tilings(dim, q.dtype.itemsize).items()}
+        self.tilings = tilings(gpu_tilings(dim, q.dtype.itemsize))
         scan_grid = (pairs * self.constants["VALUE_BLOCKS"], batch * heads)
         self.grids = {
             power_state_scan: scan_grid,

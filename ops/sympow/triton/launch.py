@@ -103,8 +103,8 @@ def interpreting():
 @dataclasses.dataclass(frozen=True)
 class Tiling:
     """How a kernel is cut and launched: rows of q (BLOCK_M) and of k (BLOCK_N) per tile, warps
-    and software-pipeline stages. Each kernel's GPU tiling is the largest tile that, compiled for
-    sm_90, fits an H100's shared memory and spills (next to) no registers, as tests/test_triton.py
+    and software-pipeline stages. Each kernel's GPU tiling was chosen among those compiled for
+    sm_90 to fit an H100's shared memory and spill (next to) no registers, as tests/test_triton.py
     checks; none is timed on a GPU yet."""
 
     query_rows: int
@@ -123,6 +123,11 @@ INTERPRETER_TILING = Tiling(16, 16)
 def tiling(gpu: Tiling) -> Tiling:
     """The tiling to run a kernel with here: its GPU tiling on a GPU, else the interpreter's."""
     return gpu if on_gpu() else INTERPRETER_TILING
+
+
+def tilings(gpu_tilings: dict) -> dict:
+    """tiling() of each kernel's GPU tiling."""
+    return {kernel: tiling(gpu) for kernel, gpu in gpu_tilings.items()}
 
 
 def compile_for(kernel, pointer_types: dict[str, str], constants: dict, tiles: Tiling, capability: int = 90):
