@@ -2,21 +2,30 @@
 # The GPU checks of the Triton kernels, for the lent GPU machine (../shared/gpu/README.md), one
 # stage per call so that each fits the machine's 10-minute limit:
 #
+#   bash scripts/gpu_checks.sh wheels  # here, before the others: the wheels they carry
 #   bash scripts/gpu_checks.sh tests   # tests/test_triton_gpu.py on the GPU (bf16 precision rule,
-#                                      # 16K/64K tokens, memory linear in seq), and the interpreter
-#                                      # tests of tests/test_triton.py on that machine's CPU
+#                                      # 16K/64K tokens, memory linear in seq)
 #   bash scripts/gpu_checks.sh bench   # python -m ops.benchmark: p = 2 (chunk sweep) and p = 4
 #   bash scripts/gpu_checks.sh train   # 124m tokens/s, conformal against softmax, context 16384
 #
-# Here first (the machine has no network): ../shared/gpu/wheels.sh with pytest-xdist and execnet,
-# and for `train` tiktoken, regex, zarr, numcodecs, donfig and google-crc32c, at the versions
-# `.venv/bin/pip freeze` shows (it adds jax-triton and beartype itself); for `train` also build
-# the embedded corpus into the repository (17 MB):
+# Here first (the machine has no network): `bash scripts/gpu_checks.sh wheels` puts in .whl/ the
+# wheels that machine lacks, at this venv's versions; for `train` also build the embedded corpus
+# into the repository (17 MB):
 #   SYMPOW_CACHE=$PWD/.cache .venv/bin/python -c "from sympow.data import resolve; resolve('embedded')"
 # then carry .whl (and .cache). Results land in $OUT (or runs/gpu), a short table printed last.
 # Not yet run on a GPU: the first session with one runs it and records what it saw.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+# What the GPU machine lacks (../shared/gpu/README.md) that the benchmark (tqdm, matplotlib) and
+# train.py (tiktoken, zarr) import, with their own dependencies; wheels.sh adds jax-triton and beartype.
+MISSING_ON_GPU_MACHINE="tqdm matplotlib contourpy cycler fonttools kiwisolver pillow pyparsing python-dateutil
+    tiktoken regex requests urllib3 idna charset-normalizer certifi zarr numcodecs donfig pyyaml google-crc32c msgspec"
+if [ "${1:-}" = wheels ]; then
+    mkdir -p .git/info  # wheels.sh records .whl/ in .git/info/exclude
+    pins=$(for name in $MISSING_ON_GPU_MACHINE; do .venv/bin/pip freeze | grep -i "^${name}=="; done)
+    exec bash ../shared/gpu/wheels.sh $pins
+fi
 out=${OUT:-runs/gpu}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl
@@ -25,10 +34,9 @@ python3 -c "import jax, triton; print('jax', jax.__version__, jax.devices(), 'tr
 
 case "${1:-}" in
 tests)
+    # The interpreter tests are not run here: triton 3.6's interpreter fails with this machine's
+    # numpy 2.5 (DESIGN.md section 6). CI compiles and lowers every kernel with triton 3.6.
     python3 -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py 2>&1 | tee "$out/test_triton_gpu.txt"
-    # The interpreter tests hold float32 to the pure-JAX float32 error, which TF32 matmuls on
-    # a GPU would not; they run on this machine's CPU.
-    JAX_PLATFORMS=cpu python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_triton.py 2>&1 | tail -3 | tee "$out/test_triton_cpu.txt"
     ;;
 bench)
     python3 -m ops.benchmark --out "$out/p2.json" | tee "$out/p2.txt"
@@ -49,7 +57,7 @@ for attention in ("softmax", "conformal"):
 EOF
     ;;
 *)
-    echo "usage: bash scripts/gpu_checks.sh tests|bench|train" >&2
+    echo "usage: bash scripts/gpu_checks.sh wheels|tests|bench|train" >&2
     exit 2
     ;;
 esac

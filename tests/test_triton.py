@@ -7,8 +7,10 @@ The launcher fills every output with NaN before a run, so a tile the kernel neve
 
 import dataclasses
 import math
+import os
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -300,10 +302,6 @@ print("sharded ok")
 
 
 def test_attention_on_a_batch_sharded_over_two_devices():
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and "sharded ok" in result.stdout, result.stderr[-3000:]
@@ -345,14 +343,13 @@ def test_gpu_lowering_through_jax_triton(monkeypatch, p):
     """jit(grad) of impl='triton' in bf16, lowered for CUDA on a CPU through jax_triton.triton_call:
     the kernels, their constants, grids and warps as a GPU would get them (their GPU tilings), within an
     H100's shared memory. (A GPU run still has to show that they launch and what they compute.)"""
-    import jax_triton.triton_lib
-
     from ops.sympow.triton.attention import attention
 
     fake = FakeCudaKernels()
     monkeypatch.setattr(launcher, "on_gpu", lambda: True)
+    triton_lib = launcher.jax_triton().triton_lib  # imported as the launcher does, with triton 3.6's fix
     for name in ("get_compute_capability", "TritonKernel", "create_scalar_parameter", "create_array_parameter", "TritonKernelCall"):
-        monkeypatch.setattr(jax_triton.triton_lib.triton_kernel_call_lib, name, getattr(fake, name), raising=False)
+        monkeypatch.setattr(triton_lib.triton_kernel_call_lib, name, getattr(fake, name), raising=False)
 
     def attend(q, k, v, log_g):
         return triton_chunked(q, k, v, log_g, 0.125, 128) if p == 2 else attention(q, k, v, log_g, p, 0.125)
@@ -375,3 +372,25 @@ def test_gpu_lowering_through_jax_triton(monkeypatch, p):
     assert {launch["name"]: (launch["grid"][:2], launch["num_warps"]) for launch in fake.launches} == expected
     assert all(launch["shared_memory"] <= H100_SHARED_MEMORY for launch in fake.launches)
     assert exported.mlir_module().count("stablehlo.custom_call @triton_kernel_call_ffi") == len(expected)
+
+
+# Where scripts/setup.sh installs the lent H100's triton (DESIGN.md section 6), beside the venv's.
+LENT_GPU_TRITON = Path(__file__).parents[1] / ".venv" / "triton-3.6.0"
+
+CHECK_WITH_LENT_GPU_TRITON = """
+import sys, pytest, triton
+assert triton.__version__ == "3.6.0", triton.__version__
+sys.exit(pytest.main([sys.argv[1], "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-k", "compile_for_sm90 or gpu_lowering"]))
+"""
+
+
+def test_every_kernel_also_builds_with_the_lent_gpus_triton_3_6():
+    """Users install triton 3.7 but the lent H100 has 3.6, whose register allocation differs
+    (one tiling spilled 156 bytes with it and none with 3.7) and with which jax-triton 0.4.1
+    lowers only after the launcher's TMA_TF32 fix: the sm_90 compiles and the jax-triton
+    lowering above, run again with triton 3.6."""
+    if not (LENT_GPU_TRITON / "triton").is_dir():
+        pytest.skip(f"triton 3.6.0 is not installed in {LENT_GPU_TRITON} (scripts/setup.sh installs it)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(LENT_GPU_TRITON), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", CHECK_WITH_LENT_GPU_TRITON, __file__], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]

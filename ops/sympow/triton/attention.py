@@ -237,13 +237,15 @@ def power_attention_backward_queries(
 def gpu_tilings(dim: int, itemsize: int) -> dict:
     """Each kernel's GPU tiling (launch.Tiling) for q and k rows of dim elements of itemsize
     bytes. Compiled for sm_90 at head dims 16..128, p = 2 and 4, bf16 and float32, ptxas spills
-    no registers with these. The forward pass takes 128 query rows a program, as flash attention
-    does on an H100, but 64 for 512-byte rows (float32 at dim 128), whose tiles would need 257
-    KiB of shared memory; the backward passes take 32 rows of keys a tile (at 64, dim 64 in
-    float32 spilled 452 bytes a thread)."""
+    no registers with these, with triton 3.7 and with 3.6 (the lent H100's). The forward pass
+    takes 128 query rows a program, as flash attention does on an H100, but 64 for 512-byte rows
+    (float32 at dim 128), whose tiles would need 257 KiB of shared memory; the backward passes
+    take 32 rows of keys a tile (at 64, dim 64 in float32 spilled 452 bytes a thread), and the
+    backward keys kernel 32 rows of queries for 512-byte rows (at 64, triton 3.6 spilled 156)."""
+    wide_rows = dim * itemsize > 256
     return {
-        power_attention_forward: Tiling(128 if dim * itemsize <= 256 else 64, 64, num_warps=8),
-        power_attention_backward_keys: Tiling(64, 32, num_warps=8),
+        power_attention_forward: Tiling(64 if wide_rows else 128, 64, num_warps=8),
+        power_attention_backward_keys: Tiling(32 if wide_rows else 64, 32, num_warps=8),
         power_attention_backward_queries: Tiling(64, 32, num_warps=8),
     }
 
