@@ -170,9 +170,11 @@ def test_attention_kernels_compile_for_sm90(name, dtype, dim, p):
 
 @pytest.mark.parametrize(
     "seq, dim, dim_v, chunk, gamma",
-    [(1, 16, 16, 16, 0.9), (63, 32, 32, 32, 0.999), (100, 64, 64, 48, None), (500, 16, 16, 64, 0.01), (130, 32, 16, 16, 0.5)],
+    [(1, 16, 16, 16, 0.9), (63, 32, 32, 32, 0.999), (100, 64, 64, 48, None), (500, 16, 16, 256, 0.5), (130, 32, 16, 16, 0.01)],
 )
 def test_chunked_kernels_forward_matches_float64(seq, dim, dim_v, chunk, gamma):
+    """At 500 tokens, chunk 256, gamma 0.5, |L| reaches 177 inside a chunk: taking L's hi part
+    alone gave 19x the pure-JAX error in the intra-chunk weights and 5.7x in the key decays."""
     q, k, v, log_g = attention_inputs(2, seq, 2, dim, gamma=gamma, seed=seq + dim, dim_v=dim_v)
     scale = 1 / math.sqrt(dim)
     reference = attention_form(q, k, v, log_g, 2, scale)
@@ -198,7 +200,7 @@ def test_state_scan_kernel_holds_the_pure_jax_states():
     q, k, v, log_g = attention_inputs(1, 100, 2, dim, gamma=0.8, seed=3)
     _, _, S_tiled, z_tiled = chunked_forward(*(a.astype(jnp.float32) for a in (q, k, v)), chunk_gates(log_g.astype(jnp.float32), chunk), scale, chunk)
     L = chunk_local_gates(split_chunks(log_g, chunk))
-    S, z = state_scan(*chunk_states(split_chunks(k, chunk), split_chunks(v, chunk), L, 2, scale), L[:, :, -1])
+    S, z = state_scan(*chunk_states(split_chunks(k, chunk), split_chunks(v, chunk), L, 2, scale), L[0][:, :, -1])
     x = np.asarray(jax.random.normal(jax.random.key(7), (dim,), jnp.float64))
     phi = np.asarray(symmetric_power_embedding(jnp.asarray(x) * math.sqrt(scale), 2))
     phi_tiled = tiled_features(x * math.sqrt(scale))
@@ -210,7 +212,8 @@ def test_state_scan_kernel_holds_the_pure_jax_states():
 
 
 @pytest.mark.parametrize(
-    "seq, dim, dim_v, chunk, gamma", [(37, 16, 16, 16, 0.01), (63, 32, 32, 32, 0.999), (100, 16, 32, 48, None), (70, 64, 64, 32, 0.9)]
+    "seq, dim, dim_v, chunk, gamma",
+    [(37, 16, 16, 16, 0.01), (63, 32, 32, 32, 0.999), (100, 16, 32, 48, None), (70, 64, 64, 32, 0.9), (500, 16, 16, 256, 0.5)],
 )
 def test_chunked_kernel_gradients_match_float64(seq, dim, dim_v, chunk, gamma):
     scale = 1 / math.sqrt(dim)
@@ -237,7 +240,7 @@ def test_chunked_kernels_at_head_dim_128():
 
 
 CHUNKED_KERNELS = {
-    "state_scan": (power_state_scan, ("K", "V"), ("L", "S", "Z")),
+    "state_scan": (power_state_scan, ("K", "V"), ("L", "L_LO", "S", "Z")),
     "chunk_forward": (power_chunk_forward, ("Q", "K", "V", "Y"), ("L", "L_LO", "S", "Z", "LOG_NORMALISER")),
     "chunk_backward_queries": (power_chunk_backward_queries, ("Q", "K", "V", "DY", "DQ"), ("L", "L_LO", "DELTA", "LOG_NORMALISER", "S", "Z", "DL_ROWS")),
     "state_scan_backward": (power_state_scan_backward, ("Q", "DY"), ("L", "DELTA", "LOG_NORMALISER", "S", "Z", "DS", "DZ", "D_END_GATE")),

@@ -7,10 +7,12 @@ Per chunk m, with L_end its last L:
     state into chunk m+1:  S_{m+1} = exp(L_end) S_m + sum_{j in m} exp(L_end - L_j) phi(r k_j) v_j^T
     numerator of y_i:      exp(L_i) phi(r q_i)^T S_m + sum_{j in m, j <= i} (s q_i . k_j)^p exp(L_i - L_j) v_j
 
-with r = sqrt(s), so that phi(r q) . phi(r k) = (s q . k)^p and both parts weigh alike.
-and the denominators the same with z (and 1 for v). The stages below are the ones the
-Triton kernels implement, with the same signatures: `chunk_states`, `state_scan`,
-`chunk_outputs`. Chunk-wise work runs one chunk at a time under `jax.checkpoint`, so the
+with r = sqrt(s), so that phi(r q) . phi(r k) = (s q . k)^p and both parts weigh alike,
+and the denominators the same with z (and 1 for v). L is carried as an exact pair hi + lo of
+floats (ops.exact) and differenced part by part: with strong gates |L| reaches c |log gamma|,
+and L_i - L_j of nearby positions taken from one rounded L would lose ulp(|L|) in a weight
+near 1. The stages below are the ones the Triton kernels implement, with the same signatures:
+`chunk_states`, `state_scan`, `chunk_outputs`. Chunk-wise work runs one chunk at a time under `jax.checkpoint`, so the
 backward pass rematerialises phi features and never holds more than one chunk of them.
 """
 
@@ -20,9 +22,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ops.exact import exact_cumsum
 from ops.sympow.naive import finite_or_zero, log_abs, log_weights, normalise, symmetric_power_embedding
 
 Chunked = Float[Array, "batch chunks chunk heads dim"]
+ChunkGates = Float[Array, "batch chunks chunk heads"]
+GatePair = tuple[ChunkGates, ChunkGates]
 
 
 def split_chunks(x: Float[Array, "batch seq *rest"], chunk_size: int) -> Float[Array, "batch chunks chunk *rest"]:
@@ -34,9 +39,14 @@ def split_chunks(x: Float[Array, "batch seq *rest"], chunk_size: int) -> Float[A
     return x.reshape(x.shape[0], padded // chunk_size, chunk_size, *x.shape[2:])
 
 
-def chunk_local_gates(log_g: Float[Array, "batch chunks chunk heads"]) -> Float[Array, "batch chunks chunk heads"]:
-    """L_t = sum_{u=mc..t} g_u: the cumulative gate restarted at each chunk."""
-    return jnp.cumsum(log_g, axis=2)
+def chunk_local_gates(log_g: ChunkGates) -> GatePair:
+    """L_t = sum_{u=mc..t} g_u, the cumulative gate restarted at each chunk, as a pair (hi, lo)."""
+    return exact_cumsum(log_g, axis=2)
+
+
+def pair_difference(later: tuple[Array, Array], earlier: tuple[Array, Array]) -> Array:
+    """later - earlier for two (hi, lo) pairs, the parts differenced apart (see the module docstring)."""
+    return (later[0] - earlier[0]) + (later[1] - earlier[1])
 
 
 def one_chunk_at_a_time(fn, *chunked_args):
@@ -46,18 +56,18 @@ def one_chunk_at_a_time(fn, *chunked_args):
 
 
 def chunk_states(
-    k: Chunked, v: Float[Array, "batch chunks chunk heads dv"], L: Float[Array, "batch chunks chunk heads"], p: int, scale: float
+    k: Chunked, v: Float[Array, "batch chunks chunk heads dv"], L: GatePair, p: int, scale: float
 ) -> tuple[Float[Array, "batch chunks heads D dv"], Float[Array, "batch chunks heads D"]]:
     """What each chunk adds to the state: sum_j exp(L_end - L_j) phi(r k_j) v_j^T, and to z.
 
     The decay is folded into the key before expansion: phi(exp(u/p) x) = exp(u) phi(x)."""
 
-    def one_chunk(k, v, L):
-        decay = jnp.exp((L[:, -1:, :] - L) / p)[..., None]  # [batch, chunk, heads, 1]
-        phi_k = symmetric_power_embedding(k * (math.sqrt(scale) * decay), p)
+    def one_chunk(k, v, L_hi, L_lo):
+        to_end = pair_difference((L_hi[:, -1:], L_lo[:, -1:]), (L_hi, L_lo))  # [batch, chunk, heads]
+        phi_k = symmetric_power_embedding(k * (math.sqrt(scale) * jnp.exp(to_end / p))[..., None], p)
         return jnp.einsum("bjhD,bjhv->bhDv", phi_k, v), jnp.sum(phi_k, axis=1)
 
-    return one_chunk_at_a_time(one_chunk, k, v, L)
+    return one_chunk_at_a_time(one_chunk, k, v, *L)
 
 
 def state_scan(
@@ -83,7 +93,7 @@ def chunk_outputs(
     q: Chunked,
     k: Chunked,
     v: Float[Array, "batch chunks chunk heads dv"],
-    L: Float[Array, "batch chunks chunk heads"],
+    L: GatePair,
     S: Float[Array, "batch chunks heads D dv"],
     z: Float[Array, "batch chunks heads D"],
     p: int,
@@ -95,8 +105,11 @@ def chunk_outputs(
     log w_ij = p log|s q_i . k_j| + L_i - L_j and log of the state's weight exp(L_i) phi(r q_i)^T z,
     so the denominator is >= 1 in that frame."""
 
-    def one_chunk(q, k, v, L, S, z):
-        log_w = log_weights(q, k, L, p, scale)  # with chunk-local gates: L_i - L_j = G_i - G_j
+    def one_chunk(q, k, v, L_hi, L_lo, S, z):
+        by_head = tuple(jnp.moveaxis(part, 1, -1) for part in (L_hi, L_lo))  # [batch, heads, chunk]
+        gate = pair_difference(tuple(part[..., :, None] for part in by_head), tuple(part[..., None, :] for part in by_head))
+        log_w = log_weights(q, k, None, p, scale) + gate  # L_i - L_j = G_i - G_j inside a chunk
+        L = L_hi  # a decay from the chunk's start takes hi alone (hi + lo rounds to it)
         phi_q = symmetric_power_embedding(q * math.sqrt(scale), p)
         state_numerator = jnp.einsum("bihD,bhDv->bihv", phi_q, S)
         state_denominator = jnp.einsum("bihD,bhD->bih", phi_q, z)
@@ -110,7 +123,7 @@ def chunk_outputs(
         denominator = jnp.moveaxis(jnp.sum(w, axis=-1), 1, -1) + state_factor * state_denominator
         return normalise(numerator, denominator)
 
-    return one_chunk_at_a_time(one_chunk, q, k, v, L, S, z)
+    return one_chunk_at_a_time(one_chunk, q, k, v, *L, S, z)
 
 
 def chunked_form(
@@ -129,6 +142,6 @@ def chunked_form(
     qc, kc, vc, log_gc = (split_chunks(a, chunk_size) for a in (q, k, v, log_g))
     L = chunk_local_gates(log_gc)
     delta_S, delta_z = chunk_states(kc, vc, L, p, scale)
-    S, z = state_scan(delta_S, delta_z, L[:, :, -1])
+    S, z = state_scan(delta_S, delta_z, L[0][:, :, -1])  # hi alone, as in chunk_outputs
     y = chunk_outputs(qc, kc, vc, L, S, z, p, scale)
     return y.reshape(batch, -1, heads, v.shape[-1])[:, :seq]

@@ -149,18 +149,21 @@ def pair_blocks(FIRST, SECOND, pair, FA, FB):
 
 @triton.jit
 def chunk_end_gate(L, row_base, chunk, SEQ, HEADS, CHUNK):
-    """E_m: L at the last position of chunk m (the last real one, for a partial chunk)."""
+    """E_m: L (or its lo part) at the last position of chunk m (the last real one, for a partial chunk)."""
     return tl.load(L + row_base + (tl.minimum((chunk + 1) * CHUNK, SEQ) - 1) * HEADS)
 
 
 @triton.jit
-def key_root_decay(L, row_base, cols, end_gate, SEQ, HEADS, ROOT_SCALE):
-    """r exp((E_m - L_j) / 2), which makes phi of the scaled key carry the decay exp(E_m - L_j)."""
-    return tl.exp((end_gate - load_row(L, row_base, cols, SEQ, HEADS)) * 0.5) * ROOT_SCALE
+def key_root_decay(L, L_LO, row_base, cols, chunk, SEQ, HEADS, CHUNK, ROOT_SCALE):
+    """r exp((E_m - L_j) / 2), which makes phi of the scaled key carry the decay exp(E_m - L_j);
+    E_m - L_j from hi and lo apart, as the intra-chunk weights take L_i - L_j."""
+    end_hi, end_lo = chunk_end_gate(L, row_base, chunk, SEQ, HEADS, CHUNK), chunk_end_gate(L_LO, row_base, chunk, SEQ, HEADS, CHUNK)
+    hi, lo = load_gates(L, L_LO, row_base, cols, SEQ, HEADS)
+    return tl.exp(((end_hi - hi) + (end_lo - lo)) * 0.5) * ROOT_SCALE
 
 
 def power_state_scan(
-    K, V, L, FIRST, SECOND, S, Z,
+    K, V, L, L_LO, FIRST, SECOND, S, Z,
     SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
     FA: tl.constexpr, FB: tl.constexpr, N_A: tl.constexpr, N_B: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_BLOCK: tl.constexpr, VALUE_BLOCKS: tl.constexpr,
@@ -173,12 +176,12 @@ def power_state_scan(
     norm = tl.zeros([FA * FB], tl.float32)
     for chunk in range(CHUNKS):
         store_state_columns(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), value_block, state, norm, FA * FB, DIM_V, VALUE_BLOCK)
-        end_gate = chunk_end_gate(L, row_base, chunk, SEQ, HEADS, CHUNK)
-        state = state * tl.exp(end_gate)
-        norm = norm * tl.exp(end_gate)
+        decay = tl.exp(chunk_end_gate(L, row_base, chunk, SEQ, HEADS, CHUNK))
+        state = state * decay
+        norm = norm * decay
         for start in range(chunk * CHUNK, (chunk + 1) * CHUNK, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            root_decay = key_root_decay(L, row_base, cols, end_gate, SEQ, HEADS, ROOT_SCALE)[:, None]
+            root_decay = key_root_decay(L, L_LO, row_base, cols, chunk, SEQ, HEADS, CHUNK, ROOT_SCALE)[:, None]
             k_first = load_block(K, tile_base, cols, first, SEQ, HEADS, DIM, FA) * root_decay
             k_second = load_block(K, tile_base, cols, second, SEQ, HEADS, DIM, FB) * root_decay
             phi = pair_features(k_first, k_second, BLOCK_N, FA, FB) * weight
@@ -335,7 +338,7 @@ def power_chunk_backward_keys(
         (block_n * BLOCK_N // BLOCK_M) * BLOCK_M, tl.minimum((chunk + 1) * CHUNK, SEQ), SEQ, HEADS, DIM, DIM_V, SCALE, 2, True, BLOCK_M,
     )
 
-    root_decay = key_root_decay(L, row_base, cols, chunk_end_gate(L, row_base, chunk, SEQ, HEADS, CHUNK), SEQ, HEADS, ROOT_SCALE)
+    root_decay = key_root_decay(L, L_LO, row_base, cols, chunk, SEQ, HEADS, CHUNK, ROOT_SCALE)
     v = v.to(tl.float32)
     d_first_blocks, d_second_blocks = tl.zeros([BLOCK_N, N_A, FA], tl.float32), tl.zeros([BLOCK_N, N_B, FB], tl.float32)
     through_state = tl.zeros([BLOCK_N], tl.float32)
@@ -425,7 +428,9 @@ class Plan:
 
 def chunk_gates(log_g, chunk_size: int):
     """L: the cumulative gate restarted at each chunk, [batch, seq, heads], as a pair (hi, lo) of
-    float32. The scans take hi; the intra-chunk weights difference both, as the flash kernels do."""
+    float32. Differences of L (intra-chunk weights, key decays to the chunk end) take both
+    parts, as the flash kernels do; decays from the chunk's start, exp(E_m) and exp(L_i), take
+    hi, as ops.sympow.chunk does."""
     L = exact_cumsum(split_chunks(log_g, chunk_size), axis=2)
     return tuple(part.reshape(log_g.shape[0], -1, log_g.shape[2])[:, : log_g.shape[1]] for part in L)
 
@@ -433,7 +438,7 @@ def chunk_gates(log_g, chunk_size: int):
 def chunked_forward(q, k, v, L, scale: float, chunk_size: int):
     """(y, log normaliser, S, z) through the state scan and the chunk output kernel; L as (hi, lo)."""
     plan = Plan(q, v, scale, chunk_size)
-    S, z = plan.launch(power_state_scan, [k, v, L[0], *plan.tables], [plan.state, plan.norm])
+    S, z = plan.launch(power_state_scan, [k, v, *L, *plan.tables], [plan.state, plan.norm])
     y, log_normaliser = plan.launch(power_chunk_forward, [q, k, v, *L, S, z, *plan.tables], [jax.ShapeDtypeStruct(v.shape, v.dtype), plan.rows])
     return y, log_normaliser, S, z
 
