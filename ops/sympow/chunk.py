@@ -12,8 +12,9 @@ and the denominators the same with z (and 1 for v). L is carried as an exact pai
 floats (ops.exact) and differenced part by part: with strong gates |L| reaches c |log gamma|,
 and L_i - L_j of nearby positions taken from one rounded L would lose ulp(|L|) in a weight
 near 1. The stages below are the ones the Triton kernels implement, with the same signatures:
-`chunk_states`, `state_scan`, `chunk_outputs`. Chunk-wise work runs one chunk at a time under `jax.checkpoint`, so the
-backward pass rematerialises phi features and never holds more than one chunk of them.
+`chunk_states`, `state_scan`, `chunk_outputs`. Chunk-wise work runs one chunk at a time under
+`jax.checkpoint`, so the backward pass rematerialises phi features and never holds more than
+one chunk of them.
 """
 
 import math
