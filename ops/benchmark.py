@@ -9,8 +9,9 @@ Defaults follow the backend. GPU: impls softmax (cuDNN), triton, chunked, attent
 at 64K tokens per batch; 8 heads, d = 64, bf16; chunk sizes 64..1024 for the chunked impls.
 CPU: the attention and chunked forms, batch 1, 2 heads, float32 (the Triton interpreter is no
 measure of speed). Every figure comes from one run on one machine. A case that fails (out of
-memory, say) is reported as such and the sweep goes on. Each time is the median of --repeats
-calls after a warm-up call that also compiles.
+memory, say) is reported as such and the sweep goes on; past --max-minutes no case starts.
+The JSON is rewritten after every case. Each time is the median of --repeats calls after a
+warm-up call that also compiles.
 
 TFLOP/s counts the matmul FLOPs of each algorithm, as the FlashAttention papers do: causal
 attention 2 B H T^2 d forward; the chunked form B H (2 T c d + 4 T D d), D = C(d + p - 1, p)
@@ -19,6 +20,7 @@ attention 2 B H T^2 d forward; the chunked form B H (2 T c d + 4 T D d), D = C(d
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -33,6 +35,7 @@ import ops
 from ops.sympow.triton.launch import on_gpu
 
 CHUNKED_IMPLS = ("chunked", "triton")
+MODES = ("forward", "forward+backward")
 IMPL_CHOICES = ("softmax", "attention", "recurrent", "chunked", "triton")
 
 
@@ -57,7 +60,7 @@ def timed_functions(impl, p, chunk_size):
     def loss(q, k, v, log_g):
         return jnp.sum(attend(q, k, v, log_g).astype(jnp.float32))
 
-    return {"forward": jax.jit(attend), "forward+backward": jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))}
+    return dict(zip(MODES, (jax.jit(attend), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))))))
 
 
 def uses_chunks(impl, seq, p, chunk_size) -> bool:
@@ -82,14 +85,42 @@ def compiled_bytes(fn, inputs) -> int:
     return memory.temp_size_in_bytes + memory.output_size_in_bytes
 
 
-def median_seconds(fn, inputs, repeats):
-    jax.block_until_ready(fn(*inputs))
+def timed(fn, inputs, repeats):
+    """The median seconds of `repeats` calls after a warm-up call (which also compiles), and its outputs."""
+    outputs = jax.block_until_ready(fn(*inputs))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn(*inputs))
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), outputs
+
+
+class TimeLimit:
+    """Past --max-minutes a sweep starts no new case, so that a machine's time limit ends it with
+    the table of what ran (the rest marked as not run) rather than with nothing."""
+
+    NOT_RUN = "not run: --max-minutes reached"
+
+    def __init__(self, minutes: float | None):
+        self.end = math.inf if minutes is None else time.monotonic() + 60 * minutes
+
+    def reached(self) -> bool:
+        return time.monotonic() > self.end
+
+
+def describe_error(error: Exception) -> str:
+    """The error's type, first line and (for a traceback passed on, as from a host callback) last line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+    text = lines[0][:150] + (f" ... {lines[-1][:150]}" if len(lines) > 1 else "")
+    return f"{type(error).__name__}: {text}".replace("|", "/")
+
+
+def write_json(path: Path | None, args, rows, **extra) -> None:
+    """The arguments and rows so far (written after every case: a killed run keeps what it measured)."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, **extra, rows=rows), indent=1))
 
 
 def variants(impls, chunk_sizes):
@@ -102,26 +133,31 @@ def variants(impls, chunk_sizes):
 def measure(args, seq, impl, chunk_size, mode, fn, inputs) -> dict:
     """One row: seconds, TFLOP/s and bytes, or the error that stopped the case."""
     try:
-        seconds = median_seconds(fn, inputs, args.repeats)
+        seconds, _ = timed(fn, inputs, args.repeats)
         memory = compiled_bytes(fn, inputs)
     except Exception as error:  # out of memory, an impl that does not support the shape: report, go on
-        return dict(error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        return dict(error=describe_error(error))
     batch = inputs[0].shape[0]
     flops = forward_flops(impl, batch, seq, args.heads, args.dim, args.p, chunk_size or ops.DEFAULT_CHUNK_SIZE)
     flops *= 3.5 if mode == "forward+backward" else 1
     return dict(seconds=seconds, tflops=flops / seconds / 1e12, bytes=memory)
 
 
-def run(args):
+def run(args, machine: str):
     dtype = jnp.dtype(args.dtype)
     rows = []
+    limit = TimeLimit(args.max_minutes)
     cases = [(seq, *variant) for seq in args.seqs for variant in variants(args.impls, args.chunk_sizes)]
     for seq, label, impl, chunk_size in tqdm(cases, desc="benchmark"):
         batch = max(1, args.tokens // seq) if args.tokens else 1
-        inputs = make_inputs(batch, seq, args.heads, args.dim, dtype)
-        for mode, fn in timed_functions(impl, args.p, chunk_size).items():
-            row = dict(seq=seq, batch=batch, impl=label, mode=mode)
-            rows.append(row | measure(args, seq, impl, chunk_size, mode, fn, inputs))
+        if limit.reached():
+            rows += [dict(seq=seq, batch=batch, impl=label, mode=mode, error=TimeLimit.NOT_RUN) for mode in MODES]
+        else:
+            inputs = make_inputs(batch, seq, args.heads, args.dim, dtype)
+            for mode, fn in timed_functions(impl, args.p, chunk_size).items():
+                row = dict(seq=seq, batch=batch, impl=label, mode=mode)
+                rows.append(row | measure(args, seq, impl, chunk_size, mode, fn, inputs))
+        write_json(args.out, args, rows, machine=machine)
     return rows
 
 
@@ -137,10 +173,10 @@ def best_per_impl(rows):
 
 
 def table(rows, baseline: str):
-    """Markdown, one line per measurement, with the speed-up over the baseline impl at that (seq, mode)."""
+    """Markdown, one line per measurement in order of seq, with the speed-up over the baseline impl at that (seq, mode)."""
     base = {(r["seq"], r["mode"]): r["seconds"] for r in rows if r["impl"] == baseline and "seconds" in r}
     lines = [f"| seq | batch | mode | impl | ms | TFLOP/s | MiB | {baseline} time / this |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["seq"]):
         head = f"| {r['seq']} | {r['batch']} | {r['mode']} | {r['impl']} |"
         if "error" in r:
             lines.append(f"{head} {r['error']} | | | |")
@@ -197,6 +233,7 @@ def parse_args(argv=None):
     parser.add_argument("--p", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16" if gpu else "float32")
     parser.add_argument("--repeats", type=int, default=10 if gpu else 3)
+    parser.add_argument("--max-minutes", type=float, help="start no new case after this long (the rest are reported as not run)")
     parser.add_argument("--baseline", help="impl the speed-ups are relative to (default: softmax if run, else the first impl)")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here, and the plot next to it as .png")
     args = parser.parse_args(argv)
@@ -211,15 +248,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    rows = run(args)
     machine = describe_machine()
+    rows = run(args, machine)
     batch = f"{args.tokens} tokens per batch" if args.tokens else "batch 1"
     title = f"{batch}, heads {args.heads}, dim {args.dim}, p {args.p}, {args.dtype}, gated; median of {args.repeats}; {machine}"
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, machine=machine, rows=rows), indent=1))
-        plot(rows, args.out.with_suffix(".png"), title)
-        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+        written = [args.out]
+        if best_per_impl(rows):  # no plot when no case ran
+            plot(rows, args.out.with_suffix(".png"), title)
+            written.append(args.out.with_suffix(".png"))
+        print("wrote", " and ".join(map(str, written)))
     print(f"\n{title}")
     print(table(rows, args.baseline))
 

@@ -6,6 +6,7 @@
 #   bash scripts/gpu_checks.sh tests   # tests/test_triton_gpu.py on the GPU (bf16 precision rule,
 #                                      # 16K/64K tokens, memory linear in seq)
 #   bash scripts/gpu_checks.sh bench   # python -m ops.benchmark: p = 2 (chunk sweep) and p = 4
+#   bash scripts/gpu_checks.sh tune    # python -m ops.tune: each chunked kernel's candidate tilings
 #   bash scripts/gpu_checks.sh train   # 124m tokens/s, conformal against softmax, context 16384
 #
 # Here first (the machine has no network): `bash scripts/gpu_checks.sh wheels` puts in .whl/ the
@@ -39,8 +40,15 @@ tests)
     python3 -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py 2>&1 | tee "$out/test_triton_gpu.txt"
     ;;
 bench)
-    python3 -m ops.benchmark --out "$out/p2.json" | tee "$out/p2.txt"
-    python3 -m ops.benchmark --p 4 --impls softmax triton attention --seqs 1024 2048 4096 8192 16384 --out "$out/p4.json" | tee "$out/p4.txt"
+    # Longest first, so that the 65,536-token targets are measured whatever --max-minutes cuts;
+    # each compiled kernel is specialised to its seq, so every length compiles anew.
+    python3 -m ops.benchmark --seqs 65536 32768 16384 8192 4096 2048 1024 --chunk-sizes 128 256 512 1024 --max-minutes 6 \
+        --out "$out/p2.json" | tee "$out/p2.txt"
+    python3 -m ops.benchmark --p 4 --impls softmax triton attention --seqs 16384 8192 4096 2048 1024 --max-minutes 1.5 \
+        --out "$out/p4.json" | tee "$out/p4.txt"
+    ;;
+tune)
+    python3 -m ops.tune --max-minutes 8 --out "$out/tune.json" | tee "$out/tune.txt"
     ;;
 train)
     for attention in softmax conformal; do
@@ -57,7 +65,7 @@ for attention in ("softmax", "conformal"):
 EOF
     ;;
 *)
-    echo "usage: bash scripts/gpu_checks.sh wheels|tests|bench|train" >&2
+    echo "usage: bash scripts/gpu_checks.sh wheels|tests|bench|tune|train" >&2
     exit 2
     ;;
 esac

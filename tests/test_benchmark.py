@@ -1,9 +1,11 @@
 """ops.benchmark end to end on a CPU at toy sizes: every impl side by side, a failing case
-reported in its row instead of ending the sweep, JSON and PNG written, the table printed last."""
+reported in its row instead of ending the sweep, JSON and PNG written, the table printed last.
+ops.tune likewise: every kernel's candidate tilings run (in the interpreter) and compute the same."""
 
 import json
 
-from ops import benchmark
+from ops import benchmark, tune
+from ops.sympow.triton.launch import Tiling
 
 
 def test_benchmark_writes_json_and_plot_and_reports_failures(tmp_path, capsys):
@@ -21,3 +23,26 @@ def test_benchmark_writes_json_and_plot_and_reports_failures(tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("| 64 | 1 | forward+backward | triton/24 | ValueError")
     assert "softmax time / this" in printed[-len(rows) - 2]
+
+
+def test_tune_runs_each_kernels_candidates_and_they_compute_alike(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "tune.json"
+    # One 32-row candidate per kernel keeps the interpreter quick; 40 tokens are a whole chunk of
+    # 32 and a partial one, so the masks at the sequence's end are crossed too.
+    monkeypatch.setattr(tune, "CANDIDATES", {kernel: [Tiling(32, 32, 4, 2)] for kernel in tune.CANDIDATES})
+    tune.main(["--seq", "40", "--chunk-sizes", "32", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    changed = {r["setting"].split(":")[0] for r in rows}
+    assert changed >= {"defaults", "both scans"} | {kernel.__name__ for kernel in tune.CANDIDATES}
+    # 32-row tiles against the interpreter's 16: float32 summation order apart, the same numbers.
+    assert all("error" not in r and r["seconds"] > 0 for r in rows)
+    assert all(r["difference"] < 1e-5 for r in rows if r["setting"] != "defaults")
+    assert capsys.readouterr().out.strip().splitlines()[-len(rows) - 2].startswith("| chunk | setting | ms |")
+
+
+def test_a_sweep_past_its_time_limit_reports_the_rest_as_not_run(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--impls", "attention", "chunked", "--seqs", "32", "64", "--max-minutes", "0", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 8 and all(r["error"] == benchmark.TimeLimit.NOT_RUN for r in rows)
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(f"{benchmark.TimeLimit.NOT_RUN} | | | |")

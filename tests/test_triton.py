@@ -243,9 +243,9 @@ CHUNKED_KERNELS = {
     "state_scan": (power_state_scan, ("K", "V"), ("L", "L_LO", "S", "Z")),
     "chunk_forward": (power_chunk_forward, ("Q", "K", "V", "Y"), ("L", "L_LO", "S", "Z", "LOG_NORMALISER")),
     "chunk_backward_queries": (power_chunk_backward_queries, ("Q", "K", "V", "DY", "DQ"), ("L", "L_LO", "DELTA", "LOG_NORMALISER", "S", "Z", "DL_ROWS")),
-    "state_scan_backward": (power_state_scan_backward, ("Q", "DY"), ("L", "DELTA", "LOG_NORMALISER", "S", "Z", "DS", "DZ", "D_END_GATE")),
+    "state_scan_backward": (power_state_scan_backward, ("Q", "DY", "DS"), ("L", "DELTA", "LOG_NORMALISER", "S", "Z", "DZ", "D_END_GATE")),
     "chunk_backward_keys": (
-        power_chunk_backward_keys, ("Q", "K", "V", "DY", "DK", "DV"), ("L", "L_LO", "DELTA", "LOG_NORMALISER", "DS", "DZ", "DL", "THROUGH_STATE"),
+        power_chunk_backward_keys, ("Q", "K", "V", "DY", "DS", "DK", "DV"), ("L", "L_LO", "DELTA", "LOG_NORMALISER", "DZ", "DL", "THROUGH_STATE"),
     ),
 }
 

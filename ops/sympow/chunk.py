@@ -50,6 +50,12 @@ def pair_difference(later: tuple[Array, Array], earlier: tuple[Array, Array]) ->
     return (later[0] - earlier[0]) + (later[1] - earlier[1])
 
 
+def state_matmul(subscripts: str, features: Array, other: Array) -> Array:
+    """A product with phi features that builds or queries a state: the matmuls the Triton kernels
+    run with operands in the inputs' dtype (benchmarks/bf16_state_operands.py rounds them here)."""
+    return jnp.einsum(subscripts, features, other)
+
+
 def one_chunk_at_a_time(fn, *chunked_args):
     """Map fn over the chunk axis (axis 1), recomputing its insides in the backward pass."""
     outputs = jax.lax.map(jax.checkpoint(lambda args: fn(*args)), tuple(jnp.moveaxis(a, 1, 0) for a in chunked_args))
@@ -66,7 +72,7 @@ def chunk_states(
     def one_chunk(k, v, L_hi, L_lo):
         to_end = pair_difference((L_hi[:, -1:], L_lo[:, -1:]), (L_hi, L_lo))  # [batch, chunk, heads]
         phi_k = symmetric_power_embedding(k * (math.sqrt(scale) * jnp.exp(to_end / p))[..., None], p)
-        return jnp.einsum("bjhD,bjhv->bhDv", phi_k, v), jnp.sum(phi_k, axis=1)
+        return state_matmul("bjhD,bjhv->bhDv", phi_k, v), jnp.sum(phi_k, axis=1)
 
     return one_chunk_at_a_time(one_chunk, k, v, *L)
 
@@ -112,7 +118,7 @@ def chunk_outputs(
         log_w = log_weights(q, k, None, p, scale) + gate  # L_i - L_j = G_i - G_j inside a chunk
         L = L_hi  # a decay from the chunk's start takes hi alone (hi + lo rounds to it)
         phi_q = symmetric_power_embedding(q * math.sqrt(scale), p)
-        state_numerator = jnp.einsum("bihD,bhDv->bihv", phi_q, S)
+        state_numerator = state_matmul("bihD,bhDv->bihv", phi_q, S)
         state_denominator = jnp.einsum("bihD,bhD->bih", phi_q, z)
         log_state_weight = L + log_abs(jnp.maximum(state_denominator, 0))
 

@@ -16,7 +16,12 @@ Per batch x head, with L the chunk-local cumulative gate and E_m the last L of c
     S_0 = 0,  S_{m+1} = exp(E_m) S_m + sum_{j in m} c phi(exp((E_m - L_j)/2) r k_j) v_j^T   (z likewise, with 1)
     y_i = [exp(L_i) phi(r q_i)^T S_m + sum_{j in m, j <= i} w_ij v_j] / [the same with z and 1]
 with r = sqrt(scale) and w_ij the gated power weights inside the chunk, evaluated in log
-space by the flash-attention helpers. The states stay in float32 (TF32 matmuls on a GPU).
+space by the flash-attention helpers. The running states and the stored S and z are float32;
+the state matmuls take their operands (phi, S, v, dy and the stored state gradient dS) in the
+inputs' dtype and accumulate in float32, as flash attention does with its weights: bf16 inputs
+take bf16 tensor-core matmuls, at twice TF32's rate. Emulated on a CPU in the pure-JAX chunked
+form (benchmarks/bf16_state_operands.py), that changes the bf16 precision rule's errors by 0.94x
+to 1.19x (the rule allows 2x): the inputs' own rounding dominates.
 
 Kernels:
     power_state_scan           (pair x value columns, batch x head): S_m for every chunk, one chunk after another.
@@ -141,6 +146,12 @@ def joined_gradient(d_first_blocks, d_second_blocks, ROWS, DIM):
 
 
 @triton.jit
+def as_input(x, X):
+    """x in the dtype of the inputs X points to, as a state matmul's operand (accumulated in float32)."""
+    return x.to(X.dtype.element_ty)
+
+
+@triton.jit
 def pair_blocks(FIRST, SECOND, pair, FA, FB):
     """Blocks (A, B) of a pair and its weight c: 1 when A is a quarter of B, else 2."""
     first, second = tl.load(FIRST + pair), tl.load(SECOND + pair)
@@ -186,7 +197,7 @@ def power_state_scan(
             k_second = load_block(K, tile_base, cols, second, SEQ, HEADS, DIM, FB) * root_decay
             phi = pair_features(k_first, k_second, BLOCK_N, FA, FB) * weight
             v = load_block(V, value_base, cols, value_block, SEQ, HEADS, DIM_V, VALUE_BLOCK)
-            state += tl.dot(tl.trans(phi), v.to(tl.float32))
+            state += tl.dot(tl.trans(as_input(phi, V)), v)
             norm += tl.sum(phi, axis=0)
 
 
@@ -219,7 +230,7 @@ def power_chunk_forward(
         q_first, q_second = query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, FA, FB, ROOT_SCALE)
         phi = pair_features(q_first, q_second, BLOCK_M, FA, FB)
         state, norm = load_state(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), FA * FB, DIM_V)
-        numerator += tl.dot(phi, state)
+        numerator += tl.dot(as_input(phi, Q), as_input(state, Q))
         denominator += tl.sum(phi * norm[None, :], axis=1)
 
     # In the frame of the state's own log weight L_i + log(phi^T z) its weight sum is 1. A
@@ -264,14 +275,14 @@ def power_chunk_backward_queries(
     )
 
     share = state_shares(L, LOG_NORMALISER, row_base, rows, SEQ, HEADS)
-    d_numerator = dy.to(tl.float32) * share[:, None]
+    d_numerator = as_input(dy * share[:, None], DY)
     d_norm = -delta * share
     d_first_blocks, d_second_blocks = tl.zeros([BLOCK_M, N_A, FA], tl.float32), tl.zeros([BLOCK_M, N_B, FB], tl.float32)
     for pair in range(PAIRS):
         first, second, _ = pair_blocks(FIRST, SECOND, pair, FA, FB)
         q_first, q_second = query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, FA, FB, ROOT_SCALE)
         state, norm = load_state(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), FA * FB, DIM_V)
-        d_phi = tl.dot(d_numerator, tl.trans(state)) + d_norm[:, None] * norm[None, :]
+        d_phi = tl.dot(d_numerator, tl.trans(as_input(state, DY))) + d_norm[:, None] * norm[None, :]
         dl += tl.sum(pair_features(q_first, q_second, BLOCK_M, FA, FB) * d_phi, axis=1)
         d_first_blocks, d_second_blocks = add_pair_gradient(
             d_first_blocks, d_second_blocks, d_phi, q_first, q_second, first, second, BLOCK_M, FA, FB, N_A, N_B
@@ -312,8 +323,8 @@ def power_state_scan_backward(
             q_first, q_second = query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, FA, FB, ROOT_SCALE)
             phi = pair_features(q_first, q_second, BLOCK_M, FA, FB)
             share = state_shares(L, LOG_NORMALISER, row_base, rows, SEQ, HEADS)
-            dy = load_block(DY, value_base, rows, value_block, SEQ, HEADS, DIM_V, VALUE_BLOCK).to(tl.float32)
-            d_state += tl.dot(tl.trans(phi), dy * share[:, None])
+            dy = load_block(DY, value_base, rows, value_block, SEQ, HEADS, DIM_V, VALUE_BLOCK)
+            d_state += tl.dot(tl.trans(as_input(phi, DY)), as_input(dy * share[:, None], DY))
             d_norm -= tl.sum(phi * (load_row(DELTA, row_base, rows, SEQ, HEADS) * share)[:, None], axis=0)
 
 
@@ -339,7 +350,6 @@ def power_chunk_backward_keys(
     )
 
     root_decay = key_root_decay(L, L_LO, row_base, cols, chunk, SEQ, HEADS, CHUNK, ROOT_SCALE)
-    v = v.to(tl.float32)
     d_first_blocks, d_second_blocks = tl.zeros([BLOCK_N, N_A, FA], tl.float32), tl.zeros([BLOCK_N, N_B, FB], tl.float32)
     through_state = tl.zeros([BLOCK_N], tl.float32)
     for pair in range(PAIRS):
@@ -348,7 +358,7 @@ def power_chunk_backward_keys(
         k_second = load_block(K, tile_base, cols, second, SEQ, HEADS, DIM, FB) * root_decay[:, None]
         phi = pair_features(k_first, k_second, BLOCK_N, FA, FB) * weight
         d_state, d_norm = load_state(DS, DZ, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), FA * FB, DIM_V)
-        dv += tl.dot(phi, d_state)
+        dv += tl.dot(as_input(phi, V), d_state)
         d_phi = tl.dot(v, tl.trans(d_state)) + d_norm[None, :]
         through_state += tl.sum(phi * d_phi, axis=1)
         d_first_blocks, d_second_blocks = add_pair_gradient(
@@ -370,9 +380,11 @@ def pair_tables(dim: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array([a for a, _ in pairs], np.int32), np.array([b for _, b in pairs], np.int32)
 
 
-def kernel_constants(seq: int, heads: int, dim: int, dim_v: int, scale: float, chunk_size: int) -> dict:
+def kernel_constants(
+    seq: int, heads: int, dim: int, dim_v: int, scale: float, chunk_size: int, scan_value_columns: int = SCAN_VALUE_COLUMNS
+) -> dict:
     """The constants every chunked kernel takes (and the tile rows, from its tiling)."""
-    value_block = min(dim_v, SCAN_VALUE_COLUMNS)
+    value_block = min(dim_v, scan_value_columns)
     return dict(
         SEQ=seq, HEADS=heads, DIM=dim, DIM_V=dim_v, CHUNK=chunk_size, CHUNKS=math.ceil(seq / chunk_size),
         FA=FIRST_BLOCK, FB=SECOND_BLOCK, N_A=dim // FIRST_BLOCK, N_B=dim // SECOND_BLOCK, PAIRS=len(pair_tables(dim)[0]),
@@ -385,8 +397,7 @@ def gpu_tilings(dim: int, itemsize: int) -> dict:
     8 warps. The backward chunk kernels take 32 rows of keys a tile, 2 pipeline stages, and 32
     rows of queries too unless bf16 at dim <= 64. Compiled for sm_90 at dims 16..128 in bf16 and
     float32, ptxas spills at most 32 bytes a thread with these (none in the scans and the forward
-    kernels); 64 rows of keys in the backward keys kernel spilled 104 bytes for bf16 at dim 64,
-    780 at dim 128, and 60..504 for float32."""
+    kernels). Chosen to compile, not yet timed: ops.tune times them against larger tiles."""
     backward = Tiling(64 if itemsize == 2 and dim <= 64 else 32, 32, num_warps=8, num_stages=2)
     return {
         power_state_scan: Tiling(64, 64, num_warps=8),
@@ -403,17 +414,19 @@ def chunk_multiple(q) -> int:
 
 
 class Plan:
-    """Shapes, tilings, grids and constants of the five kernels for one problem."""
+    """Shapes, tilings, grids and constants of the five kernels for one problem. A tuning sweep
+    (ops.tune) may replace some kernels' tilings, here or in the interpreter, and the scans'
+    value columns."""
 
-    def __init__(self, q, v, scale: float, chunk_size: int):
+    def __init__(self, q, v, scale: float, chunk_size: int, tiling_overrides=None, scan_value_columns: int = SCAN_VALUE_COLUMNS):
         batch, seq, heads, dim = q.shape
-        self.constants = kernel_constants(seq, heads, dim, v.shape[-1], scale, chunk_size)
+        self.constants = kernel_constants(seq, heads, dim, v.shape[-1], scale, chunk_size, scan_value_columns)
         pairs, features = self.constants["PAIRS"], FIRST_BLOCK * SECOND_BLOCK
         self.state = jax.ShapeDtypeStruct((batch, self.constants["CHUNKS"], heads, pairs, features, v.shape[-1]), jnp.float32)
         self.norm = jax.ShapeDtypeStruct(self.state.shape[:-1], jnp.float32)
         self.rows = jax.ShapeDtypeStruct((batch, seq, heads), jnp.float32)
         self.tables = [jnp.asarray(t) for t in pair_tables(dim)]
-        self.tilings = tilings(gpu_tilings(dim, q.dtype.itemsize))
+        self.tilings = tilings(gpu_tilings(dim, q.dtype.itemsize)) | (tiling_overrides or {})
         scan_grid = (pairs * self.constants["VALUE_BLOCKS"], batch * heads)
         self.grids = {
             power_state_scan: scan_grid,
@@ -435,23 +448,26 @@ def chunk_gates(log_g, chunk_size: int):
     return tuple(part.reshape(log_g.shape[0], -1, log_g.shape[2])[:, : log_g.shape[1]] for part in L)
 
 
-def chunked_forward(q, k, v, L, scale: float, chunk_size: int):
-    """(y, log normaliser, S, z) through the state scan and the chunk output kernel; L as (hi, lo)."""
-    plan = Plan(q, v, scale, chunk_size)
+def chunked_forward(q, k, v, L, scale: float, chunk_size: int, **tuning):
+    """(y, log normaliser, S, z) through the state scan and the chunk output kernel; L as (hi, lo).
+    tuning: Plan's optional arguments."""
+    plan = Plan(q, v, scale, chunk_size, **tuning)
     S, z = plan.launch(power_state_scan, [k, v, *L, *plan.tables], [plan.state, plan.norm])
     y, log_normaliser = plan.launch(power_chunk_forward, [q, k, v, *L, S, z, *plan.tables], [jax.ShapeDtypeStruct(v.shape, v.dtype), plan.rows])
     return y, log_normaliser, S, z
 
 
-def chunked_backward(q, k, v, L, y, log_normaliser, S, z, dy, scale: float, chunk_size: int):
+def chunked_backward(q, k, v, L, y, log_normaliser, S, z, dy, scale: float, chunk_size: int, **tuning):
     """(dq, dk, dv, dL) through the three backward kernels; dL is the gradient of the chunk-local gates."""
-    plan = Plan(q, v, scale, chunk_size)
+    plan = Plan(q, v, scale, chunk_size, **tuning)
     delta = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1)
     rows = [q, k, v, *L, dy, delta, log_normaliser]
     dq, dL_rows = plan.launch(power_chunk_backward_queries, [*rows, S, z, *plan.tables], [jax.ShapeDtypeStruct(q.shape, q.dtype), plan.rows])
+    # dS is only ever a matmul operand, so it is stored in the inputs' dtype: no extra rounding,
+    # half the bytes the keys kernel reads for bf16. S stays float32 for its end gate's gradient.
     d_state, d_norm, d_end_gate = plan.launch(
         power_state_scan_backward, [q, L[0], dy, delta, log_normaliser, S, z, *plan.tables],
-        [plan.state, plan.norm, jax.ShapeDtypeStruct((*plan.state.shape[:4], plan.constants["VALUE_BLOCKS"]), jnp.float32)],
+        [plan.state.update(dtype=v.dtype), plan.norm, jax.ShapeDtypeStruct((*plan.state.shape[:4], plan.constants["VALUE_BLOCKS"]), jnp.float32)],
     )
     dk, dv, dL_columns, through_state = plan.launch(
         power_chunk_backward_keys, [*rows, d_state, d_norm, *plan.tables],
