@@ -394,11 +394,15 @@ def kernel_constants(
 
 def gpu_tilings(dim: int, itemsize: int) -> dict:
     """Each kernel's GPU tiling for q and k rows of dim elements of itemsize bytes: 64 rows and
-    8 warps. The backward chunk kernels take 32 rows of keys a tile, 2 pipeline stages, and 32
-    rows of queries too unless bf16 at dim <= 64. Compiled for sm_90 at dims 16..128 in bf16 and
-    float32, ptxas spills at most 32 bytes a thread with these (none in the scans and the forward
-    kernels). Chosen to compile, not yet timed: ops.tune times them against larger tiles."""
-    backward = Tiling(64 if itemsize == 2 and dim <= 64 else 32, 32, num_warps=8, num_stages=2)
+    8 warps. The backward chunk kernels take 32 rows of keys a tile, 32 rows of queries too
+    unless bf16 at dim <= 64, and 3 pipeline stages for bf16, 2 for float32. Compiled for sm_90
+    at dims 16..128, ptxas spills at most 32 bytes a thread with these (tests/test_triton.py),
+    none in the scans and the forward kernel. With 2 stages the bf16 keys kernel at dim 128
+    spilled 8 bytes (32 with triton 3.6), with 3 none (12); float32 at dim 32 with 3 stages
+    spilled 40 with triton 3.6. Chosen to compile, not yet timed: ops.tune times them against
+    larger tiles."""
+    bf16 = itemsize == 2
+    backward = Tiling(64 if bf16 and dim <= 64 else 32, 32, num_warps=8, num_stages=3 if bf16 else 2)
     return {
         power_state_scan: Tiling(64, 64, num_warps=8),
         power_chunk_forward: Tiling(64, 64, num_warps=8),
