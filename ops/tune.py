@@ -40,7 +40,8 @@ from ops.sympow.triton.launch import Tiling, on_gpu, tilings
 # (forward) or BLOCK_M queries (backward) a time; their other row count, unused, is set alike.
 CANDIDATES = {
     power_state_scan: [Tiling(n, n, w) for n in (32, 64, 128) for w in (4, 8)],
-    power_chunk_forward: [Tiling(m, n, w) for m, n in ((64, 32), (64, 64), (128, 32), (128, 64), (128, 128)) for w in (4, 8)],
+    # 128 rows with 4 warps spilled 260 bytes and more but for 32 keys a tile.
+    power_chunk_forward: [Tiling(64, n, w) for n in (32, 64) for w in (4, 8)] + [Tiling(128, n, 8) for n in (32, 64, 128)] + [Tiling(128, 32, 4)],
     power_chunk_backward_queries: [Tiling(32, 32, 8, 2), Tiling(64, 32, 8, 2), Tiling(64, 32, 4, 2), Tiling(64, 32, 8, 3), Tiling(128, 32, 8, 3)],
     power_state_scan_backward: [Tiling(m, m, w) for m in (32, 64, 128) for w in (4, 8)],
     power_chunk_backward_keys: [Tiling(32, 32, 8, 2), Tiling(64, 32, 8, 2), Tiling(64, 32, 4, 3), Tiling(32, 64, 8, 2), Tiling(64, 64, 8, 3)],
