@@ -166,7 +166,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, help="write the rows as JSON here (after every setting)")
     args = parser.parse_args(argv)
     if args.seq <= max(args.chunk_sizes):
-        parser.error(f"--seq must exceed every chunk size (one chunk takes the attention kernels); got {args.seq}")
+        parser.error(f"--seq must exceed every chunk size (sympow_attention runs a single chunk through the attention kernels); got {args.seq}")
     return args
 
 
