@@ -41,7 +41,7 @@ tests)
     ;;
 bench)
     # Longest first, so that the 65,536-token targets are measured whatever --max-minutes cuts;
-    # each compiled kernel is specialised to its seq, so every length compiles anew.
+    # the kernels take seq at run time, so each chunk size compiles once for all lengths.
     python3 -m ops.benchmark --seqs 65536 32768 16384 8192 4096 2048 1024 --chunk-sizes 128 256 512 1024 --max-minutes 6 \
         --out "$out/p2.json" | tee "$out/p2.txt"
     python3 -m ops.benchmark --p 4 --impls softmax triton attention --seqs 16384 8192 4096 2048 1024 --max-minutes 1.5 \

@@ -317,11 +317,13 @@ class FakeCudaKernels:
 
     def __init__(self):
         self.launches = []
+        self.compiled = []  # jax_triton makes a kernel object once per compile, then caches it
 
     def get_compute_capability(self, device):
         return 90
 
     def TritonKernel(self, name, num_warps, num_ctas, shared_memory, *rest):
+        self.compiled.append(name)
         return dict(name=name, num_warps=num_warps, shared_memory=shared_memory)
 
     def create_scalar_parameter(self, value, dtype):
@@ -335,7 +337,8 @@ class FakeCudaKernels:
 
         class Call:
             def to_proto(self, name, metadata):
-                launches.append(dict(kernel, grid=(grid_x, grid_y, grid_z)))
+                scalars = [value for kind, value, *_ in parameters if kind == "scalar"]
+                launches.append(dict(kernel, grid=(grid_x, grid_y, grid_z), scalars=scalars))
                 return b"launch"
 
         return Call()
@@ -345,7 +348,8 @@ class FakeCudaKernels:
 def test_gpu_lowering_through_jax_triton(monkeypatch, p):
     """jit(grad) of impl='triton' in bf16, lowered for CUDA on a CPU through jax_triton.triton_call:
     the kernels, their constants, grids and warps as a GPU would get them (their GPU tilings), within an
-    H100's shared memory. (A GPU run still has to show that they launch and what they compute.)"""
+    H100's shared memory; a second sequence length reuses every compiled kernel, with its length
+    passed at run time. (A GPU run still has to show that they launch and what they compute.)"""
     from ops.sympow.triton.attention import attention
 
     fake = FakeCudaKernels()
@@ -357,11 +361,16 @@ def test_gpu_lowering_through_jax_triton(monkeypatch, p):
     def attend(q, k, v, log_g):
         return triton_chunked(q, k, v, log_g, 0.125, 128) if p == 2 else attention(q, k, v, log_g, p, 0.125)
 
-    gradients = jax.grad(lambda *a: jnp.sum(attend(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
-    q = jnp.zeros((2, 320, 4, 64), jnp.bfloat16)
-    log_g = jnp.zeros((2, 320, 4), jnp.float32)
-    custom_call = jax.export.DisabledSafetyCheck.custom_call("triton_kernel_call_ffi")  # export's check, for serialising; nothing is saved
-    exported = jax.export.export(jax.jit(gradients), platforms=["cuda"], disabled_checks=[custom_call])(q, q, q, log_g)
+    def lower(seq):
+        """Export jit(grad) at this length; its launches."""
+        fake.launches.clear()
+        gradients = jax.grad(lambda *a: jnp.sum(attend(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
+        q = jnp.zeros((2, seq, 4, 64), jnp.bfloat16)
+        log_g = jnp.zeros((2, seq, 4), jnp.float32)
+        custom_call = jax.export.DisabledSafetyCheck.custom_call("triton_kernel_call_ffi")  # export's check, for serialising; nothing is saved
+        exported = jax.export.export(jax.jit(gradients), platforms=["cuda"], disabled_checks=[custom_call])(q, q, q, log_g)
+        assert exported.mlir_module().count("stablehlo.custom_call @triton_kernel_call_ffi") == len(fake.launches)
+        return list(fake.launches)
 
     # (grid, warps) of each kernel at 320 tokens, batch 2, 4 heads, dim 64: 40 feature tiles x 2
     # value-column blocks for the scans, 64-row tiles for the rest but the flash forward (128)
@@ -372,9 +381,15 @@ def test_gpu_lowering_through_jax_triton(monkeypatch, p):
         if p == 2
         else {"power_attention_forward": ((3, 8), 8), "power_attention_backward_keys": ((10, 8), 8), "power_attention_backward_queries": ((5, 8), 8)}
     )
-    assert {launch["name"]: (launch["grid"][:2], launch["num_warps"]) for launch in fake.launches} == expected
-    assert all(launch["shared_memory"] <= H100_SHARED_MEMORY for launch in fake.launches)
-    assert exported.mlir_module().count("stablehlo.custom_call @triton_kernel_call_ffi") == len(expected)
+    launches = lower(320)
+    assert {launch["name"]: (launch["grid"][:2], launch["num_warps"]) for launch in launches} == expected
+    assert all(launch["shared_memory"] <= H100_SHARED_MEMORY for launch in launches)
+    assert all(launch["scalars"] == [320] for launch in launches)
+
+    compiled_before = len(fake.compiled)
+    launches = lower(640)
+    assert len(fake.compiled) == compiled_before, f"a new length compiled {fake.compiled[compiled_before:]} again"
+    assert {launch["name"] for launch in launches} == set(expected) and all(launch["scalars"] == [640] for launch in launches)
 
 
 # Where scripts/setup.sh installs the lent H100's triton (DESIGN.md section 6), beside the venv's.

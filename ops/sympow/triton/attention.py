@@ -110,7 +110,7 @@ def store_outputs(Y, LOG_NORMALISER, value_base, row_base, rows, row_max, row_su
 
 def power_attention_forward(
     Q, K, V, G, G_LO, Y, LOG_NORMALISER,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
+    SEQ, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     block_m = tl.program_id(0)
@@ -191,7 +191,7 @@ def accumulate_query_gradients(
 
 def power_attention_backward_keys(
     Q, K, V, G, G_LO, DY, DELTA, LOG_NORMALISER, DK, DV, DG,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
+    SEQ, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk, dv and the column part of dG for one key block, over the query blocks at or below its
@@ -213,7 +213,7 @@ def power_attention_backward_keys(
 
 def power_attention_backward_queries(
     Q, K, V, G, G_LO, DY, DELTA, LOG_NORMALISER, DQ, DG_ROWS,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
+    SEQ, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq and the row part of dG for one query block, over the key blocks up to the diagonal:
@@ -255,6 +255,7 @@ def kernel_tilings(q) -> dict:
 
 
 def kernel_constants(q, v, gated: bool, p: int, scale: float) -> dict:
+    """The scalars every flash kernel takes (and the tile rows, from its tiling): SEQ at run time, the rest constexprs."""
     batch, seq, heads, dim = q.shape
     return dict(SEQ=seq, HEADS=heads, DIM=dim, DIM_V=v.shape[-1], SCALE=scale, POWER=p, GATED=gated)
 

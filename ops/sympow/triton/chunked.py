@@ -70,12 +70,12 @@ SCAN_VALUE_COLUMNS = 32
 # States are [batch, chunks, heads, pairs, FA FB, dim_v] and norms [batch, chunks, heads, pairs, FA FB];
 # the tables FIRST and SECOND give each pair's blocks (A, B), A in units of FA dims and B of FB.
 @triton.jit
-def state_tile(chunk, pair, HEADS, CHUNKS, PAIRS):
+def state_tile(chunk, pair, SEQ, HEADS, CHUNK, PAIRS):
     """Index of this program's (batch, chunk, head, pair) in the [batch, chunks, heads, pairs] grid
     of tiles, in int64: times the FA FB x dim_v elements of a tile it can pass 2^31."""
     batch_head = tl.program_id(1).to(tl.int64)
     batch, head = batch_head // HEADS, batch_head % HEADS
-    return ((batch * CHUNKS + chunk) * HEADS + head) * PAIRS + pair
+    return ((batch * tl.cdiv(SEQ, CHUNK) + chunk) * HEADS + head) * PAIRS + pair
 
 
 @triton.jit
@@ -175,7 +175,7 @@ def key_root_decay(L, L_LO, row_base, cols, chunk, SEQ, HEADS, CHUNK, ROOT_SCALE
 
 def power_state_scan(
     K, V, L, L_LO, FIRST, SECOND, S, Z,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+    SEQ, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr,
     FA: tl.constexpr, FB: tl.constexpr, N_A: tl.constexpr, N_B: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_BLOCK: tl.constexpr, VALUE_BLOCKS: tl.constexpr,
 ):
@@ -185,8 +185,8 @@ def power_state_scan(
     tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
     state = tl.zeros([FA * FB, VALUE_BLOCK], tl.float32)
     norm = tl.zeros([FA * FB], tl.float32)
-    for chunk in range(CHUNKS):
-        store_state_columns(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), value_block, state, norm, FA * FB, DIM_V, VALUE_BLOCK)
+    for chunk in range(tl.cdiv(SEQ, CHUNK)):
+        store_state_columns(S, Z, state_tile(chunk, pair, SEQ, HEADS, CHUNK, PAIRS), value_block, state, norm, FA * FB, DIM_V, VALUE_BLOCK)
         decay = tl.exp(chunk_end_gate(L, row_base, chunk, SEQ, HEADS, CHUNK))
         state = state * decay
         norm = norm * decay
@@ -211,7 +211,7 @@ def query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, FA, FB, ROO
 
 def power_chunk_forward(
     Q, K, V, L, L_LO, S, Z, FIRST, SECOND, Y, LOG_NORMALISER,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+    SEQ, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr,
     FA: tl.constexpr, FB: tl.constexpr, N_A: tl.constexpr, N_B: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_BLOCK: tl.constexpr, VALUE_BLOCKS: tl.constexpr,
 ):
@@ -229,7 +229,7 @@ def power_chunk_forward(
         first, second, _ = pair_blocks(FIRST, SECOND, pair, FA, FB)
         q_first, q_second = query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, FA, FB, ROOT_SCALE)
         phi = pair_features(q_first, q_second, BLOCK_M, FA, FB)
-        state, norm = load_state(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), FA * FB, DIM_V)
+        state, norm = load_state(S, Z, state_tile(chunk, pair, SEQ, HEADS, CHUNK, PAIRS), FA * FB, DIM_V)
         numerator += tl.dot(as_input(phi, Q), as_input(state, Q))
         denominator += tl.sum(phi * norm[None, :], axis=1)
 
@@ -255,7 +255,7 @@ def state_shares(L, LOG_NORMALISER, row_base, rows, SEQ, HEADS):
 
 def power_chunk_backward_queries(
     Q, K, V, L, L_LO, DY, DELTA, LOG_NORMALISER, S, Z, FIRST, SECOND, DQ, DL_ROWS,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+    SEQ, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr,
     FA: tl.constexpr, FB: tl.constexpr, N_A: tl.constexpr, N_B: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_BLOCK: tl.constexpr, VALUE_BLOCKS: tl.constexpr,
 ):
@@ -281,7 +281,7 @@ def power_chunk_backward_queries(
     for pair in range(PAIRS):
         first, second, _ = pair_blocks(FIRST, SECOND, pair, FA, FB)
         q_first, q_second = query_blocks(Q, tile_base, rows, first, second, SEQ, HEADS, DIM, FA, FB, ROOT_SCALE)
-        state, norm = load_state(S, Z, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), FA * FB, DIM_V)
+        state, norm = load_state(S, Z, state_tile(chunk, pair, SEQ, HEADS, CHUNK, PAIRS), FA * FB, DIM_V)
         d_phi = tl.dot(d_numerator, tl.trans(as_input(state, DY))) + d_norm[:, None] * norm[None, :]
         dl += tl.sum(pair_features(q_first, q_second, BLOCK_M, FA, FB) * d_phi, axis=1)
         d_first_blocks, d_second_blocks = add_pair_gradient(
@@ -294,7 +294,7 @@ def power_chunk_backward_queries(
 
 def power_state_scan_backward(
     Q, L, DY, DELTA, LOG_NORMALISER, S, Z, FIRST, SECOND, DS, DZ, D_END_GATE,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+    SEQ, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr,
     FA: tl.constexpr, FB: tl.constexpr, N_A: tl.constexpr, N_B: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_BLOCK: tl.constexpr, VALUE_BLOCKS: tl.constexpr,
 ):
@@ -308,9 +308,9 @@ def power_state_scan_backward(
     tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
     d_state = tl.zeros([FA * FB, VALUE_BLOCK], tl.float32)
     d_norm = tl.zeros([FA * FB], tl.float32)
-    for step in range(CHUNKS):
-        chunk = CHUNKS - 1 - step
-        tile = state_tile(chunk, pair, HEADS, CHUNKS, PAIRS)
+    for step in range(tl.cdiv(SEQ, CHUNK)):
+        chunk = tl.cdiv(SEQ, CHUNK) - 1 - step
+        tile = state_tile(chunk, pair, SEQ, HEADS, CHUNK, PAIRS)
         store_state_columns(DS, DZ, tile, value_block, d_state, d_norm, FA * FB, DIM_V, VALUE_BLOCK)
         decay = tl.exp(chunk_end_gate(L, row_base, chunk, SEQ, HEADS, CHUNK))
         state = tl.load(S + state_offsets(tile, value_block, FA * FB, DIM_V, VALUE_BLOCK))
@@ -330,7 +330,7 @@ def power_state_scan_backward(
 
 def power_chunk_backward_keys(
     Q, K, V, L, L_LO, DY, DELTA, LOG_NORMALISER, DS, DZ, FIRST, SECOND, DK, DV, DL, THROUGH_STATE,
-    SEQ: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+    SEQ, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr,
     FA: tl.constexpr, FB: tl.constexpr, N_A: tl.constexpr, N_B: tl.constexpr, PAIRS: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_BLOCK: tl.constexpr, VALUE_BLOCKS: tl.constexpr,
 ):
@@ -357,7 +357,7 @@ def power_chunk_backward_keys(
         k_first = load_block(K, tile_base, cols, first, SEQ, HEADS, DIM, FA) * root_decay[:, None]
         k_second = load_block(K, tile_base, cols, second, SEQ, HEADS, DIM, FB) * root_decay[:, None]
         phi = pair_features(k_first, k_second, BLOCK_N, FA, FB) * weight
-        d_state, d_norm = load_state(DS, DZ, state_tile(chunk, pair, HEADS, CHUNKS, PAIRS), FA * FB, DIM_V)
+        d_state, d_norm = load_state(DS, DZ, state_tile(chunk, pair, SEQ, HEADS, CHUNK, PAIRS), FA * FB, DIM_V)
         dv += tl.dot(as_input(phi, V), d_state)
         d_phi = tl.dot(v, tl.trans(d_state)) + d_norm[None, :]
         through_state += tl.sum(phi * d_phi, axis=1)
@@ -383,10 +383,11 @@ def pair_tables(dim: int) -> tuple[np.ndarray, np.ndarray]:
 def kernel_constants(
     seq: int, heads: int, dim: int, dim_v: int, scale: float, chunk_size: int, scan_value_columns: int = SCAN_VALUE_COLUMNS
 ) -> dict:
-    """The constants every chunked kernel takes (and the tile rows, from its tiling)."""
+    """The scalars every chunked kernel takes (and the tile rows, from its tiling): SEQ at run
+    time, the rest constexprs. The kernels count chunks from SEQ themselves."""
     value_block = min(dim_v, scan_value_columns)
     return dict(
-        SEQ=seq, HEADS=heads, DIM=dim, DIM_V=dim_v, CHUNK=chunk_size, CHUNKS=math.ceil(seq / chunk_size),
+        SEQ=seq, HEADS=heads, DIM=dim, DIM_V=dim_v, CHUNK=chunk_size,
         FA=FIRST_BLOCK, FB=SECOND_BLOCK, N_A=dim // FIRST_BLOCK, N_B=dim // SECOND_BLOCK, PAIRS=len(pair_tables(dim)[0]),
         SCALE=scale, ROOT_SCALE=math.sqrt(scale), VALUE_BLOCK=value_block, VALUE_BLOCKS=dim_v // value_block,
     )
@@ -396,11 +397,11 @@ def gpu_tilings(dim: int, itemsize: int) -> dict:
     """Each kernel's GPU tiling for q and k rows of dim elements of itemsize bytes: 64 rows and
     8 warps. The backward chunk kernels take 32 rows of keys a tile, 32 rows of queries too
     unless bf16 at dim <= 64, and 3 pipeline stages for bf16, 2 for float32. Compiled for sm_90
-    at dims 16..128, ptxas spills at most 32 bytes a thread with these (tests/test_triton.py),
-    none in the scans and the forward kernel. With 2 stages the bf16 keys kernel at dim 128
-    spilled 8 bytes (32 with triton 3.6), with 3 none (12); float32 at dim 32 with 3 stages
-    spilled 40 with triton 3.6. Chosen to compile, not yet timed: ops.tune times them against
-    larger tiles."""
+    at dims 16..128 as jax-triton compiles them (tests/test_triton.py), ptxas spills at most 24
+    bytes a thread with these (triton 3.6; 8 with 3.7.1), none in the scans, the forward kernel
+    and anything at dim 64 in bf16. In float32, 3 stages spilled 16 bytes at dim 32 (3.7.1);
+    in bf16, 3 stages cost at most 12 bytes of spills and double-buffer one more tile. Chosen to
+    compile, not yet timed: ops.tune times them against larger tiles and other stages."""
     bf16 = itemsize == 2
     backward = Tiling(64 if bf16 and dim <= 64 else 32, 32, num_warps=8, num_stages=3 if bf16 else 2)
     return {
@@ -426,7 +427,7 @@ class Plan:
         batch, seq, heads, dim = q.shape
         self.constants = kernel_constants(seq, heads, dim, v.shape[-1], scale, chunk_size, scan_value_columns)
         pairs, features = self.constants["PAIRS"], FIRST_BLOCK * SECOND_BLOCK
-        self.state = jax.ShapeDtypeStruct((batch, self.constants["CHUNKS"], heads, pairs, features, v.shape[-1]), jnp.float32)
+        self.state = jax.ShapeDtypeStruct((batch, math.ceil(seq / chunk_size), heads, pairs, features, v.shape[-1]), jnp.float32)
         self.norm = jax.ShapeDtypeStruct(self.state.shape[:-1], jnp.float32)
         self.rows = jax.ShapeDtypeStruct((batch, seq, heads), jnp.float32)
         self.tables = [jnp.asarray(t) for t in pair_tables(dim)]

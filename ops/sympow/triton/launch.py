@@ -2,9 +2,11 @@
 in Triton's interpreter inside jax.pure_callback (float32: the interpreter mishandles bf16).
 
 Kernels are plain Python functions written in triton.language, taking their input pointers,
-then their output pointers, then keyword constants (all tl.constexpr). The launcher decorates
-them: triton.jit for the GPU, the interpreter's InterpretedFunction for the CPU. Outputs are
-filled with NaN before an interpreted run, so a tile the kernel never writes shows."""
+then their output pointers, then keyword scalars: the sequence length SEQ at run time, so that
+one compile serves every length (jax-triton specialises it only on divisibility by 16), and
+the rest tl.constexpr. The launcher decorates them: triton.jit for the GPU, the interpreter's
+InterpretedFunction for the CPU. Outputs are filled with NaN before an interpreted run, so a
+tile the kernel never writes shows."""
 
 import contextlib
 import dataclasses
@@ -130,14 +132,26 @@ def tilings(gpu_tilings: dict) -> dict:
     return {kernel: tiling(gpu) for kernel, gpu in gpu_tilings.items()}
 
 
-def compile_for(kernel, pointer_types: dict[str, str], constants: dict, tiles: Tiling, capability: int = 90):
+# Triton's hint that an argument is a multiple of 16: bytes for a pointer, units for an int.
+DIVISIBLE_BY_16 = [["tt.divisibility", 16]]
+
+
+def compile_for(kernel, pointer_types: dict[str, str], scalars: dict, tiles: Tiling, capability: int = 90):
     """Compile kernel with this tiling ahead of time for an NVIDIA GPU of the given compute
-    capability; works without a GPU."""
+    capability, specialised as jax-triton would on one: every pointer 16-byte aligned (XLA's
+    buffers are), each runtime int (SEQ) a multiple of 16 where its value here is; works
+    without a GPU."""
     from triton.backends.compiler import GPUTarget
 
-    constants = constants | tiles.blocks()
-    signature = {**pointer_types, **{name: "constexpr" for name in constants}}
-    source = triton.compiler.ASTSource(fn=compiled(kernel), signature=signature, constexprs=constants)
+    function = compiled(kernel)
+    runtime = {param.name for param in function.params if not param.is_constexpr} - pointer_types.keys()
+    scalars = scalars | tiles.blocks()
+    signature = {**pointer_types, **{name: "i32" if name in runtime else "constexpr" for name in scalars}}
+    hinted = [*pointer_types, *(name for name in runtime if scalars[name] % 16 == 0)]
+    source = triton.compiler.ASTSource(
+        fn=function, signature=signature, constexprs={name: value for name, value in scalars.items() if name not in runtime},
+        attrs={(function.arg_names.index(name),): DIVISIBLE_BY_16 for name in hinted},
+    )
     options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
@@ -161,15 +175,15 @@ def jax_triton():
 
 
 def launch(
-    kernel, grid: tuple[int, ...], inputs: list[jax.Array], out_shapes: list[jax.ShapeDtypeStruct], tiles: Tiling, **constants
+    kernel, grid: tuple[int, ...], inputs: list[jax.Array], out_shapes: list[jax.ShapeDtypeStruct], tiles: Tiling, **scalars
 ) -> list[jax.Array]:
-    """Run kernel(*inputs, *outputs, **constants, BLOCK_M, BLOCK_N) over grid with this tiling; return the outputs."""
-    constants = constants | tiles.blocks()
+    """Run kernel(*inputs, *outputs, **scalars, BLOCK_M, BLOCK_N) over grid with this tiling; return the outputs."""
+    scalars = scalars | tiles.blocks()
     if on_gpu():
         return list(
             jax_triton().triton_call(
                 *inputs, kernel=compiled(kernel), out_type=out_shapes, grid=grid,
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages, **constants,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages, **scalars,
             )
         )
 
@@ -178,7 +192,7 @@ def launch(
         arguments = [HostTensor(np.array(a)) for a in arrays] + [HostTensor(o) for o in outputs]
         # log(0) of padded keys is -inf by design; other floating-point errors still show as NaN.
         with interpreting(), np.errstate(divide="ignore"):
-            interpreted(kernel)[grid](*arguments, **constants)
+            interpreted(kernel)[grid](*arguments, **scalars)
         return outputs
 
     if any(s.dtype != jnp.float32 for s in out_shapes) or any(a.dtype not in (jnp.float32, jnp.int32) for a in inputs):
