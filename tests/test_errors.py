@@ -69,6 +69,9 @@ def test_triton_refuses_what_its_kernels_cannot_do():
     q16 = jnp.ones((1, 5, 1, 16), jnp.float64)
     with pytest.raises(TypeError, match="float32 only"):
         ops.sympow_attention(q16, q16, q16, impl="triton")
+    huge = jax.ShapeDtypeStruct((1, 2**20, 16, 128), jnp.float32)  # 2^31 elements in one batch entry, never allocated
+    with pytest.raises(ValueError, match="int32"):
+        jax.eval_shape(lambda q: ops.sympow_attention(q, q, q, impl="triton"), huge)
 
 
 def test_seq_not_a_multiple_of_chunk_size_is_padded_not_rejected():

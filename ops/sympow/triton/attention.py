@@ -27,8 +27,9 @@ EPS = tl.constexpr(1e-6)  # as ops.sympow.naive.EPS; a kernel reads only constex
 @triton.jit
 def head_bases(SEQ, HEADS, DIM, DIM_V):
     """Offsets of this program's (batch, head) in a [batch, seq, heads, dim] array (q, k), a
-    [batch, seq, heads, dim_v] array (v, y) and a [batch, seq, heads] array (gates, row statistics)."""
-    batch_head = tl.program_id(1)
+    [batch, seq, heads, dim_v] array (v, y) and a [batch, seq, heads] array (gates, row statistics),
+    in int64: a whole batch may pass 2^31 elements (offsets within one batch entry stay int32)."""
+    batch_head = tl.program_id(1).to(tl.int64)
     batch, head = batch_head // HEADS, batch_head % HEADS
     return batch * SEQ * HEADS * DIM + head * DIM, batch * SEQ * HEADS * DIM_V + head * DIM_V, batch * SEQ * HEADS + head
 
@@ -322,8 +323,13 @@ TRITON_DIMS = (16, 32, 64, 128)
 
 
 def check_dims(q, v) -> None:
+    """Head dims the kernels' tiles take, and batch entries small enough for their int32 offsets."""
     if q.shape[-1] not in TRITON_DIMS or v.shape[-1] not in TRITON_DIMS:
         raise ValueError(f"impl='triton' needs head dims of q, k and of v in {TRITON_DIMS}; got {q.shape[-1]} and {v.shape[-1]}")
+    _, seq, heads, _ = q.shape
+    entry = seq * heads * max(q.shape[-1], v.shape[-1])
+    if entry >= 2**31:
+        raise ValueError(f"impl='triton' indexes within one batch entry in int32; seq x heads x dim = {entry} elements is 2^31 or more")
 
 
 def attention(q, k, v, log_g, p: int, scale: float):

@@ -397,11 +397,12 @@ def gpu_tilings(dim: int, itemsize: int) -> dict:
     """Each kernel's GPU tiling for q and k rows of dim elements of itemsize bytes: 64 rows and
     8 warps. The backward chunk kernels take 32 rows of keys a tile, 32 rows of queries too
     unless bf16 at dim <= 64, and 3 pipeline stages for bf16, 2 for float32. Compiled for sm_90
-    at dims 16..128 as jax-triton compiles them (tests/test_triton.py), ptxas spills at most 24
-    bytes a thread with these (triton 3.6; 8 with 3.7.1), none in the scans, the forward kernel
-    and anything at dim 64 in bf16. In float32, 3 stages spilled 16 bytes at dim 32 (3.7.1);
-    in bf16, 3 stages cost at most 12 bytes of spills and double-buffer one more tile. Chosen to
-    compile, not yet timed: ops.tune times them against larger tiles and other stages."""
+    at dims 16..128 as jax-triton compiles them (tests/test_triton.py), ptxas spills at most 28
+    bytes a thread with these (triton 3.6, the keys kernel at dim 32; 8 with 3.7.1), none in the
+    scans, the forward kernel and anything at dim 64 in bf16. In float32, 3 stages spilled 16
+    bytes at dim 32 (3.7.1); in bf16, 3 stages cost at most 12 bytes of spills and buffer one
+    more tile ahead. Chosen to compile, not yet timed: ops.tune times them against larger tiles
+    and other stages."""
     bf16 = itemsize == 2
     backward = Tiling(64 if bf16 and dim <= 64 else 32, 32, num_warps=8, num_stages=3 if bf16 else 2)
     return {
