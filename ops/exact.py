@@ -1,6 +1,8 @@
 """Error-free float32 arithmetic: a value carried as an unevaluated pair hi + lo of float32
 holds about twice float32's digits. Used where a long running sum must stay exact: rotary
-angles (sympow.rotary) and the cumulative gate G that the kernels difference (G_i - G_j)."""
+angles (sympow.rotary) and the cumulative gate G that every form differences (G_i - G_j)."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,15 @@ def add_pairs(x: tuple[Array, Array], y: tuple[Array, Array]) -> tuple[Array, Ar
     return two_sum(s, e + x[1] + y[1])
 
 
+def pair_difference(later: tuple[Array, Array], earlier: tuple[Array, Array]) -> Array:
+    """later - earlier for two (hi, lo) pairs, the parts differenced apart: when the two are
+    close, hi - hi is exact and the lo parts keep the digits that one rounded sum would lose."""
+    return (later[0] - earlier[0]) + (later[1] - earlier[1])
+
+
+# Jitted: called eagerly (a reference form outside jit), the scan's hundreds of small ops would
+# each be dispatched apart.
+@functools.partial(jax.jit, static_argnames="axis")
 def exact_cumsum(x: Array, axis: int) -> tuple[Array, Array]:
     """The running sum of x along axis as hi + lo, by an associative scan with error-free additions."""
     return jax.lax.associative_scan(add_pairs, (x, jnp.zeros_like(x)), axis=axis)

@@ -75,13 +75,16 @@ def test_float32_inputs_give_float32_outputs_close_to_float64(impl):
 
 
 @pytest.mark.parametrize("gamma", [0.9, 0.5, 0.01])
-def test_chunked_float32_keeps_its_precision_at_large_chunks_with_strong_gates(gamma):
-    """Inside a chunk |L| grows to chunk_size |log gamma|; L_i - L_j of nearby positions from one
-    rounded float32 L lost ulp(|L|) in weights near 1. With L as an exact pair, chunk 1024 stays
-    at float32 round-off (it gave y 3.5e-6, 3.4e-5, 6.4e-5 and gradients up to 6e-4 before)."""
+@pytest.mark.parametrize("impl", ["chunked", "attention"])
+def test_float32_keeps_its_precision_with_strong_gates_over_long_spans(impl, gamma):
+    """|G| grows to T |log gamma| (|L| to chunk_size |log gamma| inside a chunk); G_i - G_j of
+    nearby positions from one rounded float32 G lost ulp(|G|) in weights near 1. With G and L as
+    exact pairs both forms stay at float32 round-off over 2048 tokens (chunk 1024). Before, the
+    chunked form gave y 3.5e-6, 3.4e-5, 6.4e-5 and gradients up to 6e-4; the attention form
+    y 8.4e-6, 5.3e-5, 7.9e-5 and gradients up to 6.3e-4."""
     q, k, v, log_g = attention_inputs(1, 2048, 1, 16, gamma=gamma, seed=3)
     y_ref, grads_ref = outputs_and_grads("attention", q, k, v, log_g, 2)
-    y, grads = outputs_and_grads("chunked", *(a.astype(jnp.float32) for a in (q, k, v, log_g)), 2, chunk_size=1024)
+    y, grads = outputs_and_grads(impl, *(a.astype(jnp.float32) for a in (q, k, v, log_g)), 2, chunk_size=1024)
     assert relative_error(y, y_ref) < 1e-6
     for name, grad, grad_ref in zip("q k v log_g".split(), grads, grads_ref):
         assert relative_error(grad, grad_ref) < 3e-6, name

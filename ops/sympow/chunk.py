@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ops.exact import exact_cumsum
+from ops.exact import exact_cumsum, pair_difference
 from ops.sympow.naive import finite_or_zero, log_abs, log_weights, normalise, symmetric_power_embedding
 
 Chunked = Float[Array, "batch chunks chunk heads dim"]
@@ -43,11 +43,6 @@ def split_chunks(x: Float[Array, "batch seq *rest"], chunk_size: int) -> Float[A
 def chunk_local_gates(log_g: ChunkGates) -> GatePair:
     """L_t = sum_{u=mc..t} g_u, the cumulative gate restarted at each chunk, as a pair (hi, lo)."""
     return exact_cumsum(log_g, axis=2)
-
-
-def pair_difference(later: tuple[Array, Array], earlier: tuple[Array, Array]) -> Array:
-    """later - earlier for two (hi, lo) pairs, the parts differenced apart (see the module docstring)."""
-    return (later[0] - earlier[0]) + (later[1] - earlier[1])
 
 
 def state_matmul(subscripts: str, features: Array, other: Array) -> Array:
