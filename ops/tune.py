@@ -6,10 +6,11 @@ at a time, then every change that beat the defaults together, all in one run.
     python -m ops.tune --seq 64 --heads 1 --dim 16 --chunk-sizes 32   # on a CPU: the interpreter
 
 Candidates are the tilings that compiled for sm_90 at d = 64 in bf16, as jax-triton compiles
-them, with at most 32 bytes a thread of ptxas spills (triton 3.6 and 3.7); one that does not fit a shape here is reported as an error and the sweep
-goes on. Every setting's outputs (y, dq, dk, dv and the gates' gradient) are compared with the
-defaults': a tiling that computes something else shows there. On a CPU the same tilings run in
-Triton's interpreter (a check that results do not depend on the tiling, not a measure of speed).
+them, with at most 32 bytes a thread of ptxas spills (triton 3.6 and 3.7); one that does not
+fit a shape here is reported as an error and the sweep goes on. Every setting's outputs (y, dq,
+dk, dv and the gates' gradient) are compared with the defaults': a tiling that computes
+something else shows there. On a CPU the same tilings run in Triton's interpreter (a check
+that results do not depend on the tiling, not a measure of speed).
 """
 
 import argparse

@@ -308,8 +308,9 @@ def power_state_scan_backward(
     tile_base, value_base, row_base = head_bases(SEQ, HEADS, DIM, DIM_V)
     d_state = tl.zeros([FA * FB, VALUE_BLOCK], tl.float32)
     d_norm = tl.zeros([FA * FB], tl.float32)
-    for step in range(tl.cdiv(SEQ, CHUNK)):
-        chunk = tl.cdiv(SEQ, CHUNK) - 1 - step
+    chunks = tl.cdiv(SEQ, CHUNK)
+    for step in range(chunks):
+        chunk = chunks - 1 - step
         tile = state_tile(chunk, pair, SEQ, HEADS, CHUNK, PAIRS)
         store_state_columns(DS, DZ, tile, value_block, d_state, d_norm, FA * FB, DIM_V, VALUE_BLOCK)
         decay = tl.exp(chunk_end_gate(L, row_base, chunk, SEQ, HEADS, CHUNK))
@@ -399,10 +400,10 @@ def gpu_tilings(dim: int, itemsize: int) -> dict:
     unless bf16 at dim <= 64, and 3 pipeline stages for bf16, 2 for float32. Compiled for sm_90
     at dims 16..128 as jax-triton compiles them (tests/test_triton.py), ptxas spills at most 28
     bytes a thread with these (triton 3.6, the keys kernel at dim 32; 8 with 3.7.1), none in the
-    scans, the forward kernel and anything at dim 64 in bf16. In float32, 3 stages spilled 16
-    bytes at dim 32 (3.7.1); in bf16, 3 stages cost at most 12 bytes of spills and buffer one
-    more tile ahead. Chosen to compile, not yet timed: ops.tune times them against larger tiles
-    and other stages."""
+    scans, the forward kernel and anything at dim 64 in bf16. In float32, 3 stages spilled 28
+    bytes at dim 128 with triton 3.6 (2 stages: 8); in bf16, 3 stages spill as much (dim 32,
+    triton 3.6; 2 stages: 4) but buffer one more tile ahead. Chosen to compile, not yet timed:
+    ops.tune times them against larger tiles and other stages."""
     bf16 = itemsize == 2
     backward = Tiling(64 if bf16 and dim <= 64 else 32, 32, num_warps=8, num_stages=3 if bf16 else 2)
     return {
