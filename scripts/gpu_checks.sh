@@ -6,7 +6,7 @@
 #   bash scripts/gpu_checks.sh tests   # tests/test_triton_gpu.py on the GPU (bf16 precision rule,
 #                                      # 16K/64K tokens, memory linear in seq)
 #   bash scripts/gpu_checks.sh bench   # python -m ops.benchmark: p = 2 (chunk sweep) and p = 4
-#   bash scripts/gpu_checks.sh tune    # python -m ops.tune: each chunked kernel's candidate tilings
+#   bash scripts/gpu_checks.sh tune    # python -m ops.tune: each kernel's candidate tilings (chunked, then flash-style)
 #   bash scripts/gpu_checks.sh train   # 124m tokens/s, conformal against softmax, context 16384
 #
 # Here first (the machine has no network): `bash scripts/gpu_checks.sh wheels` puts in .whl/ the
@@ -48,7 +48,9 @@ bench)
         --out "$out/p4.json" | tee "$out/p4.txt"
     ;;
 tune)
-    python3 -m ops.tune --max-minutes 8 --out "$out/tune.json" | tee "$out/tune.txt"
+    # The flash-style kernels' sweep is short (a few seconds a setting at 16K tokens); it goes second.
+    python3 -m ops.tune --max-minutes 6 --out "$out/tune.json" | tee "$out/tune.txt"
+    python3 -m ops.tune --kernels attention --max-minutes 2 --out "$out/tune_attention.json" | tee "$out/tune_attention.txt"
     ;;
 train)
     for attention in softmax conformal; do

@@ -4,6 +4,8 @@ ops.tune likewise: every kernel's candidate tilings run (in the interpreter) and
 
 import json
 
+import pytest
+
 from ops import benchmark, tune
 from ops.sympow.triton.launch import Tiling
 
@@ -25,19 +27,20 @@ def test_benchmark_writes_json_and_plot_and_reports_failures(tmp_path, capsys):
     assert "softmax time / this" in printed[-len(rows) - 2]
 
 
-def test_tune_runs_each_kernels_candidates_and_they_compute_alike(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("kernels, candidates, extra", [("chunked", "CHUNKED_CANDIDATES", {"both scans"}), ("attention", "ATTENTION_CANDIDATES", set())])
+def test_tune_runs_each_kernels_candidates_and_they_compute_alike(tmp_path, capsys, monkeypatch, kernels, candidates, extra):
     out = tmp_path / "tune.json"
-    # One 32-row candidate per kernel keeps the interpreter quick; 40 tokens are a whole chunk of
-    # 32 and a partial one, so the masks at the sequence's end are crossed too.
-    monkeypatch.setattr(tune, "CANDIDATES", {kernel: [Tiling(32, 32, 4, 2)] for kernel in tune.CANDIDATES})
-    tune.main(["--seq", "40", "--chunk-sizes", "32", "--out", str(out)])
+    # One 32-row candidate per kernel keeps the interpreter quick; 40 tokens are a whole chunk (or
+    # tile) of 32 and a partial one, so the masks at the sequence's end are crossed too.
+    monkeypatch.setattr(tune, candidates, {kernel: [Tiling(32, 32, 4, 2)] for kernel in getattr(tune, candidates)})
+    tune.main(["--kernels", kernels, "--seq", "40", "--chunk-sizes", "32", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     changed = {r["setting"].split(":")[0] for r in rows}
-    assert changed >= {"defaults", "both scans"} | {kernel.__name__ for kernel in tune.CANDIDATES}
+    assert changed >= {"defaults"} | extra | {kernel.__name__ for kernel in getattr(tune, candidates)}
     # 32-row tiles against the interpreter's 16: float32 summation order apart, the same numbers.
     assert all("error" not in r and r["seconds"] > 0 for r in rows)
     assert all(r["difference"] < 1e-5 for r in rows if r["setting"] != "defaults")
-    assert capsys.readouterr().out.strip().splitlines()[-len(rows) - 2].startswith("| chunk | setting | ms |")
+    assert capsys.readouterr().out.strip().splitlines()[-len(rows) - 2].startswith("| case | setting | ms |")
 
 
 def test_a_sweep_past_its_time_limit_reports_the_rest_as_not_run(tmp_path, capsys):

@@ -251,8 +251,9 @@ def gpu_tilings(dim: int, itemsize: int) -> dict:
     }
 
 
-def kernel_tilings(q) -> dict:
-    return tilings(gpu_tilings(q.shape[-1], q.dtype.itemsize))
+def kernel_tilings(q, tiling_overrides=None) -> dict:
+    """Each kernel's tiling here; a tuning sweep (ops.tune) may replace some."""
+    return tilings(gpu_tilings(q.shape[-1], q.dtype.itemsize)) | (tiling_overrides or {})
 
 
 def kernel_constants(q, v, gated: bool, p: int, scale: float) -> dict:
@@ -266,23 +267,23 @@ def exact_gate(log_g):
     return exact_cumsum(log_g, axis=1)
 
 
-def attention_forward(q, k, v, gate, p: int, scale: float, gated: bool):
+def attention_forward(q, k, v, gate, p: int, scale: float, gated: bool, tiling_overrides=None):
     """(y, log normaliser) through the forward kernel; gate is the cumulative gate G as (hi, lo)."""
     batch, seq, heads, _ = q.shape
     out_shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((batch, seq, heads), jnp.float32)]
-    tiles = kernel_tilings(q)[power_attention_forward]
+    tiles = kernel_tilings(q, tiling_overrides)[power_attention_forward]
     grid = (math.ceil(seq / tiles.query_rows), batch * heads)
     return launch(power_attention_forward, grid, [q, k, v, *gate], out_shapes, tiles, **kernel_constants(q, v, gated, p, scale))
 
 
-def attention_backward(q, k, v, gate, y, log_normaliser, dy, p: int, scale: float, gated: bool):
+def attention_backward(q, k, v, gate, y, log_normaliser, dy, p: int, scale: float, gated: bool, tiling_overrides=None):
     """(dq, dk, dv, dG) through the two backward kernels."""
     batch, seq, heads, _ = q.shape
     constants = kernel_constants(q, v, gated, p, scale)
     delta = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1)
     inputs = [q, k, v, *gate, dy, delta, log_normaliser]
     rows = jax.ShapeDtypeStruct(log_normaliser.shape, jnp.float32)
-    here = kernel_tilings(q)
+    here = kernel_tilings(q, tiling_overrides)
     keys, queries = here[power_attention_backward_keys], here[power_attention_backward_queries]
     dk, dv, dgate_columns = launch(
         power_attention_backward_keys, (math.ceil(seq / keys.key_rows), batch * heads), inputs,
