@@ -38,3 +38,15 @@ def attention_inputs(batch, seq, heads, dim, *, gamma=None, dtype=jnp.float64, s
     # Spread each token's gamma over [gamma^2, gamma^0.5] (clipped below 1) so gates vary per token.
     exponent = jax.random.uniform(keys[3], (batch, seq, heads), dtype, 0.5, 2.0)
     return q, k, v, exponent * jnp.log(jnp.asarray(gamma, dtype))
+
+
+def sine_loss(y):
+    """sum sin(3 y), in at least float32 (bf16 outputs are cast up): its gradient in y differs
+    from entry to entry (that of sum y would give every row the same incoming gradient)."""
+    return jnp.sum(jnp.sin(3 * (y if jnp.finfo(y.dtype).bits >= 32 else y.astype(jnp.float32))))
+
+
+def output_and_gradients(attend, *args):
+    """y = attend(*args) and the gradient of sine_loss(y) in each argument."""
+    y, pullback = jax.vjp(attend, *args)
+    return (y, *pullback(jax.grad(sine_loss)(y)))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import attention_inputs, relative_error
+from conftest import attention_inputs, output_and_gradients, relative_error
 
 from ops.sympow.chunk import chunk_local_gates, chunk_states, chunked_form, split_chunks, state_scan
 from ops.sympow.naive import attention_form, symmetric_power_embedding
@@ -103,10 +103,6 @@ def check_output_and_gradients(kernel, reference_form, seq, dim, gamma, seed, di
     q, k, v, log_g = attention_inputs(1, seq, heads, dim, gamma=gamma, seed=seed, dim_v=dim_v)
     gated = log_g is not None
     log_g = jnp.zeros(q.shape[:3], q.dtype) if log_g is None else log_g
-
-    def output_and_gradients(attend, *args):
-        y, pullback = jax.vjp(attend, *args)
-        return (y, *pullback(jax.grad(lambda y: jnp.sum(jnp.sin(3 * y)))(y)))
 
     reference_form_gated = lambda q, k, v, g: reference_form(q, k, v, g if gated else None)  # noqa: E731
     reference = output_and_gradients(reference_form_gated, q, k, v, log_g)

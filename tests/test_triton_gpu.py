@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import attention_inputs, relative_error
+from conftest import attention_inputs, output_and_gradients, relative_error, sine_loss
 
 import ops
 from ops.sympow.naive import attention_form
@@ -18,15 +18,6 @@ from ops.sympow.naive import attention_form
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "gpu", reason="needs a GPU: compiled Triton kernels and bf16 (the CPU interpreter runs float32 only)"
 )
-
-
-def loss(y):
-    return jnp.sum(jnp.sin(3 * y.astype(jnp.float32)))
-
-
-def output_and_gradients(attend, q, k, v, log_g):
-    y, pullback = jax.vjp(attend, q, k, v, log_g)
-    return (y, *pullback(jax.grad(loss)(y)))
 
 
 @pytest.mark.parametrize("p", [2, 4])
@@ -66,7 +57,7 @@ def test_long_sequences_match_the_pure_jax_chunked_form(seq):
 def compiled_bytes(seq: int) -> int:
     """Temporary plus output bytes of the compiled forward + backward at this length."""
     q, k, v, log_g = (a.astype(jnp.bfloat16) for a in attention_inputs(1, seq, 8, 64, gamma=0.99, dtype=jnp.float32))
-    grad = jax.jit(jax.grad(lambda *a: loss(ops.sympow_attention(*a, chunk_size=256, impl="triton")), argnums=(0, 1, 2, 3)))
+    grad = jax.jit(jax.grad(lambda *a: sine_loss(ops.sympow_attention(*a, chunk_size=256, impl="triton")), argnums=(0, 1, 2, 3)))
     memory = grad.lower(q, k, v, log_g.astype(jnp.float32)).compile().memory_analysis()
     return memory.temp_size_in_bytes + memory.output_size_in_bytes
 
