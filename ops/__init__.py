@@ -1,8 +1,28 @@
-"""ops: the symmetric power attention operator, pure-JAX forms and (later) Triton kernels.
+"""ops: the symmetric power attention operator, pure-JAX forms and Triton kernels.
 
 Knows nothing of models: import it into any JAX code.
 """
 
-from ops.sympow import DEFAULT_CHUNK_SIZE, IMPLS, embedding_size, sympow_attention, sympow_embedding
+from ops.sympow import (
+    DEFAULT_CHUNK_SIZE,
+    IMPLS,
+    SympowState,
+    embedding_size,
+    state_fits,
+    sympow_attention,
+    sympow_embedding,
+    sympow_step,
+    zero_state,
+)
 
-__all__ = ["sympow_attention", "sympow_embedding", "embedding_size", "IMPLS", "DEFAULT_CHUNK_SIZE"]
+__all__ = [
+    "sympow_attention",
+    "sympow_step",
+    "sympow_embedding",
+    "SympowState",
+    "zero_state",
+    "state_fits",
+    "embedding_size",
+    "IMPLS",
+    "DEFAULT_CHUNK_SIZE",
+]

@@ -94,7 +94,7 @@ def test_auto_picks_attention_for_short_or_wide_and_chunked_otherwise(monkeypatc
     assert api.choose_impl("auto", 4096, 64, 4, 128) == "attention"  # 766480 x 64 state
     q, k, v, log_g = attention_inputs(1, 40, 1, 2, gamma=0.9)  # D = 3 < 40
     called = []
-    monkeypatch.setattr(api, "chunked_form", lambda *a: called.append("chunked") or a[2])
+    monkeypatch.setattr(api, "chunked_form", lambda *a: called.append("chunked") or (a[2], None))
     ops.sympow_attention(q, k, v, log_g, chunk_size=16)
     assert called == ["chunked"]
 

@@ -7,15 +7,28 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ops.sympow.chunk import chunked_form
-from ops.sympow.naive import attention_form, embedding_size, recurrent_form, symmetric_power_embedding
+from ops.sympow.naive import (
+    SympowState,
+    attention_form,
+    cumulative_gate,
+    embedding_size,
+    empty_state,
+    recurrent_form,
+    recurrent_step,
+    state_after,
+    symmetric_power_embedding,
+)
 from ops.sympow.triton.attention import attention as triton_attention
 from ops.sympow.triton.chunked import chunked as triton_chunked
 
 IMPLS = ("attention", "recurrent", "chunked", "triton", "auto")
 DEFAULT_CHUNK_SIZE = 128
-# Above this many state elements per head (D x dim) the chunked form's state is too large to
-# materialise (p = 4 at dim = 64: 766480 x 64), and "auto" uses the attention form instead.
+# Above this many state elements per head (D x dim_v) the state is too large to hold (p = 4 at
+# dim 64: 766480 x 64, 196 MB per head in float32): "auto" uses the attention form, and the forms
+# that hold it (recurrent, chunked, a state handed in or out) refuse.
 MAX_STATE_ELEMENTS = 2**22
+# phi_p enumerates its D multi-indices on the host: past this many it would run out of memory.
+MAX_EMBEDDING_SIZE = 2**24
 
 
 def check_power(p) -> None:
@@ -34,6 +47,34 @@ def check_shapes(q, k, v, log_g) -> None:
         raise ValueError(f"log_g must be [batch, seq, heads] = {q.shape[:3]}; got {log_g.shape}")
     if not q.dtype == k.dtype == v.dtype or not jnp.issubdtype(q.dtype, jnp.floating):
         raise ValueError(f"q, k and v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def state_fits(dim: int, dim_v: int, p: int) -> bool:
+    """Whether a state of D x dim_v per head (D = C(dim + p - 1, p)) is small enough to hold."""
+    return embedding_size(dim, p) * dim_v <= MAX_STATE_ELEMENTS
+
+
+def check_state_fits(dim: int, dim_v: int, p: int, needs: str) -> None:
+    if not state_fits(dim, dim_v, p):
+        D = embedding_size(dim, p)
+        raise ValueError(
+            f"{needs} holds a state of D x dim_v = {D:,} x {dim_v} per head (D = C({dim} + {p} - 1, {p})), "
+            f"more than {MAX_STATE_ELEMENTS:,} elements: too large to hold. Use impl='attention' (or "
+            "'triton'), and for decoding a key/value cache"
+        )
+
+
+def check_state(state, batch: int, heads: int, dim: int, dim_v: int, p: int) -> None:
+    D = embedding_size(dim, p)
+    if not isinstance(state, SympowState):
+        raise ValueError(f"a state must be an ops.SympowState(S, z); got {type(state).__name__}")
+    if state.S.shape != (batch, heads, D, dim_v) or state.z.shape != (batch, heads, D):
+        raise ValueError(
+            f"the state must have S [batch, heads, D, dim_v] = {(batch, heads, D, dim_v)} and z {(batch, heads, D)} "
+            f"(D = C({dim} + {p} - 1, {p})); got S {state.S.shape} and z {state.z.shape}"
+        )
+    if not state.S.dtype == state.z.dtype or not jnp.issubdtype(state.S.dtype, jnp.floating):
+        raise ValueError(f"the state's S and z must share one floating dtype; got {state.S.dtype} and {state.z.dtype}")
 
 
 def raise_if_positive(any_positive) -> None:
@@ -62,6 +103,18 @@ def choose_impl(impl: str, seq: int, dim: int, p: int, chunk_size: int) -> str:
     return "chunked"
 
 
+def compute_dtype(*arrays):
+    """float64 if any input is, else float32: bf16 and float16 inputs are computed in float32."""
+    return jnp.float64 if any(a.dtype == jnp.float64 for a in arrays) else jnp.float32
+
+
+def check_scale(scale, dim: int) -> float:
+    scale = 1 / math.sqrt(dim) if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite positive number; got {scale!r}")
+    return scale
+
+
 def sympow_attention(
     q: Float[Array, "batch seq heads dim"],
     k: Float[Array, "batch seq heads dim"],
@@ -72,7 +125,9 @@ def sympow_attention(
     chunk_size: int | None = None,
     scale: float | None = None,
     impl: str = "auto",
-) -> Float[Array, "batch seq heads dv"]:
+    initial_state: SympowState | None = None,
+    return_state: bool = False,
+) -> Float[Array, "batch seq heads dv"] | tuple[Float[Array, "batch seq heads dv"], SympowState]:
     """Causal (gated) symmetric power attention: y_i = sum_j w_ij v_j / sum_j w_ij with
     w_ij = (scale q_i . k_j)^p exp(G_i - G_j), G the cumulative sum of log_g.
 
@@ -82,43 +137,94 @@ def sympow_attention(
     float32 only), or "auto" (attention where
     seq <= max(chunk_size, D) or the D x dim state is too large, else chunked). All are differentiable in
     q, k, v and log_g. Computes in at least float32 and returns v's dtype.
+
+    initial_state: an ops.SympowState left by earlier tokens (from return_state or
+    ops.sympow_step), whose tokens count as coming before q; the pure-JAX forms are
+    differentiable in it. return_state=True returns (y, state after the last token), the state
+    in the compute dtype (float32, or float64 for float64 inputs). Not yet with impl="triton".
     """
     check_power(p)
     check_shapes(q, k, v, log_g)
+    batch, seq, heads, dim = q.shape
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK_SIZE
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
-    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite positive number; got {scale!r}")
-    impl = choose_impl(impl, q.shape[1], q.shape[-1], p, chunk_size)
+    scale = check_scale(scale, dim)
+    impl = choose_impl(impl, seq, dim, p, chunk_size)
+    with_state = initial_state is not None or return_state
+    if initial_state is not None:
+        check_state(initial_state, batch, heads, dim, v.shape[-1], p)
+    if with_state:
+        check_state_fits(dim, v.shape[-1], p, "a state handed in or out")
+    elif impl in ("recurrent", "chunked"):
+        check_state_fits(dim, v.shape[-1], p, f"impl={impl!r}")
 
     if log_g is not None:
         log_g = check_log_gate(log_g)
     if impl == "triton":
+        if with_state:
+            raise ValueError("impl='triton' does not take or return a state yet; use 'chunked' (or 'auto')")
         # The kernels read bf16 or float32 as given and accumulate in float32. Past one chunk,
         # p = 2 takes the chunked kernels; other powers (p = 4's state is too large) the flash-style ones.
-        if p == 2 and q.shape[1] > chunk_size:
+        if p == 2 and seq > chunk_size:
             return triton_chunked(q, k, v, log_g, scale, chunk_size).astype(v.dtype)
         return triton_attention(q, k, v, log_g, p, scale).astype(v.dtype)
-    dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    out_dtype, dtype = v.dtype, compute_dtype(q, *([] if initial_state is None else initial_state))
     q, k, v = (a.astype(dtype) for a in (q, k, v))
     if log_g is not None:
         log_g = log_g.astype(dtype)
+    if initial_state is not None:
+        initial_state = SympowState(*(a.astype(dtype) for a in initial_state))
     if impl == "attention":
-        y = attention_form(q, k, v, log_g, p, scale)
+        y = attention_form(q, k, v, log_g, p, scale, initial_state)
+        state = state_after(k, v, None if log_g is None else cumulative_gate(log_g), initial_state, p, scale) if return_state else None
     elif impl == "recurrent":
-        y = recurrent_form(q, k, v, log_g, p, scale)
+        y, state = recurrent_form(q, k, v, log_g, p, scale, initial_state)
     else:
-        y = chunked_form(q, k, v, log_g, p, scale, chunk_size)
-    return y.astype(v.dtype)
+        y, state = chunked_form(q, k, v, log_g, p, scale, chunk_size, initial_state)
+    return (y.astype(out_dtype), state) if return_state else y.astype(out_dtype)
+
+
+def sympow_step(
+    q: Float[Array, "batch heads dim"],
+    k: Float[Array, "batch heads dim"],
+    v: Float[Array, "batch heads dv"],
+    log_g: Float[Array, "batch heads"] | None,
+    state: SympowState,
+    *,
+    p: int = 2,
+    scale: float | None = None,
+) -> tuple[Float[Array, "batch heads dv"], SympowState]:
+    """One token of decoding in O(D d) per head: S = gamma S + phi(r k) v^T, z = gamma z + phi(r k),
+    y = phi(r q)^T S / phi(r q)^T z (r = sqrt(scale)). Returns (y in v's dtype, the new state in
+    the state's dtype). Equals sympow_attention over one more token with initial_state=state."""
+    check_power(p)
+    check_shapes(q[:, None], k[:, None], v[:, None], None if log_g is None else log_g[:, None])
+    batch, heads, dim = q.shape
+    check_state(state, batch, heads, dim, v.shape[-1], p)
+    check_state_fits(dim, v.shape[-1], p, "sympow_step")
+    scale = check_scale(scale, dim)
+    dtype = compute_dtype(q, state.S)
+    log_g = jnp.zeros((batch, heads), dtype) if log_g is None else check_log_gate(log_g).astype(dtype)
+    y, new_state = recurrent_step(*(a.astype(dtype) for a in (q, k, v)), log_g, SympowState(*(a.astype(dtype) for a in state)), p, scale)
+    return y.astype(v.dtype), SympowState(*(a.astype(state.S.dtype) for a in new_state))
+
+
+def zero_state(batch: int, heads: int, dim: int, dim_v: int, *, p: int = 2, dtype=jnp.float32) -> SympowState:
+    """The state before any token: S [batch, heads, D, dim_v] and z [batch, heads, D] of zeros."""
+    check_power(p)
+    check_state_fits(dim, dim_v, p, "zero_state")
+    return empty_state(batch, heads, dim, dim_v, p, dtype)
 
 
 def sympow_embedding(x: Float[Array, "*b dim"], p: int) -> Float[Array, "*b D"]:
     """phi_p(x), one feature per non-decreasing multi-index, D = comb(dim + p - 1, p), with
     phi_p(x) . phi_p(y) = (x . y)^p exactly."""
     check_power(p)
+    D = embedding_size(x.shape[-1], p)
+    if D > MAX_EMBEDDING_SIZE:
+        raise ValueError(f"phi_{p} of dim {x.shape[-1]} has D = C({x.shape[-1]} + {p} - 1, {p}) = {D:,} features, more than {MAX_EMBEDDING_SIZE:,}: too many to enumerate")
     return symmetric_power_embedding(x, p)
 
 

@@ -11,6 +11,10 @@ Two reference forms live here:
   phi(r q) . phi(r k) = (s q . k)^p: the same weights as the attention form, not off by s^p,
   which matters once a form mixes the two (the chunked one does). O(T D d), state D x d per head.
 
+Both take a state (S, z) left by earlier tokens: those tokens count as coming before q, so
+they weigh exp(G_i) phi(r q_i)^T S in y_i's numerator (and with z in its denominator), and both
+can return the state after their last token, S_T = exp(G_T) S_0 + sum_j exp(G_T - G_j) phi(r k_j) v_j^T.
+
 Every form divides by `max(den, EPS)` where `den` has been divided by a stabiliser that makes
 it >= 1 whenever the row carries any weight at all (the row max in log space, as flash
 attention does). So EPS never changes a well-defined output, which is why all forms agree to
@@ -20,6 +24,7 @@ float64 round-off, and a row with no weight (q orthogonal to every key) gives 0,
 import functools
 import itertools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +93,28 @@ def cumulative_gate(log_g: Float[Array, "batch seq heads"]) -> GatePair:
     return exact_cumsum(log_g, axis=1)
 
 
+class SympowState(NamedTuple):
+    """The recurrent state after some tokens, per batch entry and head, in the exact layout (one
+    row per non-decreasing multi-index, in `embedding_terms`' order, D = C(dim + p - 1, p)):
+    S = sum_j exp(G_T - G_j) phi(r k_j) v_j^T and z = sum_j exp(G_T - G_j) phi(r k_j).
+    Raw sums, not divided by any stabiliser: they stay finite, since every decay is <= 1."""
+
+    S: Float[Array, "batch heads D dv"]
+    z: Float[Array, "batch heads D"]
+
+
+def empty_state(batch: int, heads: int, dim: int, dim_v: int, p: int, dtype=jnp.float32) -> SympowState:
+    """The state before any token."""
+    D = embedding_size(dim, p)
+    return SympowState(jnp.zeros((batch, heads, D, dim_v), dtype), jnp.zeros((batch, heads, D), dtype))
+
+
+def state_matmul(subscripts: str, features: Array, other: Array) -> Array:
+    """A product with phi features that builds or queries a state: the matmuls the Triton kernels
+    run with operands in the inputs' dtype (benchmarks/bf16_state_operands.py rounds them here)."""
+    return jnp.einsum(subscripts, features, other)
+
+
 def log_weights(
     q: Float[Array, "batch seq heads dim"],
     k: Float[Array, "batch seq heads dim"],
@@ -104,6 +131,68 @@ def log_weights(
     return jnp.where(jnp.tril(jnp.ones((seq, seq), dtype=bool)), log_w, -jnp.inf)
 
 
+def attend(
+    q: Float[Array, "batch seq heads dim"],
+    k: Float[Array, "batch seq heads dim"],
+    v: Float[Array, "batch seq heads dv"],
+    cumulative_gate: GatePair | None,
+    state: SympowState | None,
+    p: int,
+    scale: float,
+) -> Float[Array, "batch seq heads dv"]:
+    """y_i = (sum_{j<=i} w_ij v_j + exp(G_i) phi(r q_i)^T S) / (sum_{j<=i} w_ij + exp(G_i) phi(r q_i)^T z),
+    w_ij = (s q_i . k_j)^p exp(G_i - G_j), in log space: both parts are put in one frame, the
+    larger of the row max of log w and log exp(G_i) phi(r q_i)^T z, so the denominator is >= 1
+    there. G counts from the first of these tokens (a chunk's start, in the chunked form)."""
+    log_w = log_weights(q, k, cumulative_gate, p, scale)
+    stabiliser = jnp.max(log_w, axis=-1)  # [batch, heads, seq]
+    if state is not None:
+        # A decay from the first token takes hi alone (hi + lo rounds to it).
+        G = jnp.zeros(q.shape[:3], q.dtype) if cumulative_gate is None else cumulative_gate[0]
+        phi_q = symmetric_power_embedding(q * math.sqrt(scale), p)
+        state_numerator = state_matmul("bihD,bhDv->bihv", phi_q, state.S)
+        state_denominator = jnp.einsum("bihD,bhD->bih", phi_q, state.z)
+        log_state_weight = G + log_abs(jnp.maximum(state_denominator, 0))
+        stabiliser = jnp.maximum(stabiliser, jnp.moveaxis(log_state_weight, -1, 1))
+    stabiliser = finite_or_zero(jax.lax.stop_gradient(stabiliser))
+    w = jnp.exp(log_w - stabiliser[..., None])
+    numerator = jnp.einsum("bhij,bjhv->bihv", w, v)
+    denominator = jnp.moveaxis(jnp.sum(w, axis=-1), 1, -1)  # [batch, seq, heads]
+    if state is not None:
+        state_factor = jnp.exp(G - jnp.moveaxis(stabiliser, 1, -1))  # [batch, seq, heads]
+        numerator = numerator + state_factor[..., None] * state_numerator
+        denominator = denominator + state_factor * state_denominator
+    return normalise(numerator, denominator)
+
+
+def state_after(
+    k: Float[Array, "batch seq heads dim"],
+    v: Float[Array, "batch seq heads dv"],
+    cumulative_gate: GatePair | None,
+    state: SympowState | None,
+    p: int,
+    scale: float,
+) -> SympowState:
+    """S_T = exp(G_T) S_0 + sum_j exp(G_T - G_j) phi(r k_j) v_j^T (z likewise, S_0 = 0 without a
+    state). The decay is folded into the key before expansion: phi(exp(u/p) x) = exp(u) phi(x)."""
+    root_scale = jnp.full(k.shape[:3], math.sqrt(scale), k.dtype)
+    if cumulative_gate is not None:
+        end = tuple(part[:, -1:] for part in cumulative_gate)
+        root_scale = root_scale * jnp.exp(pair_difference(end, cumulative_gate) / p)
+    phi_k = symmetric_power_embedding(k * root_scale[..., None], p)
+    added = SympowState(state_matmul("bjhD,bjhv->bhDv", phi_k, v), jnp.sum(phi_k, axis=1))
+    if state is None:
+        return added
+    G_end = jnp.zeros((k.shape[0], k.shape[2]), k.dtype) if cumulative_gate is None else cumulative_gate[0][:, -1]
+    return decay_and_add(state, G_end, added)
+
+
+def decay_and_add(state: SympowState, log_decay: Float[Array, "batch heads"], added: SympowState) -> SympowState:
+    """exp(log_decay) S + added S (z likewise): the state carried over a stretch of tokens."""
+    decay = jnp.exp(log_decay)
+    return SympowState(decay[..., None, None] * state.S + added.S, decay[..., None] * state.z + added.z)
+
+
 def attention_form(
     q: Float[Array, "batch seq heads dim"],
     k: Float[Array, "batch seq heads dim"],
@@ -111,14 +200,32 @@ def attention_form(
     log_g: Float[Array, "batch seq heads"] | None,
     p: int,
     scale: float,
+    initial_state: SympowState | None = None,
 ) -> Float[Array, "batch seq heads dv"]:
-    """y_i = sum_{j<=i} w_ij v_j / sum_{j<=i} w_ij, w_ij = (s q_i . k_j)^p exp(G_i - G_j), in log space."""
-    log_w = log_weights(q, k, None if log_g is None else cumulative_gate(log_g), p, scale)
-    row_max = finite_or_zero(jax.lax.stop_gradient(jnp.max(log_w, axis=-1, keepdims=True)))
-    w = jnp.exp(log_w - row_max)
-    numerator = jnp.einsum("bhij,bjhd->bihd", w, v)
-    denominator = jnp.moveaxis(jnp.sum(w, axis=-1), 1, -1)  # [batch, seq, heads]
-    return normalise(numerator, denominator)
+    """y_i = sum_{j<=i} w_ij v_j / sum_{j<=i} w_ij, w_ij = (s q_i . k_j)^p exp(G_i - G_j), in log
+    space; with a state, its tokens come before q (see `attend`)."""
+    return attend(q, k, v, None if log_g is None else cumulative_gate(log_g), initial_state, p, scale)
+
+
+def recurrent_step(
+    q: Float[Array, "batch heads dim"],
+    k: Float[Array, "batch heads dim"],
+    v: Float[Array, "batch heads dv"],
+    log_g: Float[Array, "batch heads"],
+    state: SympowState,
+    p: int,
+    scale: float,
+) -> tuple[Float[Array, "batch heads dv"], SympowState]:
+    """One token: S = gamma S + phi(r k) v^T, z = gamma z + phi(r k), y = phi(r q)^T S / phi(r q)^T z."""
+    root_scale = math.sqrt(scale)
+    phi_k = symmetric_power_embedding(k * root_scale, p)
+    state = decay_and_add(state, log_g, SympowState(phi_k[..., :, None] * v[..., None, :], phi_k))
+    phi_q = symmetric_power_embedding(q * root_scale, p)
+    numerator = jnp.einsum("bhD,bhDv->bhv", phi_q, state.S)
+    denominator = jnp.einsum("bhD,bhD->bh", phi_q, state.z)
+    # The stabiliser is the denominator itself; a row with no weight stays 0.
+    stabiliser = jnp.where(denominator > 0, denominator, jnp.ones_like(denominator))
+    return normalise(numerator / stabiliser[..., None], denominator / stabiliser), state
 
 
 def recurrent_form(
@@ -128,30 +235,19 @@ def recurrent_form(
     log_g: Float[Array, "batch seq heads"] | None,
     p: int,
     scale: float,
-) -> Float[Array, "batch seq heads dv"]:
-    """S_t = gamma_t S_{t-1} + phi(r k_t) v_t^T; z likewise with 1; y_t = phi(r q_t)^T S_t / phi(r q_t)^T z_t."""
+    initial_state: SympowState | None = None,
+) -> tuple[Float[Array, "batch seq heads dv"], SympowState]:
+    """`recurrent_step` over the tokens, from the given state (or zero); returns y and the last state."""
     batch, _, heads, dim = q.shape
-    root_scale = math.sqrt(scale)
-    state_size = embedding_size(dim, p)
     if log_g is None:
         log_g = jnp.zeros(q.shape[:3], q.dtype)
+    if initial_state is None:
+        initial_state = empty_state(batch, heads, dim, v.shape[-1], p, v.dtype)
 
-    def step(carry, token):
-        S, z = carry
-        q_t, k_t, v_t, log_g_t = token
-        gamma = jnp.exp(log_g_t)[..., None]
-        phi_k = symmetric_power_embedding(k_t * root_scale, p)
-        S = gamma[..., None] * S + phi_k[..., :, None] * v_t[..., None, :]
-        z = gamma * z + phi_k
-        phi_q = symmetric_power_embedding(q_t * root_scale, p)
-        numerator = jnp.einsum("bhD,bhDv->bhv", phi_q, S)
-        denominator = jnp.einsum("bhD,bhD->bh", phi_q, z)
-        # The stabiliser is the denominator itself; a row with no weight stays 0.
-        stabiliser = jnp.where(denominator > 0, denominator, jnp.ones_like(denominator))
-        return (S, z), normalise(numerator / stabiliser[..., None], denominator / stabiliser)
+    def step(state, token):
+        y, state = recurrent_step(*token, state, p, scale)
+        return state, y
 
-    S0 = jnp.zeros((batch, heads, state_size, v.shape[-1]), v.dtype)
-    z0 = jnp.zeros((batch, heads, state_size), v.dtype)
     tokens = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, log_g))
-    _, y = jax.lax.scan(step, (S0, z0), tokens)
-    return jnp.moveaxis(y, 0, 1)
+    state, y = jax.lax.scan(step, initial_state, tokens)
+    return jnp.moveaxis(y, 0, 1), state
