@@ -1,5 +1,5 @@
 """Error-free float32 arithmetic: a value carried as an unevaluated pair hi + lo of float32
-holds about twice float32's digits. Used where a long running sum must stay exact: rotary
+holds about twice float32's digits (and float64 pairs twice float64's). Used where a long running sum must stay exact: rotary
 angles (sympow.rotary) and the cumulative gate G that every form differences (G_i - G_j)."""
 
 import functools
@@ -17,8 +17,8 @@ def two_sum(a: Array, b: Array) -> tuple[Array, Array]:
 
 
 def split(a: Array) -> tuple[Array, Array]:
-    """a = hi + lo exactly, each with at most 12 significant bits (Veltkamp, float32)."""
-    c = a * 4097.0
+    """a = hi + lo exactly, each with half the significand (Veltkamp: 12 bits in float32, 26 in float64)."""
+    c = a * float(2 ** ((jnp.finfo(a.dtype).nmant + 2) // 2) + 1)
     hi = c - (c - a)
     return hi, a - hi
 

@@ -1,7 +1,19 @@
-"""sympow: conformal symmetric power transformers as Equinox modules."""
+"""sympow: conformal symmetric power transformers as Equinox modules, and generation."""
 
-from sympow.attention import Attention
+from sympow.attention import Attention, KeyValueCache, StateCache
 from sympow.config import ATTENTIONS, PRESETS, ModelConfig, preset
+from sympow.generate import generate, sample_token
 from sympow.transformer import Transformer
 
-__all__ = ["ATTENTIONS", "PRESETS", "Attention", "ModelConfig", "Transformer", "preset"]
+__all__ = [
+    "ATTENTIONS",
+    "PRESETS",
+    "Attention",
+    "KeyValueCache",
+    "ModelConfig",
+    "StateCache",
+    "Transformer",
+    "generate",
+    "preset",
+    "sample_token",
+]

@@ -1,14 +1,50 @@
-"""The attention layer of each of the paper's four variants."""
+"""The attention layer of each of the paper's four variants, and its decoding caches.
+
+A layer runs over a whole sequence (`__call__`, training and evaluation), or in two steps for
+inference: `prefill` runs a prompt in one call and returns a cache, `decode` takes one token
+and the cache. The cache is the sympow state where it fits (ops.SympowState: constant size
+whatever the context), else (softmax, or a state too large to hold) the keys and values of a
+fixed maximum length. Both carry the rotary position reached, as an exact pair.
+"""
+
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import ops
+from ops.exact import add_pairs, pair_difference
+from ops.sympow.naive import cumulative_gate, finite_or_zero, log_abs, normalise
 from sympow.config import ModelConfig
 from sympow.layers import INIT_STD, Dense, Gate
-from sympow.rotary import LearnedRotary, fixed_angles, rotate, rotation_angles
+from sympow.rotary import LearnedRotary, Position, fixed_angles, positions, rotate, rotation_angles
+
+Pair = tuple[Array, Array]
+
+
+class StateCache(NamedTuple):
+    """A sympow layer's cache: its state, and the rotary position reached."""
+
+    state: ops.SympowState
+    position: Position
+
+
+class KeyValueCache(NamedTuple):
+    """Keys and values of the first `length` tokens, in slots of a fixed maximum length, the
+    cumulative gate G at each as an exact pair (sympow_gated and conformal; None otherwise), and
+    the rotary position reached."""
+
+    k: Float[Array, "batch max_length heads dim"]
+    v: Float[Array, "batch max_length heads dim"]
+    gate: Pair | None
+    length: Int[Array, ""]
+    position: Position
+
+
+def last(pair: Pair) -> Pair:
+    return tuple(part[:, -1] for part in pair)
 
 
 class Attention(eqx.Module):
@@ -29,21 +65,88 @@ class Attention(eqx.Module):
         self.gate = Gate(config.d_model, config.n_heads, key=gate_key) if config.gated else None
         self.learned_rotary = LearnedRotary(config.d_model, config.n_heads) if config.learned_rotary else None
 
-    def angles(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq heads half"]:
+    @property
+    def holds_state(self) -> bool:
+        """Whether decoding keeps the sympow state (else keys and values)."""
         cfg = self.config
-        if self.learned_rotary is None:
-            return fixed_angles(x.shape[0], x.shape[1], cfg.n_heads, cfg.head_dim, cfg.rotary_length)
-        return rotation_angles(self.learned_rotary(x), cfg.head_dim, cfg.rotary_length)
+        return cfg.attention != "softmax" and ops.state_fits(cfg.head_dim, cfg.head_dim, cfg.p)
 
-    def __call__(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq d_model"]:
+    def beta(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq heads"]:
+        """Each token's step in rotary position: learned, or 1 for the fixed rotary."""
+        if self.learned_rotary is None:
+            return jnp.ones((*x.shape[:2], self.config.n_heads), x.dtype)
+        return self.learned_rotary(x)
+
+    def project(self, x: Float[Array, "batch seq d_model"], start: Position | None):
+        """Rotated q and k, v, the log-gates (or None) and the rotary position after these tokens."""
         cfg = self.config
         batch, seq, _ = x.shape
         q, k, v = jnp.split(self.qkv(x).reshape(batch, seq, 3 * cfg.n_heads, cfg.head_dim), 3, axis=2)
-        angles = self.angles(x)
-        q, k = rotate(q, angles), rotate(k, angles)
-        if cfg.attention == "softmax":
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        beta = self.beta(x)
+        if self.learned_rotary is None:
+            angles = fixed_angles(batch, seq, cfg.n_heads, cfg.head_dim, cfg.rotary_length, start, beta.dtype)
         else:
-            log_g = None if self.gate is None else self.gate(x)
-            y = ops.sympow_attention(q, k, v, log_g, p=cfg.p, chunk_size=cfg.chunk_size, impl=cfg.impl)
-        return self.out(y.reshape(batch, seq, cfg.d_model))
+            angles = rotation_angles(beta, cfg.head_dim, cfg.rotary_length, start)
+        log_g = None if self.gate is None else self.gate(x)
+        return rotate(q, angles), rotate(k, angles), v, log_g, last(positions(beta, start))
+
+    def attend(self, q, k, v, log_g, **state):
+        cfg = self.config
+        if cfg.attention == "softmax":
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return ops.sympow_attention(q, k, v, log_g, p=cfg.p, chunk_size=cfg.chunk_size, impl=cfg.impl, **state)
+
+    def output(self, y: Float[Array, "batch seq heads dim"]) -> Float[Array, "batch seq d_model"]:
+        return self.out(y.reshape(*y.shape[:2], self.config.d_model))
+
+    def __call__(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq d_model"]:
+        q, k, v, log_g, _ = self.project(x, None)
+        return self.output(self.attend(q, k, v, log_g))
+
+    def prefill(self, x: Float[Array, "batch seq d_model"], max_length: int) -> tuple[Float[Array, "batch seq d_model"], StateCache | KeyValueCache]:
+        """The layer over a prompt, and its cache for decoding up to max_length tokens in all
+        (a key/value cache holds that many; a state any number)."""
+        q, k, v, log_g, position = self.project(x, None)
+        if self.holds_state:
+            y, state = self.attend(q, k, v, log_g, return_state=True)
+            return self.output(y), StateCache(state, position)
+        batch, seq, heads, dim = k.shape
+        if seq > max_length:
+            raise ValueError(f"a prompt of {seq} tokens does not fit a key/value cache of {max_length}")
+        slots = lambda a: jnp.zeros((batch, max_length, *a.shape[2:]), a.dtype).at[:, :seq].set(a)  # noqa: E731
+        gate = None if log_g is None else tuple(slots(part) for part in cumulative_gate(log_g))
+        cache = KeyValueCache(slots(k), slots(v), gate, jnp.asarray(seq, jnp.int32), position)
+        return self.output(self.attend(q, k, v, log_g)), cache
+
+    def decode(self, x: Float[Array, "batch 1 d_model"], cache: StateCache | KeyValueCache) -> tuple[Float[Array, "batch 1 d_model"], StateCache | KeyValueCache]:
+        """One token after those in the cache: its output, and the cache with it added."""
+        q, k, v, log_g, position = self.project(x, cache.position)
+        if isinstance(cache, StateCache):
+            y, state = ops.sympow_step(q[:, 0], k[:, 0], v[:, 0], None if log_g is None else log_g[:, 0], cache.state, p=self.config.p)
+            return self.output(y[:, None]), StateCache(state, position)
+        y, cache = self.decode_from_keys_and_values(q, k, v, log_g, cache)
+        return self.output(y), cache._replace(position=position)
+
+    def decode_from_keys_and_values(self, q, k, v, log_g, cache: KeyValueCache):
+        """Write the token into slot `length`, then attend over slots 0..length. Past the cache's
+        last slot the output is NaN, so that an overflow shows."""
+        slot = cache.length
+        write = lambda buffer, a: jax.lax.dynamic_update_slice_in_dim(buffer, a.astype(buffer.dtype), slot, axis=1)  # noqa: E731
+        keys, values = write(cache.k, k), write(cache.v, v)
+        q = q[:, 0] * (1 / self.config.head_dim**0.5)  # [batch, heads, dim]
+        dot = jnp.einsum("bhd,bjhd->bhj", q, keys)
+        logits = dot if self.config.attention == "softmax" else self.config.p * log_abs(dot)  # log w_j
+        gate = None
+        if cache.gate is not None:
+            previous = tuple(jax.lax.dynamic_index_in_dim(part, jnp.maximum(slot - 1, 0), axis=1, keepdims=False) for part in cache.gate)
+            previous = tuple(jnp.where(slot > 0, part, 0) for part in previous)
+            G = add_pairs(previous, (log_g[:, 0].astype(previous[0].dtype), jnp.zeros_like(previous[0])))
+            gate = tuple(write(buffer, part[:, None]) for buffer, part in zip(cache.gate, G))
+            logits = logits + jnp.moveaxis(pair_difference(tuple(part[:, None] for part in G), gate), 1, -1)
+        logits = jnp.where(jnp.arange(keys.shape[1]) <= slot, logits, -jnp.inf)
+        stabiliser = finite_or_zero(jnp.max(logits, axis=-1, keepdims=True))
+        w = jnp.exp(logits - stabiliser)
+        y = normalise(jnp.einsum("bhj,bjhd->bhd", w, values), jnp.sum(w, axis=-1))
+        y = jnp.where(slot < keys.shape[1], y, jnp.nan)
+        return y[:, None].astype(v.dtype), KeyValueCache(keys, values, gate, slot + 1, cache.position)
+

@@ -5,6 +5,10 @@ Angles must stay exact to ~1e-4 rad at position 65536 in float32, where theta_0 
 as an unevaluated pair hi + lo of float32 (an associative scan with error-free additions),
 and theta times it is reduced modulo one turn with an error-free product. Gradients do not
 go through that arithmetic: they are the plain ones of theta * cumsum(beta).
+
+Decoding carries the position reached as that pair (`Position`) and goes on from it, so the
+angle of a token is the same whether it came in a prompt or one at a time. A float64 model
+computes all of this in float64 pairs.
 """
 
 import equinox as eqx
@@ -13,7 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ops.exact import exact_cumsum, two_product
+from ops.exact import add_pairs, exact_cumsum, two_product
+
+# A position sum_{u<=t} beta_u as an exact pair (hi, lo), per batch entry and head.
+Position = tuple[Float[Array, "batch heads"], Float[Array, "batch heads"]]
 
 
 def frequencies_in_turns(head_dim: int, rotary_length: int) -> np.ndarray:
@@ -25,23 +32,41 @@ def fraction(x: Array) -> Array:
     return x - jnp.floor(x)
 
 
+def angle_dtype(beta: Array):
+    return jnp.float64 if beta.dtype == jnp.float64 else jnp.float32
+
+
+def positions(
+    beta: Float[Array, "batch seq heads"], start: Position | None = None
+) -> tuple[Float[Array, "batch seq heads"], Float[Array, "batch seq heads"]]:
+    """sum_{u<=t} beta_u (after the position `start` reached before these tokens) as an exact pair."""
+    beta = jax.lax.stop_gradient(beta.astype(angle_dtype(beta)))
+    hi, lo = exact_cumsum(beta, axis=1)
+    if start is None:
+        return hi, lo
+    return add_pairs((hi, lo), tuple(part[:, None].astype(hi.dtype) for part in start))
+
+
 def rotation_angles(
-    beta: Float[Array, "batch seq heads"], head_dim: int, rotary_length: int
+    beta: Float[Array, "batch seq heads"], head_dim: int, rotary_length: int, start: Position | None = None
 ) -> Float[Array, "batch seq heads half"]:
     """mu_t,k = theta_k sum_{u<=t} beta_u, reduced into [0, 2 pi)."""
-    turns_per_step = jnp.asarray(frequencies_in_turns(head_dim, rotary_length))
-    hi, lo = (jax.lax.stop_gradient(a.astype(jnp.float32))[..., None] for a in exact_cumsum(beta, axis=1))
+    dtype = angle_dtype(beta)
+    turns_per_step = jnp.asarray(frequencies_in_turns(head_dim, rotary_length), dtype)
+    hi, lo = (part[..., None] for part in positions(beta, start))
     product, error = two_product(hi, turns_per_step)
     turns = fraction(fraction(product) + (error + lo * turns_per_step))
     exact = (2 * np.pi) * turns
     # Same value as `exact`, but the gradient of theta * cumsum(beta).
-    plain = (2 * np.pi) * jnp.cumsum(beta.astype(jnp.float32), axis=1)[..., None] * turns_per_step
+    plain = (2 * np.pi) * jnp.cumsum(beta.astype(dtype), axis=1)[..., None] * turns_per_step
     return exact + (plain - jax.lax.stop_gradient(plain))
 
 
-def fixed_angles(batch: int, seq: int, heads: int, head_dim: int, rotary_length: int) -> Float[Array, "batch seq heads half"]:
-    """mu_t = t theta, t = 1..seq: the learned rotary with every beta = 1."""
-    return rotation_angles(jnp.ones((batch, seq, heads), jnp.float32), head_dim, rotary_length)
+def fixed_angles(
+    batch: int, seq: int, heads: int, head_dim: int, rotary_length: int, start: Position | None = None, dtype=jnp.float32
+) -> Float[Array, "batch seq heads half"]:
+    """mu_t = t theta, t = 1..seq (after `start`): the learned rotary with every beta = 1."""
+    return rotation_angles(jnp.ones((batch, seq, heads), dtype), head_dim, rotary_length, start)
 
 
 def rotate(x: Float[Array, "batch seq heads dim"], angles: Float[Array, "batch seq heads half"]) -> Float[Array, "batch seq heads dim"]:

@@ -5,9 +5,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from sympow.attention import Attention
+from sympow.attention import Attention, KeyValueCache, StateCache
 from sympow.config import ModelConfig
 from sympow.layers import INIT_STD, Dense, LayerNorm
+
+
+# One cache per layer (see sympow.attention).
+Cache = tuple[StateCache | KeyValueCache, ...]
 
 
 class MLP(eqx.Module):
@@ -38,8 +42,19 @@ class Block(eqx.Module):
         self.mlp = MLP(config, key=mlp_key)
 
     def __call__(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq d_model"]:
-        x = x + self.attention(self.attention_norm(x))
+        return self.after_attention(x, self.attention(self.attention_norm(x)))
+
+    def after_attention(self, x: Float[Array, "batch seq d_model"], attended: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq d_model"]:
+        x = x + attended
         return x + self.mlp(self.mlp_norm(x))
+
+    def prefill(self, x: Float[Array, "batch seq d_model"], max_length: int):
+        attended, cache = self.attention.prefill(self.attention_norm(x), max_length)
+        return self.after_attention(x, attended), cache
+
+    def decode(self, x: Float[Array, "batch 1 d_model"], cache):
+        attended, cache = self.attention.decode(self.attention_norm(x), cache)
+        return self.after_attention(x, attended), cache
 
 
 class Transformer(eqx.Module):
@@ -59,13 +74,41 @@ class Transformer(eqx.Module):
         self.final_norm = LayerNorm(config.d_model)
 
     def __call__(self, tokens: Int[Array, "batch seq"]) -> Float[Array, "batch seq vocab"]:
+        return self.from_embeddings(self.lookup(tokens))
+
+    def lookup(self, tokens: Int[Array, "batch seq"]) -> Float[Array, "batch seq d_model"]:
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
-        return self.from_embeddings(self.embedding[tokens])
+        return self.embedding[tokens]
+
+    def unembed(self, x: Float[Array, "*b d_model"]) -> Float[Array, "*b vocab"]:
+        return self.final_norm(x) @ self.embedding.astype(x.dtype).T
 
     def from_embeddings(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq vocab"]:
         """The model after the token lookup (differentiable in x, which the causality tests use)."""
         x = self.embedding_norm(x)
         for block in self.blocks:
             x = block(x)
-        return self.final_norm(x) @ self.embedding.astype(x.dtype).T
+        return self.unembed(x)
+
+    def prefill(self, tokens: Int[Array, "batch seq"], max_length: int | None = None) -> tuple[Float[Array, "batch vocab"], Cache]:
+        """Run a prompt in one call: the logits after its last token, and the cache to decode on
+        from. max_length (default: the prompt's length) is the most tokens, prompt included, that
+        a key/value cache (softmax, or a state too large to hold) will take; a state takes any number."""
+        max_length = tokens.shape[-1] if max_length is None else max_length
+        x = self.embedding_norm(self.lookup(tokens))
+        cache = []
+        for block in self.blocks:
+            x, layer_cache = block.prefill(x, max_length)
+            cache.append(layer_cache)
+        return self.unembed(x[:, -1]), tuple(cache)
+
+    def decode(self, token: Int[Array, " batch"], cache: Cache) -> tuple[Float[Array, "batch vocab"], Cache]:
+        """One token after those in the cache, in a cost independent of how many there were for a
+        state (a key/value cache costs their number): its logits and the cache with it added."""
+        x = self.embedding_norm(self.lookup(token[:, None]))
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache):
+            x, layer_cache = block.decode(x, layer_cache)
+            new_cache.append(layer_cache)
+        return self.unembed(x[:, 0]), tuple(new_cache)

@@ -1,0 +1,89 @@
+"""Generation: prefill the prompt in one call, then one compiled scan of decode steps.
+
+Sampling takes the logits at a temperature, keeps the top_k most likely tokens and, of those,
+the smallest set whose probability reaches top_p (nucleus sampling), then draws one.
+temperature=0 is greedy (argmax).
+"""
+
+import functools
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from sympow.transformer import Transformer
+
+
+def check_sampling(temperature, top_k, top_p) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy); got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None; got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None; got {top_p!r}")
+
+
+def nucleus(logits: Float[Array, "batch vocab"], top_p: float) -> Float[Array, "batch vocab"]:
+    """-inf outside the smallest set of most likely tokens whose probability reaches top_p: a
+    token stays if the tokens more likely than it hold less than top_p."""
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_probabilities = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+    before = jnp.cumsum(sorted_probabilities, axis=-1) - sorted_probabilities
+    keep_sorted = before < top_p
+    keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def sample_token(
+    logits: Float[Array, "batch vocab"], key: PRNGKeyArray, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> Int[Array, " batch"]:
+    """One token per row from the logits (see the module docstring)."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    if top_p is not None and top_p < 1:
+        logits = nucleus(logits, top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(
+    model: Transformer,
+    prompt: Int[Array, "batch prompt"],
+    max_new_tokens: int,
+    *,
+    key: PRNGKeyArray,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Int[Array, "batch total"]:
+    """The prompt followed by max_new_tokens sampled tokens, [batch, prompt + new]."""
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"the prompt must be [batch, tokens] with at least one token; got shape {prompt.shape}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}")
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens == 0:
+        return prompt
+    sample = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
+    return generate_compiled(model, prompt.astype(jnp.int32), key, max_new_tokens, sample)
+
+
+@eqx.filter_jit
+def generate_compiled(model, prompt, key, max_new_tokens, sample):
+    logits, cache = model.prefill(prompt, prompt.shape[1] + max_new_tokens)
+    keys = jax.random.split(key, max_new_tokens)
+
+    def step(carry, key):
+        logits, cache = carry
+        token = sample(logits, key)
+        return model.decode(token, cache), token
+
+    (logits, _), tokens = jax.lax.scan(step, (logits, cache), keys[:-1])
+    tokens = jnp.concatenate([jnp.moveaxis(tokens, 0, 1), sample(logits, keys[-1])[:, None]], axis=1)
+    return jnp.concatenate([prompt, tokens], axis=1)
