@@ -47,6 +47,24 @@ def last(pair: Pair) -> Pair:
     return tuple(part[:, -1] for part in pair)
 
 
+def weighted_values(log_w: Float[Array, "batch heads seq keys"], v: Float[Array, "batch keys heads dim"]) -> Float[Array, "batch seq heads dim"]:
+    """sum_j w_ij v_j / sum_j w_ij from log w, in the frame of each row's largest weight (a row
+    with no weight gives 0). Softmax is this with log w_ij = s q_i . k_j."""
+    stabiliser = finite_or_zero(jax.lax.stop_gradient(jnp.max(log_w, axis=-1, keepdims=True)))
+    w = jnp.exp(log_w - stabiliser)
+    return normalise(jnp.einsum("bhij,bjhd->bihd", w, v), jnp.moveaxis(jnp.sum(w, axis=-1), 1, -1))
+
+
+def softmax_attention(q, k, v):
+    """Causal softmax attention in at least float32, in v's dtype (jax.nn.dot_product_attention
+    computes in float32 even for float64 inputs, and its XLA path is the same O(T^2) computation)."""
+    dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    q, k, v_ = (a.astype(dtype) for a in (q, k, v))
+    seq = q.shape[1]
+    log_w = jnp.einsum("bihd,bjhd->bhij", q * (1 / q.shape[-1] ** 0.5), k)
+    return weighted_values(jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), log_w, -jnp.inf), v_).astype(v.dtype)
+
+
 class Attention(eqx.Module):
     """Causal multi-head attention: softmax or symmetric power, with the variant's gate and rotary."""
 
@@ -93,7 +111,7 @@ class Attention(eqx.Module):
     def attend(self, q, k, v, log_g, **state):
         cfg = self.config
         if cfg.attention == "softmax":
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            return softmax_attention(q, k, v)
         return ops.sympow_attention(q, k, v, log_g, p=cfg.p, chunk_size=cfg.chunk_size, impl=cfg.impl, **state)
 
     def output(self, y: Float[Array, "batch seq heads dim"]) -> Float[Array, "batch seq d_model"]:
@@ -143,10 +161,7 @@ class Attention(eqx.Module):
             G = add_pairs(previous, (log_g[:, 0].astype(previous[0].dtype), jnp.zeros_like(previous[0])))
             gate = tuple(write(buffer, part[:, None]) for buffer, part in zip(cache.gate, G))
             logits = logits + jnp.moveaxis(pair_difference(tuple(part[:, None] for part in G), gate), 1, -1)
-        logits = jnp.where(jnp.arange(keys.shape[1]) <= slot, logits, -jnp.inf)
-        stabiliser = finite_or_zero(jnp.max(logits, axis=-1, keepdims=True))
-        w = jnp.exp(logits - stabiliser)
-        y = normalise(jnp.einsum("bhj,bjhd->bhd", w, values), jnp.sum(w, axis=-1))
-        y = jnp.where(slot < keys.shape[1], y, jnp.nan)
-        return y[:, None].astype(v.dtype), KeyValueCache(keys, values, gate, slot + 1, cache.position)
+        logits = jnp.where(jnp.arange(keys.shape[1], dtype=slot.dtype) <= slot, logits, -jnp.inf)
+        y = jnp.where(slot < keys.shape[1], weighted_values(logits[:, :, None], values), jnp.nan)
+        return y.astype(v.dtype), KeyValueCache(keys, values, gate, slot + 1, cache.position)
 

@@ -25,7 +25,7 @@ def check_sampling(temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p must be in (0, 1] or None; got {top_p!r}")
 
 
-def nucleus(logits: Float[Array, "batch vocab"], top_p: float) -> Float[Array, "batch vocab"]:
+def nucleus(logits: Float[Array, "batch vocab"], top_p: int | float) -> Float[Array, "batch vocab"]:
     """-inf outside the smallest set of most likely tokens whose probability reaches top_p: a
     token stays if the tokens more likely than it hold less than top_p."""
     order = jnp.argsort(-logits, axis=-1)
@@ -37,7 +37,7 @@ def nucleus(logits: Float[Array, "batch vocab"], top_p: float) -> Float[Array, "
 
 
 def sample_token(
-    logits: Float[Array, "batch vocab"], key: PRNGKeyArray, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+    logits: Float[Array, "batch vocab"], key: PRNGKeyArray, temperature: int | float = 1.0, top_k: int | None = None, top_p: int | float | None = None
 ) -> Int[Array, " batch"]:
     """One token per row from the logits (see the module docstring)."""
     check_sampling(temperature, top_k, top_p)
@@ -58,11 +58,12 @@ def generate(
     max_new_tokens: int,
     *,
     key: PRNGKeyArray,
-    temperature: float = 1.0,
+    temperature: int | float = 1.0,
     top_k: int | None = None,
-    top_p: float | None = None,
+    top_p: int | float | None = None,
 ) -> Int[Array, "batch total"]:
-    """The prompt followed by max_new_tokens sampled tokens, [batch, prompt + new]."""
+    """The prompt followed by max_new_tokens sampled tokens, [batch, prompt + new] in the prompt's
+    dtype. A key/value cache (softmax, or a state too large to hold) is made for exactly that many."""
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"the prompt must be [batch, tokens] with at least one token; got shape {prompt.shape}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -71,7 +72,7 @@ def generate(
     if max_new_tokens == 0:
         return prompt
     sample = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
-    return generate_compiled(model, prompt.astype(jnp.int32), key, max_new_tokens, sample)
+    return generate_compiled(model, prompt, key, max_new_tokens, sample)
 
 
 @eqx.filter_jit
@@ -86,4 +87,4 @@ def generate_compiled(model, prompt, key, max_new_tokens, sample):
 
     (logits, _), tokens = jax.lax.scan(step, (logits, cache), keys[:-1])
     tokens = jnp.concatenate([jnp.moveaxis(tokens, 0, 1), sample(logits, keys[-1])[:, None]], axis=1)
-    return jnp.concatenate([prompt, tokens], axis=1)
+    return jnp.concatenate([prompt, tokens.astype(prompt.dtype)], axis=1)

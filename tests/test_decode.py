@@ -1,0 +1,128 @@
+"""Inference: prefill then decode gives the full forward pass's logits, for every variant and
+cache; generate and its sampling; rotary positions exact after 65,536 decode steps."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import relative_error
+
+import sympow
+from sympow.generate import nucleus
+from sympow.rotary import frequencies_in_turns, positions, rotation_angles
+
+SMALL = dict(vocab_size=50, d_model=16, n_layers=2, n_heads=2, chunk_size=8)
+# p = 4 at head dim 64: a state of 766480 x 64 per head, so decoding keeps keys and values.
+WIDE = dict(vocab_size=50, d_model=64, n_layers=1, n_heads=1, chunk_size=8, p=4)
+MODELS = [(attention, SMALL) for attention in sympow.ATTENTIONS] + [("sympow_gated", WIDE)]
+
+
+def make_model(attention, shape, dtype=jnp.float64, seed=0):
+    model = sympow.Transformer(sympow.ModelConfig(**shape, attention=attention), key=jax.random.key(seed))
+    if attention == "conformal":  # a rotary that has learned something, so that beta varies
+        model = eqx.tree_at(
+            lambda m: [b.attention.learned_rotary.weight for b in m.blocks],
+            model,
+            [0.3 * jax.random.normal(jax.random.key(i), b.attention.learned_rotary.weight.shape) for i, b in enumerate(model.blocks)],
+        )
+    return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, model)
+
+
+def prefill_then_decode(model, tokens, prompt_length):
+    """Logits at positions prompt_length - 1 .. end: one from prefill, then one per decode step."""
+    logits, cache = eqx.filter_jit(lambda m, t: m.prefill(t, tokens.shape[1]))(model, tokens[:, :prompt_length])
+    decode = eqx.filter_jit(lambda m, t, c: m.decode(t, c))
+    every = [logits]
+    for t in range(prompt_length, tokens.shape[1]):
+        logits, cache = decode(model, tokens[:, t], cache)
+        every.append(logits)
+    return jnp.stack(every, axis=1)
+
+
+@pytest.mark.parametrize("attention, shape", MODELS, ids=[f"{a}-{'wide' if s is WIDE else 'small'}" for a, s in MODELS])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_prefill_then_decode_gives_the_forward_pass_logits(attention, shape, dtype):
+    """Prompts ending inside (5) and on (16) a chunk boundary, decoding across the next ones, batch 2."""
+    model = make_model(attention, shape, dtype)
+    assert model.blocks[0].attention.holds_state == (attention != "softmax" and shape is SMALL)
+    tokens = jax.random.randint(jax.random.key(1), (2, 23), 0, 50)
+    full = eqx.filter_jit(lambda m, t: m(t))(model, tokens)
+    tolerance = 1e-9 if dtype == jnp.float64 else 1e-4
+    for prompt_length in (5, 16):
+        decoded = prefill_then_decode(model, tokens, prompt_length)
+        assert decoded.dtype == dtype
+        assert relative_error(decoded, full[:, prompt_length - 1 :]) < tolerance, prompt_length
+
+
+@pytest.mark.parametrize("attention", ["softmax", "conformal"])
+def test_greedy_generation_is_the_forward_pass_argmax_token_by_token(attention):
+    model = make_model(attention, SMALL, jnp.float32, seed=3)
+    prompt = jax.random.randint(jax.random.key(4), (2, 6), 0, 50)
+    generated = sympow.generate(model, prompt, 7, key=jax.random.key(5), temperature=0)
+    assert generated.shape == (2, 13) and np.all(generated[:, :6] == prompt)
+    forward = eqx.filter_jit(lambda m, t: m(t))
+    for t in range(6, 13):
+        np.testing.assert_array_equal(generated[:, t], jnp.argmax(forward(model, generated[:, :t])[:, -1], axis=-1))
+
+
+def test_sampling_is_reproducible_and_top_k_one_is_greedy():
+    model = make_model("sympow_gated", SMALL, jnp.float32, seed=6)
+    # Larger logits than at initialisation, so that samples differ from greedy.
+    model = eqx.tree_at(lambda m: m.embedding, model, 40 * model.embedding)
+    prompt = jax.random.randint(jax.random.key(7), (3, 4), 0, 50)
+    run = lambda key, **kw: sympow.generate(model, prompt, 10, key=jax.random.key(key), **kw)  # noqa: E731
+    np.testing.assert_array_equal(run(0), run(0))
+    assert not np.array_equal(run(0), run(1))
+    greedy = run(0, temperature=0)
+    assert not np.array_equal(run(0), greedy)
+    np.testing.assert_array_equal(run(1, top_k=1), greedy)
+    np.testing.assert_array_equal(run(2, top_p=1e-6), greedy)
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p():
+    probabilities = jnp.array([[0.1, 0.4, 0.05, 0.3, 0.15]])
+    logits = jnp.log(probabilities)
+    kept = lambda p: set(np.flatnonzero(np.isfinite(nucleus(logits, p)[0])))  # noqa: E731
+    assert kept(0.4) == {1}  # 0.4 alone reaches 0.4
+    assert kept(0.41) == {1, 3}
+    assert kept(0.7) == {1, 3}
+    assert kept(0.71) == {1, 3, 4}
+    assert kept(1.0) == {0, 1, 2, 3, 4}
+    draws = jax.vmap(lambda key: sympow.sample_token(logits, key, top_p=0.7))(jax.random.split(jax.random.key(0), 400))
+    assert set(np.unique(draws)) == {1, 3}
+
+
+def test_learned_rotary_angles_after_65536_decode_steps_match_float64():
+    """The position goes on one token at a time as an exact pair; after 65,536 steps of learned
+    beta in float32 the angles are within 1e-4 rad of theta * sum beta in float64."""
+    beta = jax.random.uniform(jax.random.key(0), (65536, 1, 1, 2), jnp.float32, 0.0, 2.0)
+
+    def step(position, beta_t):
+        angles = rotation_angles(beta_t, 64, 65536, position)
+        return tuple(part[:, -1] for part in positions(beta_t, position)), angles[:, 0]
+
+    start = (jnp.zeros((1, 2), jnp.float32),) * 2
+    _, angles = jax.jit(lambda b: jax.lax.scan(step, start, b))(beta)
+    exact = 2 * np.pi * np.cumsum(np.asarray(beta, np.float64)[:, 0, 0], axis=0)[..., None] * frequencies_in_turns(64, 65536).astype(np.float64)
+    gap = np.abs(np.angle(np.exp(1j * (np.asarray(angles[:, 0], np.float64) - exact))))
+    assert gap.max() < 1e-4, gap.max()
+
+
+def test_bad_decoding_requests_are_refused_clearly():
+    model = make_model("softmax", SMALL, jnp.float32)
+    prompt = jnp.zeros((1, 6), jnp.int32)
+    with pytest.raises(ValueError, match="does not fit a key/value cache of 4"):
+        model.prefill(prompt, 4)
+    with pytest.raises(ValueError, match="at least one token"):
+        sympow.generate(model, jnp.zeros((1, 0), jnp.int32), 3, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="temperature"):
+        sympow.generate(model, prompt, 3, key=jax.random.key(0), temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        sympow.generate(model, prompt, 3, key=jax.random.key(0), top_p=0.0)
+    # Decoding past a key/value cache's last slot gives NaN, not a silently wrong token.
+    logits, cache = model.prefill(prompt, 7)
+    logits, cache = model.decode(jnp.zeros((1,), jnp.int32), cache)
+    assert np.all(np.isfinite(logits))
+    logits, _ = model.decode(jnp.zeros((1,), jnp.int32), cache)
+    assert np.all(np.isnan(logits))
