@@ -11,7 +11,7 @@ from conftest import attention_inputs
 
 import ops
 import sympow
-from ops.sympow.api import check_shapes
+from ops.sympow.api import check_shapes, check_state
 
 Q, K, V, LOG_G = attention_inputs(1, 10, 2, 4, gamma=0.9)
 
@@ -102,3 +102,28 @@ def test_shape_annotations_are_checked_in_the_suite():
 
     with pytest.raises(TypeCheckError):
         attention_form(Q, K, V[:, :5], None, 2, 0.5)
+
+
+def test_states_too_large_to_hold_are_refused_at_once_naming_D():
+    """p = 8 at head dim 64 (D = 10,639,125,640) asked XLA for 2.7 TB in the recurrent form, and
+    the chunked form and phi_40 enumerated multi-indices until memory ran out. Shapes only:
+    nothing is allocated, and the refusal comes before any work."""
+    q = jax.ShapeDtypeStruct((1, 4096, 1, 64), jnp.float32)
+    for impl in ("recurrent", "chunked"):
+        with pytest.raises(ValueError, match=f"impl='{impl}' holds a state of D x dim_v = 10,639,125,640 x 64"):
+            jax.eval_shape(lambda q: ops.sympow_attention(q, q, q, p=8, impl=impl), q)
+    with pytest.raises(ValueError, match="766,480 x 64 per head"):
+        jax.eval_shape(lambda q: ops.sympow_attention(q, q, q, p=4, return_state=True), q)
+    with pytest.raises(ValueError, match="D = C"):
+        jax.eval_shape(lambda x: ops.sympow_embedding(x, 40), jax.ShapeDtypeStruct((16,), jnp.float32))
+    assert not ops.state_fits(64, 64, 4) and ops.state_fits(64, 64, 2)
+
+
+def test_bad_states_are_refused():
+    _, state = ops.sympow_attention(Q, K, V, LOG_G, return_state=True)
+    with pytest.raises(ValueError, match=r"S \[batch, heads, D, dim_v\]"):
+        ops.sympow_attention(Q[:, :, :1], K[:, :, :1], V[:, :, :1], initial_state=state)
+    with pytest.raises(ValueError, match="ops.SympowState"):
+        check_state((state.S, state.z), 1, 2, 4, 4, 2)
+    with pytest.raises(ValueError, match="does not take or return a state yet"):
+        ops.sympow_attention(Q, K, V, impl="triton", return_state=True)

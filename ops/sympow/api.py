@@ -127,6 +127,7 @@ def sympow_attention(
     impl: str = "auto",
     initial_state: SympowState | None = None,
     return_state: bool = False,
+    check_log_g: bool = True,
 ) -> Float[Array, "batch seq heads dv"] | tuple[Float[Array, "batch seq heads dv"], SympowState]:
     """Causal (gated) symmetric power attention: y_i = sum_j w_ij v_j / sum_j w_ij with
     w_ij = (scale q_i . k_j)^p exp(G_i - G_j), G the cumulative sum of log_g.
@@ -142,6 +143,10 @@ def sympow_attention(
     ops.sympow_step), whose tokens count as coming before q; the pure-JAX forms are
     differentiable in it. return_state=True returns (y, state after the last token), the state
     in the compute dtype (float32, or float64 for float64 inputs). Not yet with impl="triton".
+
+    check_log_g=False skips the check that log_g <= 0, a host callback, for gates that are <= 0
+    by construction (a log-sigmoid): its round trip to the host cost 16% of a decode step of
+    the 124m model on a CPU (benchmarks/README.md).
     """
     check_power(p)
     check_shapes(q, k, v, log_g)
@@ -160,7 +165,7 @@ def sympow_attention(
     elif impl in ("recurrent", "chunked"):
         check_state_fits(dim, v.shape[-1], p, f"impl={impl!r}")
 
-    if log_g is not None:
+    if log_g is not None and check_log_g:
         log_g = check_log_gate(log_g)
     if impl == "triton":
         if with_state:
@@ -195,10 +200,12 @@ def sympow_step(
     *,
     p: int = 2,
     scale: float | None = None,
+    check_log_g: bool = True,
 ) -> tuple[Float[Array, "batch heads dv"], SympowState]:
     """One token of decoding in O(D d) per head: S = gamma S + phi(r k) v^T, z = gamma z + phi(r k),
     y = phi(r q)^T S / phi(r q)^T z (r = sqrt(scale)). Returns (y in v's dtype, the new state in
-    the state's dtype). Equals sympow_attention over one more token with initial_state=state."""
+    the state's dtype). Equals sympow_attention over one more token with initial_state=state.
+    check_log_g as in sympow_attention."""
     check_power(p)
     check_shapes(q[:, None], k[:, None], v[:, None], None if log_g is None else log_g[:, None])
     batch, heads, dim = q.shape
@@ -206,7 +213,11 @@ def sympow_step(
     check_state_fits(dim, v.shape[-1], p, "sympow_step")
     scale = check_scale(scale, dim)
     dtype = compute_dtype(q, state.S)
-    log_g = jnp.zeros((batch, heads), dtype) if log_g is None else check_log_gate(log_g).astype(dtype)
+    if log_g is None:
+        log_g = jnp.zeros((batch, heads), dtype)
+    elif check_log_g:
+        log_g = check_log_gate(log_g)
+    log_g = log_g.astype(dtype)
     y, new_state = recurrent_step(*(a.astype(dtype) for a in (q, k, v)), log_g, SympowState(*(a.astype(dtype) for a in state)), p, scale)
     return y.astype(v.dtype), SympowState(*(a.astype(state.S.dtype) for a in new_state))
 

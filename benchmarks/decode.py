@@ -1,0 +1,169 @@
+"""Decoding and prefill, side by side in one run: per-token decode time and cache bytes for the
+four variants at several contexts, for the tiny and 124m presets (p = 2), batch 1; and prefill
+tokens per second for the tiny preset.
+
+    .venv/bin/python benchmarks/decode.py                      # writes benchmarks/decode.json and .png
+
+A decode measurement starts from a cache filled synthetically to the context length: a short
+prompt is prefilled, then a key/value cache is filled with random keys and values up to the
+context and its length and rotary position set there, and a state cache has its position set
+there (a state's size and cost do not depend on how many tokens it holds). Prefilling 64K tokens
+of softmax (its O(T^2) weights) or of the 124m model would take hours on a CPU. Each decode time
+is the median of --steps jitted steps, with the cache donated (updated in place) as in
+generation; each prefill time the median of --repeats calls after a compiling one, and its
+memory the temporaries XLA's compiled prefill allocates (beyond the model and the tokens).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import sympow  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "124m"])
+    parser.add_argument("--attentions", nargs="+", default=list(sympow.ATTENTIONS))
+    parser.add_argument("--steps", type=int, default=10, help="decode steps timed per case")
+    parser.add_argument("--repeats", type=int, default=3, help="prefill calls timed per case")
+    parser.add_argument("--max-prefill-softmax", type=int, default=16384, help="longest softmax prefill (its weights are O(T^2) memory)")
+    parser.add_argument("--out", type=Path, default=HERE / "decode.json")
+    return parser.parse_args(argv)
+
+
+def cache_bytes(cache) -> int:
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
+
+
+def at_context(cache, context: int, key):
+    """The cache as if it held `context` tokens (see the module docstring)."""
+    position = (jnp.full_like(cache.position[0], float(context)), jnp.zeros_like(cache.position[1]))
+    if isinstance(cache, sympow.StateCache):
+        return cache._replace(position=position)
+    fill = lambda a, key: jax.random.normal(key, a.shape, a.dtype)  # noqa: E731
+    k_key, v_key = jax.random.split(key)
+    return cache._replace(k=fill(cache.k, k_key), v=fill(cache.v, v_key), length=jnp.asarray(context, jnp.int32), position=position)
+
+
+def time_decode(model, context: int, steps: int) -> dict:
+    prompt = jnp.zeros((1, 16), jnp.int32)
+    _, cache = eqx.filter_jit(lambda m, t: m.prefill(t, context + steps + 1))(model, prompt)
+    cache = tuple(at_context(layer, context, jax.random.key(i)) for i, layer in enumerate(cache))
+    size = cache_bytes(cache)
+    # The token is made inside: every argument but the model is donated.
+    decode = eqx.filter_jit(lambda m, c: m.decode(jnp.zeros((1,), jnp.int32), c), donate="all-except-first")
+    logits, cache = decode(model, cache)  # compiles
+    logits.block_until_ready()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        logits, cache = decode(model, cache)
+        logits.block_until_ready()
+        times.append(time.perf_counter() - start)
+    return dict(decode_ms=1e3 * statistics.median(times), cache_bytes=size)
+
+
+def time_prefill(model, context: int, repeats: int) -> dict:
+    tokens = jax.random.randint(jax.random.key(0), (1, context), 0, model.config.vocab_size)
+    prefill = jax.jit(lambda m, t: m.prefill(t)).lower(model, tokens).compile()
+    temporary = prefill.memory_analysis().temp_size_in_bytes
+    jax.block_until_ready(prefill(model, tokens))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(prefill(model, tokens))
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return dict(prefill_s=seconds, prefill_tokens_per_s=context / seconds, prefill_temp_bytes=temporary)
+
+
+def cases(args):
+    for preset in args.presets:
+        for attention in args.attentions:
+            for context in args.contexts:
+                yield preset, attention, context
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}; jax {jax.__version__} on {jax.default_backend()}"
+    results = dict(command=" ".join(["benchmarks/decode.py", *(argv or sys.argv[1:])]), machine=machine, dtype="float32", batch=1, cases=[])
+    models = {}
+    for preset, attention, context in tqdm(list(cases(args)), desc="decode benchmark"):
+        if (preset, attention) not in models:
+            models.clear()  # one model in memory at a time
+            models[preset, attention] = sympow.Transformer(sympow.preset(preset, attention=attention, p=2), key=jax.random.key(0))
+        model = models[preset, attention]
+        case = dict(preset=preset, attention=attention, context=context, **time_decode(model, context, args.steps))
+        if preset == "tiny" and (attention != "softmax" or context <= args.max_prefill_softmax):
+            case.update(time_prefill(model, context, args.repeats))
+        results["cases"].append(case)
+        tqdm.write(json.dumps(case))
+        args.out.write_text(json.dumps(results, indent=1))
+    print(table(results["cases"]))
+    plot(results, args.out.with_suffix(".png"))
+
+
+def table(cases) -> str:
+    by_key = {(c["preset"], c["attention"], c["context"]): c for c in cases}
+    rows = [
+        "| preset | attention | context | decode ms/token | vs its shortest context | cache MB | prefill tokens/s | prefill temporaries MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cases:
+        first = by_key.get((c["preset"], c["attention"], min(k[2] for k in by_key if k[:2] == (c["preset"], c["attention"]))))
+        prefill = f"{c['prefill_tokens_per_s']:,.0f} | {c['prefill_temp_bytes'] / 1e6:,.0f}" if "prefill_tokens_per_s" in c else "not run | not run"
+        rows.append(
+            f"| {c['preset']} | {c['attention']} | {c['context']:,} | {c['decode_ms']:.2f} | {c['decode_ms'] / first['decode_ms']:.2f}x | "
+            f"{c['cache_bytes'] / 1e6:,.1f} | {prefill} |"
+        )
+    return "\n".join(rows)
+
+
+def plot(results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for preset, attention in sorted({(c["preset"], c["attention"]) for c in results["cases"]}):
+        cases = [c for c in results["cases"] if (c["preset"], c["attention"]) == (preset, attention)]
+        line = "-" if preset == "124m" else "--"
+        label = f"{attention} ({preset})"
+        contexts = [c["context"] for c in cases]
+        axes[0].plot(contexts, [c["decode_ms"] for c in cases], line, marker="o", label=label)
+        axes[1].plot(contexts, [c["cache_bytes"] / 1e6 for c in cases], line, marker="o", label=label)
+        prefilled = [c for c in cases if "prefill_tokens_per_s" in c]
+        if prefilled:
+            axes[2].plot([c["context"] for c in prefilled], [c["prefill_tokens_per_s"] for c in prefilled], line, marker="o", label=label)
+    titles = ("decode time per token (ms)", "cache size (MB)", "prefill tokens per second (tiny)")
+    for axis, title in zip(axes, titles):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("context (tokens)")
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    figure.suptitle(f"batch 1, float32, {results['machine']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Generate text from a trained run: prints the prompt, then the new text as it comes.
+
+    python -m sympow.sample runs/default --prompt "def main(" --max-new-tokens 200 --temperature 0.8 --top-k 50
+
+Loads the run's latest checkpoint (or a checkpoint folder), tokenises the prompt with GPT-2 BPE,
+prefills it in one call, then runs one jitted decode step per token (sympow.generate does the
+same as one compiled loop; here each token is printed as soon as it is drawn). The tokens per
+second at the end count the decode steps only. A softmax model decodes with a key/value cache
+of --max-length tokens, by default the context it was trained at; a sympow model with its state,
+at any length.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from sympow import checkpoint
+from sympow.data.tokenizer import gpt2_encoding
+from sympow.generate import check_sampling, sample_token
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sympow.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a run folder (its latest checkpoint) or a checkpoint folder")
+    parser.add_argument("--prompt", help="the text to continue")
+    parser.add_argument("--prompt-file", type=Path, help="read the prompt from this file instead")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-length", type=int, default=None, help="a softmax model's key/value cache, in tokens (default: its training context)")
+    return parser.parse_args(argv)
+
+
+def read_prompt(args) -> str:
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise SystemExit("give the prompt as --prompt TEXT or --prompt-file FILE (one of the two)")
+    prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+    if not prompt:
+        raise SystemExit("the prompt is empty: generation needs at least one token to continue")
+    return prompt
+
+
+def check_args(args) -> None:
+    if args.max_new_tokens < 0:
+        raise SystemExit(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as error:
+        raise SystemExit(str(error).replace("temperature", "--temperature").replace("top_k", "--top-k").replace("top_p", "--top-p"))
+
+
+def cache_length(model, saved: dict, args, needed: int) -> int:
+    """Tokens a key/value cache must hold; for a model that decodes with its state, just `needed`."""
+    if model.blocks[0].attention.holds_state:
+        return needed
+    length = args.max_length or saved.get("args", {}).get("context") or needed
+    if needed > length:
+        raise SystemExit(
+            f"the prompt ({needed - args.max_new_tokens} tokens) and {args.max_new_tokens} new tokens do not fit this "
+            f"{model.config.attention} model's key/value cache of {length} tokens: shorten them, or raise --max-length"
+        )
+    return length
+
+
+def load(run: Path):
+    try:
+        return checkpoint.load_model(run)
+    except FileNotFoundError:
+        raise SystemExit(f"{run} holds no checkpoint (step_*/ with meta.json): train one first, e.g. python train.py --out {run}")
+
+
+class Printer:
+    """Prints the text of the tokens so far as it grows, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, encoding):
+        self.encoding, self.tokens, self.printed = encoding, [], 0
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        text = self.encoding.decode_bytes(self.tokens).decode("utf-8", errors="ignore")
+        if len(text) > self.printed:
+            sys.stdout.write(text[self.printed :])
+            sys.stdout.flush()
+            self.printed = len(text)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    prompt, _ = read_prompt(args), check_args(args)
+    model, saved = load(args.run)
+    encoding = gpt2_encoding()
+    tokens = encoding.encode(prompt, allowed_special="all")
+    max_length = cache_length(model, saved, args, len(tokens) + args.max_new_tokens)
+
+    prefill = eqx.filter_jit(lambda m, t: m.prefill(t, max_length))
+    decode = jax.jit(lambda m, t, c: m.decode(t, c), donate_argnums=2)  # the cache is updated in place
+    sample = jax.jit(lambda logits, key: sample_token(logits, key, args.temperature, args.top_k, args.top_p))
+    print(prompt, end="", flush=True)
+    logits, cache = prefill(model, jnp.asarray([tokens], jnp.int32))
+    printer, key = Printer(encoding), jax.random.key(args.seed)
+    start, steps = None, 0
+    for i in range(args.max_new_tokens):
+        key, draw = jax.random.split(key)
+        token = sample(logits, draw)
+        printer.add(int(token[0]))
+        if i + 1 < args.max_new_tokens:
+            logits, cache = decode(model, token, cache)
+            if start is None:  # the first step compiles
+                logits.block_until_ready()
+                start = time.perf_counter()
+            else:
+                steps += 1
+    elapsed = time.perf_counter() - start if start else 0.0
+    rate = f"{steps / elapsed:.1f} tokens/s (sampling and printing included)" if steps and elapsed > 0 else "too few tokens to time"
+    print(f"\n\n[{args.max_new_tokens} new tokens from a {model.config.attention} model, {rate} once compiled]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
