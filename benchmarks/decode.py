@@ -39,7 +39,7 @@ def parse_args(argv=None):
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     parser.add_argument("--presets", nargs="+", default=["tiny", "124m"])
     parser.add_argument("--attentions", nargs="+", default=list(sympow.ATTENTIONS))
-    parser.add_argument("--steps", type=int, default=10, help="decode steps timed per case")
+    parser.add_argument("--steps", type=int, default=50, help="decode steps timed per case")
     parser.add_argument("--repeats", type=int, default=3, help="prefill calls timed per case")
     parser.add_argument("--max-prefill-softmax", type=int, default=16384, help="longest softmax prefill (its weights are O(T^2) memory)")
     parser.add_argument("--out", type=Path, default=HERE / "decode.json")
@@ -99,9 +99,15 @@ def cases(args):
                 yield preset, attention, context
 
 
+def processor() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def main(argv=None):
     args = parse_args(argv)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}; jax {jax.__version__} on {jax.default_backend()}"
+    machine = f"{processor()}, {os.cpu_count()} cores; jax {jax.__version__} on {jax.default_backend()}"
     results = dict(command=" ".join(["benchmarks/decode.py", *(argv or sys.argv[1:])]), machine=machine, dtype="float32", batch=1, cases=[])
     models = {}
     for preset, attention, context in tqdm(list(cases(args)), desc="decode benchmark"):

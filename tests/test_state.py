@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import attention_inputs, relative_error
+from conftest import attention_inputs, relative_error, sine_loss
 
 import ops
 
@@ -113,3 +113,31 @@ def test_outputs_before_p_ignore_every_later_input(impl, gamma):
         changed[i] = later[i]
         before, after = (ops.sympow_attention(*x, impl=impl, chunk_size=16)[:, :P] for x in (inputs, changed))
         np.testing.assert_array_equal(before, after, err_msg="qkvg"[i])
+
+
+@pytest.mark.parametrize("p, seq, split", [(2, 56, 20), (4, 30, 18)], ids=["chunked-kernels", "flash-kernels"])
+def test_triton_takes_and_gives_the_same_state(p, seq, split):
+    """The kernels in the interpreter (float32), the state handed in and out in the exact layout:
+    y, the state after, and the gradients of both in q, k, v, log_g and the state handed in,
+    against float64 within twice the pure-JAX chunked form's float32 error (floored at 1e-6).
+    The second call runs the chunked kernels (36 tokens, chunk 16) or the flash ones (12)."""
+    first, second = split_at(attention_inputs(1, seq, 2, 16, gamma=0.8, seed=p), split)
+    _, state = ops.sympow_attention(*first, p=p, impl="chunked", chunk_size=16, return_state=True)
+
+    def outputs_and_gradients(impl, inputs, state):
+        def run(inputs, state):
+            y, after = ops.sympow_attention(*inputs, p=p, impl=impl, chunk_size=16, initial_state=state, return_state=True)
+            return y, after
+
+        (y, after), pullback = jax.vjp(run, inputs, state)
+        cotangents = jax.grad(lambda y, after: sine_loss(y) + sine_loss(after.S) + sine_loss(after.z), argnums=(0, 1))(y, after)
+        gradients, state_gradients = pullback(cotangents)
+        return [y, *after, *gradients, *state_gradients]
+
+    as32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)  # noqa: E731
+    reference = outputs_and_gradients("chunked", second, state)
+    plain = outputs_and_gradients("chunked", as32(second), as32(state))
+    kernels = outputs_and_gradients("triton", as32(second), as32(state))
+    for name, got, plain_got, expected in zip("y S z dq dk dv dlog_g dS0 dz0".split(), kernels, plain, reference):
+        assert got.dtype == jnp.float32 and np.all(np.isfinite(got)), name
+        assert relative_error(got, expected) <= max(2 * relative_error(plain_got, expected), 1e-6), name

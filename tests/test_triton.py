@@ -121,7 +121,7 @@ def check_output_and_gradients(kernel, reference_form, seq, dim, gamma, seed, di
 def test_attention_kernel_gradients_match_float64(seq, dim, dim_v, p, gamma):
     scale = 1 / math.sqrt(dim)
     check_output_and_gradients(
-        lambda q, k, v, g: triton_attention(q, k, v, g, p, scale, gamma is not None),
+        lambda q, k, v, g: triton_attention(q, k, v, g, p, scale, gamma is not None)[0],
         lambda q, k, v, g: chunked_form(q, k, v, g, p, scale, 64)[0],
         seq, dim, gamma, seed=seq, dim_v=dim_v,
     )
@@ -214,7 +214,7 @@ def test_state_scan_kernel_holds_the_pure_jax_states():
 def test_chunked_kernel_gradients_match_float64(seq, dim, dim_v, chunk, gamma):
     scale = 1 / math.sqrt(dim)
     check_output_and_gradients(
-        lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk),
+        lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk)[0],
         lambda q, k, v, g: chunked_form(q, k, v, g, 2, scale, chunk)[0],
         seq, dim, gamma, seed=seq + 1, dim_v=dim_v,
     )
@@ -225,7 +225,7 @@ def test_chunked_kernels_at_head_dim_128():
     one head and short v, as the interpreter takes minutes for more."""
     seq, dim, chunk, scale = 40, 128, 16, 1 / math.sqrt(128)
     check_output_and_gradients(
-        lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk),
+        lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk)[0],
         lambda q, k, v, g: chunked_form(q, k, v, g, 2, scale, chunk)[0],
         seq, dim, 0.9, seed=4, dim_v=16, heads=1,
     )
@@ -243,12 +243,12 @@ def test_kernels_compute_alike_with_their_gpu_tilings(monkeypatch):
         monkeypatch.setattr(module, "gpu_tilings", lambda dim, _, tilings_for=module.gpu_tilings: tilings_for(dim, 2))
     seq, dim, chunk, scale = 200, 64, 128, 1 / math.sqrt(64)  # 200 tokens: a partial chunk and partial tiles
     check_output_and_gradients(
-        lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk),
+        lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk)[0],
         lambda q, k, v, g: chunked_form(q, k, v, g, 2, scale, chunk)[0],
         seq, dim, 0.9, seed=2, heads=1,
     )
     check_output_and_gradients(  # p = 4 at dim 64: the flash kernels (its state is too large to hold)
-        lambda q, k, v, g: triton_attention(q, k, v, g, 4, scale, True),
+        lambda q, k, v, g: triton_attention(q, k, v, g, 4, scale, True)[0],
         lambda q, k, v, g: attention_form(q, k, v, g, 4, scale),
         seq, dim, 0.9, seed=4, heads=1,
     )
@@ -374,7 +374,7 @@ def test_gpu_lowering_through_jax_triton(monkeypatch, p):
         monkeypatch.setattr(triton_lib.triton_kernel_call_lib, name, getattr(fake, name), raising=False)
 
     def attend(q, k, v, log_g):
-        return triton_chunked(q, k, v, log_g, 0.125, 128) if p == 2 else attention(q, k, v, log_g, p, 0.125)
+        return (triton_chunked(q, k, v, log_g, 0.125, 128) if p == 2 else attention(q, k, v, log_g, p, 0.125))[0]
 
     def lower(seq):
         """Export jit(grad) at this length; its launches."""

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ops.sympow.chunk import chunked_form
+from ops.sympow.chunk import chunked_form, final_state
 from ops.sympow.naive import (
     SympowState,
+    add_state,
     attention_form,
     cumulative_gate,
     embedding_size,
@@ -142,7 +143,7 @@ def sympow_attention(
     initial_state: an ops.SympowState left by earlier tokens (from return_state or
     ops.sympow_step), whose tokens count as coming before q; the pure-JAX forms are
     differentiable in it. return_state=True returns (y, state after the last token), the state
-    in the compute dtype (float32, or float64 for float64 inputs). Not yet with impl="triton".
+    in the compute dtype (float32, or float64 for float64 inputs; float32 with impl="triton").
 
     check_log_g=False skips the check that log_g <= 0, a host callback, for gates that are <= 0
     by construction (a log-sigmoid): its round trip to the host cost 16% of a decode step of
@@ -168,13 +169,7 @@ def sympow_attention(
     if log_g is not None and check_log_g:
         log_g = check_log_gate(log_g)
     if impl == "triton":
-        if with_state:
-            raise ValueError("impl='triton' does not take or return a state yet; use 'chunked' (or 'auto')")
-        # The kernels read bf16 or float32 as given and accumulate in float32. Past one chunk,
-        # p = 2 takes the chunked kernels; other powers (p = 4's state is too large) the flash-style ones.
-        if p == 2 and seq > chunk_size:
-            return triton_chunked(q, k, v, log_g, scale, chunk_size).astype(v.dtype)
-        return triton_attention(q, k, v, log_g, p, scale).astype(v.dtype)
+        return triton_with_state(q, k, v, log_g, p, scale, chunk_size, initial_state, return_state)
     out_dtype, dtype = v.dtype, compute_dtype(q, *([] if initial_state is None else initial_state))
     q, k, v = (a.astype(dtype) for a in (q, k, v))
     if log_g is not None:
@@ -188,6 +183,29 @@ def sympow_attention(
         y, state = recurrent_form(q, k, v, log_g, p, scale, initial_state)
     else:
         y, state = chunked_form(q, k, v, log_g, p, scale, chunk_size, initial_state)
+    return (y.astype(out_dtype), state) if return_state else y.astype(out_dtype)
+
+
+def triton_with_state(q, k, v, log_g, p: int, scale: float, chunk_size: int, initial_state, return_state: bool):
+    """The kernels read bf16 or float32 as given and accumulate in float32. Past one chunk, p = 2
+    takes the chunked kernels; other powers (p = 4's state is too large) the flash-style ones.
+    They hold no state in the exact layout: a state handed in joins their output through its
+    log-normaliser (naive.add_state), and the state handed out is summed chunk by chunk in pure
+    JAX (chunk.final_state), so both stay differentiable."""
+    if p == 2 and q.shape[1] > chunk_size:
+        y, log_normaliser = triton_chunked(q, k, v, log_g, scale, chunk_size)
+    else:
+        y, log_normaliser = triton_attention(q, k, v, log_g, p, scale)
+    out_dtype, state = v.dtype, None
+    if initial_state is not None or return_state:
+        as32 = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
+        q, k, v, log_g = (as32(a) for a in (q, k, v, log_g))
+        initial_state = None if initial_state is None else SympowState(*(as32(a) for a in initial_state))
+    if initial_state is not None:
+        gate = None if log_g is None else cumulative_gate(log_g)
+        y = add_state(y.astype(jnp.float32), log_normaliser, q, gate, initial_state, p, scale)
+    if return_state:
+        state = final_state(k, v, log_g, initial_state, p, scale, chunk_size)
     return (y.astype(out_dtype), state) if return_state else y.astype(out_dtype)
 
 

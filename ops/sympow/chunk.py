@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ops.exact import exact_cumsum
-from ops.sympow.naive import SympowState, attend, decay_and_add, state_after
+from ops.sympow.naive import SympowState, attend, decay_and_add, empty_state, state_after
 
 Chunked = Float[Array, "batch chunks chunk heads dim"]
 ChunkGates = Float[Array, "batch chunks chunk heads"]
@@ -115,3 +115,30 @@ def chunked_form(
     S, z, final = state_scan(delta_S, delta_z, L[0][:, :, -1], initial_state)  # hi alone, as in attend
     y = chunk_outputs(qc, kc, vc, L, S, z, p, scale)
     return y.reshape(batch, -1, heads, v.shape[-1])[:, :seq], final
+
+
+def final_state(
+    k: Float[Array, "batch seq heads dim"],
+    v: Float[Array, "batch seq heads dv"],
+    log_g: Float[Array, "batch seq heads"] | None,
+    initial_state: SympowState | None,
+    p: int,
+    scale: float,
+    chunk_size: int,
+) -> SympowState:
+    """The state after the last token alone, chunk after chunk: one D x dv state and one chunk of
+    phi features alive at a time (for outputs that came from elsewhere: the Triton kernels)."""
+    batch, seq, heads, _ = k.shape
+    if log_g is None:
+        log_g = jnp.zeros((batch, seq, heads), k.dtype)
+    kc, vc, log_gc = (split_chunks(a, chunk_size) for a in (k, v, log_g))
+    chunks = tuple(jnp.moveaxis(a, 1, 0) for a in (kc, vc, *chunk_local_gates(log_gc)))
+    if initial_state is None:
+        initial_state = empty_state(batch, heads, k.shape[-1], v.shape[-1], p, k.dtype)
+
+    @jax.checkpoint
+    def step(state, chunk):
+        k, v, L_hi, L_lo = chunk
+        return state_after(k, v, (L_hi, L_lo), state, p, scale), None
+
+    return jax.lax.scan(step, initial_state, chunks)[0]

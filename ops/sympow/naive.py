@@ -147,12 +147,7 @@ def attend(
     log_w = log_weights(q, k, cumulative_gate, p, scale)
     stabiliser = jnp.max(log_w, axis=-1)  # [batch, heads, seq]
     if state is not None:
-        # A decay from the first token takes hi alone (hi + lo rounds to it).
-        G = jnp.zeros(q.shape[:3], q.dtype) if cumulative_gate is None else cumulative_gate[0]
-        phi_q = symmetric_power_embedding(q * math.sqrt(scale), p)
-        state_numerator = state_matmul("bihD,bhDv->bihv", phi_q, state.S)
-        state_denominator = jnp.einsum("bihD,bhD->bih", phi_q, state.z)
-        log_state_weight = G + log_abs(jnp.maximum(state_denominator, 0))
+        G, state_numerator, state_denominator, log_state_weight = query_state(q, cumulative_gate, state, p, scale)
         stabiliser = jnp.maximum(stabiliser, jnp.moveaxis(log_state_weight, -1, 1))
     stabiliser = finite_or_zero(jax.lax.stop_gradient(stabiliser))
     w = jnp.exp(log_w - stabiliser[..., None])
@@ -163,6 +158,37 @@ def attend(
         numerator = numerator + state_factor[..., None] * state_numerator
         denominator = denominator + state_factor * state_denominator
     return normalise(numerator, denominator)
+
+
+def query_state(q: Float[Array, "batch seq heads dim"], cumulative_gate: GatePair | None, state: SympowState, p: int, scale: float):
+    """phi(r q_i)^T S and phi(r q_i)^T z, and log exp(G_i) phi(r q_i)^T z, the state's log weight
+    in y_i (-inf where it has none); with G_i, which a decay from the first token takes as hi
+    alone (hi + lo rounds to it)."""
+    G = jnp.zeros(q.shape[:3], q.dtype) if cumulative_gate is None else cumulative_gate[0]
+    phi_q = symmetric_power_embedding(q * math.sqrt(scale), p)
+    numerator = state_matmul("bihD,bhDv->bihv", phi_q, state.S)
+    denominator = jnp.einsum("bihD,bhD->bih", phi_q, state.z)
+    return G, numerator, denominator, G + log_abs(jnp.maximum(denominator, 0))
+
+
+def add_state(
+    y: Float[Array, "batch seq heads dv"],
+    log_normaliser: Float[Array, "batch seq heads"],
+    q: Float[Array, "batch seq heads dim"],
+    cumulative_gate: GatePair | None,
+    state: SympowState,
+    p: int,
+    scale: float,
+) -> Float[Array, "batch seq heads dv"]:
+    """y of a block of tokens alone, with log sum_j w_ij (not finite where a row has no weight),
+    joined with a state's tokens before them: `attend`'s y, for outputs computed without the state
+    (the Triton kernels)."""
+    G, state_numerator, state_denominator, log_state_weight = query_state(q, cumulative_gate, state, p, scale)
+    log_local_weight = jnp.where(jnp.isfinite(log_normaliser), log_normaliser, -jnp.inf)
+    stabiliser = finite_or_zero(jax.lax.stop_gradient(jnp.maximum(log_local_weight, log_state_weight)))
+    local_factor, state_factor = jnp.exp(log_local_weight - stabiliser), jnp.exp(G - stabiliser)
+    numerator = local_factor[..., None] * y + state_factor[..., None] * state_numerator
+    return normalise(numerator, local_factor + state_factor * state_denominator)
 
 
 def state_after(

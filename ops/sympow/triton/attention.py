@@ -276,11 +276,19 @@ def attention_forward(q, k, v, gate, p: int, scale: float, gated: bool, tiling_o
     return launch(power_attention_forward, grid, [q, k, v, *gate], out_shapes, tiles, **kernel_constants(q, v, gated, p, scale))
 
 
-def attention_backward(q, k, v, gate, y, log_normaliser, dy, p: int, scale: float, gated: bool, tiling_overrides=None):
-    """(dq, dk, dv, dG) through the two backward kernels."""
+def log_weight_delta(dy, y, d_log_normaliser=None):
+    """delta_i in the backward kernels' d log w_ij = P_ij (dy_i . v_j - delta_i), P_ij = w_ij / sum_j w_ij.
+    For a loss of y alone delta_i = dy_i . y_i; a gradient c_i in the log-normaliser log sum_j w_ij
+    adds c_i P_ij, so it enters as delta_i - c_i."""
+    delta = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1)
+    return delta if d_log_normaliser is None else delta - d_log_normaliser
+
+
+def attention_backward(q, k, v, gate, y, log_normaliser, dy, p: int, scale: float, gated: bool, tiling_overrides=None, d_log_normaliser=None):
+    """(dq, dk, dv, dG) through the two backward kernels; d_log_normaliser as in `log_weight_delta`."""
     batch, seq, heads, _ = q.shape
     constants = kernel_constants(q, v, gated, p, scale)
-    delta = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1)
+    delta = log_weight_delta(dy, y, d_log_normaliser)
     inputs = [q, k, v, *gate, dy, delta, log_normaliser]
     rows = jax.ShapeDtypeStruct(log_normaliser.shape, jnp.float32)
     here = kernel_tilings(q, tiling_overrides)
@@ -298,20 +306,21 @@ def attention_backward(q, k, v, gate, y, log_normaliser, dy, p: int, scale: floa
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def triton_attention(q, k, v, log_g, p: int, scale: float, gated: bool):
-    """Gated power attention through the Triton kernels, differentiable in q, k, v and log_g."""
-    y, _ = attention_forward(q, k, v, exact_gate(log_g), p, scale, gated)
-    return y
+    """Gated power attention through the Triton kernels: y and the log of its normaliser
+    (log sum_j w_ij, +inf where a row has no weight), differentiable in q, k, v and log_g."""
+    return attention_forward(q, k, v, exact_gate(log_g), p, scale, gated)
 
 
 def triton_attention_forward(q, k, v, log_g, p, scale, gated):
     gate = exact_gate(log_g)
     y, log_normaliser = attention_forward(q, k, v, gate, p, scale, gated)
-    return y, (q, k, v, gate, y, log_normaliser)
+    return (y, log_normaliser), (q, k, v, gate, y, log_normaliser)
 
 
-def triton_attention_backward(p, scale, gated, residuals, dy):
+def triton_attention_backward(p, scale, gated, residuals, cotangents):
     q, k, v, gate, y, log_normaliser = residuals
-    dq, dk, dv, dgate = attention_backward(q, k, v, gate, y, log_normaliser, dy, p, scale, gated)
+    dy, d_log_normaliser = cotangents
+    dq, dk, dv, dgate = attention_backward(q, k, v, gate, y, log_normaliser, dy, p, scale, gated, d_log_normaliser=d_log_normaliser)
     # G is the cumulative sum of log_g, so d log_g_u = sum_{t >= u} dG_t.
     d_log_g = jnp.flip(jnp.cumsum(jnp.flip(dgate, axis=1), axis=1), axis=1).astype(gate[0].dtype)
     return dq, dk, dv, d_log_g
@@ -334,7 +343,7 @@ def check_dims(q, v) -> None:
 
 
 def attention(q, k, v, log_g, p: int, scale: float):
-    """The whole op through the flash-style kernels (O(T^2 d) work, O(T d) memory)."""
+    """The whole op through the flash-style kernels (O(T^2 d) work, O(T d) memory): (y, log normaliser)."""
     check_dims(q, v)
     gated = log_g is not None
     log_g = log_g if gated else jnp.zeros(q.shape[:3], jnp.float32)

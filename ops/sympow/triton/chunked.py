@@ -53,6 +53,7 @@ from ops.sympow.triton.attention import (
     load_gates,
     load_row,
     load_tile,
+    log_weight_delta,
     store_outputs,
     store_row,
     store_tile,
@@ -464,10 +465,11 @@ def chunked_forward(q, k, v, L, scale: float, chunk_size: int, **tuning):
     return y, log_normaliser, S, z
 
 
-def chunked_backward(q, k, v, L, y, log_normaliser, S, z, dy, scale: float, chunk_size: int, **tuning):
-    """(dq, dk, dv, dL) through the three backward kernels; dL is the gradient of the chunk-local gates."""
+def chunked_backward(q, k, v, L, y, log_normaliser, S, z, dy, scale: float, chunk_size: int, d_log_normaliser=None, **tuning):
+    """(dq, dk, dv, dL) through the three backward kernels; dL is the gradient of the chunk-local
+    gates. d_log_normaliser: a gradient in the log-normaliser too (see `log_weight_delta`)."""
     plan = Plan(q, v, scale, chunk_size, **tuning)
-    delta = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1)
+    delta = log_weight_delta(dy, y, d_log_normaliser)
     rows = [q, k, v, *L, dy, delta, log_normaliser]
     dq, dL_rows = plan.launch(power_chunk_backward_queries, [*rows, S, z, *plan.tables], [jax.ShapeDtypeStruct(q.shape, q.dtype), plan.rows])
     # dS is only ever a matmul operand, so it is stored in the inputs' dtype: no extra rounding,
@@ -488,19 +490,21 @@ def chunked_backward(q, k, v, L, y, log_normaliser, S, z, dy, scale: float, chun
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def triton_chunked(q, k, v, log_g, scale: float, chunk_size: int):
-    """Gated power attention with p = 2 through the chunked Triton kernels, differentiable in q, k, v and log_g."""
-    y, *_ = chunked_forward(q, k, v, chunk_gates(log_g, chunk_size), scale, chunk_size)
-    return y
+    """Gated power attention with p = 2 through the chunked Triton kernels: y and the log of its
+    normaliser (log sum_j w_ij), differentiable in q, k, v and log_g."""
+    y, log_normaliser, *_ = chunked_forward(q, k, v, chunk_gates(log_g, chunk_size), scale, chunk_size)
+    return y, log_normaliser
 
 
 def triton_chunked_forward(q, k, v, log_g, scale, chunk_size):
     L = chunk_gates(log_g, chunk_size)
     y, log_normaliser, S, z = chunked_forward(q, k, v, L, scale, chunk_size)
-    return y, (q, k, v, L, y, log_normaliser, S, z)
+    return (y, log_normaliser), (q, k, v, L, y, log_normaliser, S, z)
 
 
-def triton_chunked_backward(scale, chunk_size, residuals, dy):
-    dq, dk, dv, dL = chunked_backward(*residuals, dy, scale, chunk_size)
+def triton_chunked_backward(scale, chunk_size, residuals, cotangents):
+    dy, d_log_normaliser = cotangents
+    dq, dk, dv, dL = chunked_backward(*residuals, dy, scale, chunk_size, d_log_normaliser)
     # L_t sums log_g over its chunk up to t, so d log_g_u = sum over t >= u in u's chunk of dL_t.
     d_log_g = jnp.flip(jnp.cumsum(jnp.flip(dL, axis=2), axis=2), axis=2)
     seq = dq.shape[1]
@@ -511,7 +515,8 @@ triton_chunked.defvjp(triton_chunked_forward, triton_chunked_backward)
 
 
 def chunked(q, k, v, log_g, scale: float, chunk_size: int):
-    """Gated power attention with p = 2 through the chunked kernels (O(T c d + T D' d) work, states per chunk)."""
+    """Gated power attention with p = 2 through the chunked kernels (O(T c d + T D' d) work, states
+    per chunk): (y, log normaliser)."""
     check_dims(q, v)
     multiple = chunk_multiple(q)
     if chunk_size % multiple:
