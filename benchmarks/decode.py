@@ -43,6 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="prefill calls timed per case")
     parser.add_argument("--max-prefill-softmax", type=int, default=16384, help="longest softmax prefill (its weights are O(T^2) memory)")
     parser.add_argument("--out", type=Path, default=HERE / "decode.json")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG and the table from --out's JSON")
     return parser.parse_args(argv)
 
 
@@ -107,6 +108,10 @@ def processor() -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        results = json.loads(args.out.read_text())
+        print(table(results["cases"]))
+        return plot(results, args.out.with_suffix(".png"))
     machine = f"{processor()}, {os.cpu_count()} cores; jax {jax.__version__} on {jax.default_backend()}"
     results = dict(command=" ".join(["benchmarks/decode.py", *(argv or sys.argv[1:])]), machine=machine, dtype="float32", batch=1, cases=[])
     models = {}
@@ -148,16 +153,16 @@ def plot(results, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colours = dict(zip(sympow.ATTENTIONS, ("tab:orange", "tab:blue", "tab:green", "tab:red")))
     for preset, attention in sorted({(c["preset"], c["attention"]) for c in results["cases"]}):
         cases = [c for c in results["cases"] if (c["preset"], c["attention"]) == (preset, attention)]
-        line = "-" if preset == "124m" else "--"
-        label = f"{attention} ({preset})"
+        style = dict(linestyle="-" if preset == "124m" else "--", marker="o", color=colours[attention], label=f"{attention} ({preset})")
         contexts = [c["context"] for c in cases]
-        axes[0].plot(contexts, [c["decode_ms"] for c in cases], line, marker="o", label=label)
-        axes[1].plot(contexts, [c["cache_bytes"] / 1e6 for c in cases], line, marker="o", label=label)
+        axes[0].plot(contexts, [c["decode_ms"] for c in cases], **style)
+        axes[1].plot(contexts, [c["cache_bytes"] / 1e6 for c in cases], **style)
         prefilled = [c for c in cases if "prefill_tokens_per_s" in c]
         if prefilled:
-            axes[2].plot([c["context"] for c in prefilled], [c["prefill_tokens_per_s"] for c in prefilled], line, marker="o", label=label)
+            axes[2].plot([c["context"] for c in prefilled], [c["prefill_tokens_per_s"] for c in prefilled], **style)
     titles = ("decode time per token (ms)", "cache size (MB)", "prefill tokens per second (tiny)")
     for axis, title in zip(axes, titles):
         axis.set_xscale("log", base=2)
@@ -165,7 +170,8 @@ def plot(results, path: Path) -> None:
         axis.set_xlabel("context (tokens)")
         axis.set_title(title)
         axis.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
+    for axis in axes:
+        axis.legend(fontsize=7)
     figure.suptitle(f"batch 1, float32, {results['machine']}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -2,8 +2,8 @@
 
     python -m sympow.sample runs/default --prompt "def main(" --max-new-tokens 200 --temperature 0.8 --top-k 50
 
-Loads the run's latest checkpoint (or a checkpoint folder), tokenises the prompt with GPT-2 BPE,
-prefills it in one call, then runs one jitted decode step per token (sympow.generate does the
+Loads the run's latest checkpoint (or a checkpoint folder), tokenises the prompt with GPT-2 BPE
+after an end-of-text token (as every training window starts), prefills it in one call, then runs one jitted decode step per token (sympow.generate does the
 same as one compiled loop; here each token is printed as soon as it is drawn). The tokens per
 second at the end count the decode steps only. A softmax model decodes with a key/value cache
 of --max-length tokens, by default the context it was trained at; a sympow model with its state,
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from sympow import checkpoint
-from sympow.data.tokenizer import gpt2_encoding
+from sympow.data.tokenizer import END_OF_TEXT, gpt2_encoding
 from sympow.generate import check_sampling, sample_token
 
 
@@ -96,7 +96,8 @@ def main(argv=None) -> None:
     prompt, _ = read_prompt(args), check_args(args)
     model, saved = load(args.run)
     encoding = gpt2_encoding()
-    tokens = encoding.encode(prompt, allowed_special="all")
+    # Training inputs start with end-of-text (a window shifted right), so the prompt does too.
+    tokens = [END_OF_TEXT, *encoding.encode(prompt, allowed_special="all")]
     max_length = cache_length(model, saved, args, len(tokens) + args.max_new_tokens)
 
     prefill = eqx.filter_jit(lambda m, t: m.prefill(t, max_length))
