@@ -10,7 +10,7 @@ from ops.sympow.chunk import chunked_form, final_state
 from ops.sympow.naive import (
     SympowState,
     add_state,
-    attention_form,
+    attend,
     cumulative_gate,
     embedding_size,
     empty_state,
@@ -168,45 +168,53 @@ def sympow_attention(
 
     if log_g is not None and check_log_g:
         log_g = check_log_gate(log_g)
-    if impl == "triton":
-        return triton_with_state(q, k, v, log_g, p, scale, chunk_size, initial_state, return_state)
-    out_dtype, dtype = v.dtype, compute_dtype(q, *([] if initial_state is None else initial_state))
-    q, k, v = (a.astype(dtype) for a in (q, k, v))
-    if log_g is not None:
-        log_g = log_g.astype(dtype)
-    if initial_state is not None:
-        initial_state = SympowState(*(a.astype(dtype) for a in initial_state))
-    if impl == "attention":
-        y = attention_form(q, k, v, log_g, p, scale, initial_state)
-        state = state_after(k, v, None if log_g is None else cumulative_gate(log_g), initial_state, p, scale) if return_state else None
-    elif impl == "recurrent":
-        y, state = recurrent_form(q, k, v, log_g, p, scale, initial_state)
-    else:
-        y, state = chunked_form(q, k, v, log_g, p, scale, chunk_size, initial_state)
-    return (y.astype(out_dtype), state) if return_state else y.astype(out_dtype)
+    run = triton_forms if impl == "triton" else jax_forms
+    y, state = run(impl, q, k, v, log_g, p, scale, chunk_size, initial_state, return_state)
+    return (y.astype(v.dtype), state) if return_state else y.astype(v.dtype)
 
 
-def triton_with_state(q, k, v, log_g, p: int, scale: float, chunk_size: int, initial_state, return_state: bool):
-    """The kernels read bf16 or float32 as given and accumulate in float32. Past one chunk, p = 2
-    takes the chunked kernels; other powers (p = 4's state is too large) the flash-style ones.
-    They hold no state in the exact layout: a state handed in joins their output through its
-    log-normaliser (naive.add_state), and the state handed out is summed chunk by chunk in pure
-    JAX (chunk.final_state), so both stay differentiable."""
+def cast(dtype, *arrays):
+    """Each array, or state, in dtype (None stays None)."""
+
+    def one(a):
+        if a is None:
+            return None
+        if isinstance(a, SympowState):
+            return SympowState(*(part.astype(dtype) for part in a))
+        return a.astype(dtype)
+
+    return [one(a) for a in arrays]
+
+
+def jax_forms(impl: str, q, k, v, log_g, p: int, scale: float, chunk_size: int, initial_state, return_state: bool):
+    """(y, the state after the last token or None) through a pure-JAX form, in at least float32."""
+    q, k, v, log_g, initial_state = cast(compute_dtype(q, *(initial_state or ())), q, k, v, log_g, initial_state)
+    if impl == "recurrent":
+        return recurrent_form(q, k, v, log_g, p, scale, initial_state)
+    if impl == "chunked":
+        return chunked_form(q, k, v, log_g, p, scale, chunk_size, initial_state)
+    gate = None if log_g is None else cumulative_gate(log_g)
+    return attend(q, k, v, gate, initial_state, p, scale), state_after(k, v, gate, initial_state, p, scale) if return_state else None
+
+
+def triton_forms(impl: str, q, k, v, log_g, p: int, scale: float, chunk_size: int, initial_state, return_state: bool):
+    """(y, the state after the last token or None) through the kernels, which read bf16 or float32
+    as given and accumulate in float32. Past one chunk, p = 2 takes the chunked kernels; other
+    powers (p = 4's state is too large) the flash-style ones. They hold no state in the exact
+    layout: a state handed in joins their output through its log-normaliser (naive.add_state),
+    and the state handed out is summed chunk by chunk in pure JAX (chunk.final_state), so both
+    stay differentiable."""
     if p == 2 and q.shape[1] > chunk_size:
         y, log_normaliser = triton_chunked(q, k, v, log_g, scale, chunk_size)
     else:
         y, log_normaliser = triton_attention(q, k, v, log_g, p, scale)
-    out_dtype, state = v.dtype, None
-    if initial_state is not None or return_state:
-        as32 = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
-        q, k, v, log_g = (as32(a) for a in (q, k, v, log_g))
-        initial_state = None if initial_state is None else SympowState(*(as32(a) for a in initial_state))
+    if initial_state is None and not return_state:
+        return y, None
+    q, k, v, log_g, initial_state = cast(jnp.float32, q, k, v, log_g, initial_state)
     if initial_state is not None:
         gate = None if log_g is None else cumulative_gate(log_g)
         y = add_state(y.astype(jnp.float32), log_normaliser, q, gate, initial_state, p, scale)
-    if return_state:
-        state = final_state(k, v, log_g, initial_state, p, scale, chunk_size)
-    return (y.astype(out_dtype), state) if return_state else y.astype(out_dtype)
+    return y, final_state(k, v, log_g, initial_state, p, scale, chunk_size) if return_state else None
 
 
 def sympow_step(
@@ -230,14 +238,13 @@ def sympow_step(
     check_state(state, batch, heads, dim, v.shape[-1], p)
     check_state_fits(dim, v.shape[-1], p, "sympow_step")
     scale = check_scale(scale, dim)
-    dtype = compute_dtype(q, state.S)
     if log_g is None:
-        log_g = jnp.zeros((batch, heads), dtype)
+        log_g = jnp.zeros((batch, heads), q.dtype)
     elif check_log_g:
         log_g = check_log_gate(log_g)
-    log_g = log_g.astype(dtype)
-    y, new_state = recurrent_step(*(a.astype(dtype) for a in (q, k, v)), log_g, SympowState(*(a.astype(dtype) for a in state)), p, scale)
-    return y.astype(v.dtype), SympowState(*(a.astype(state.S.dtype) for a in new_state))
+    y, new_state = recurrent_step(*cast(compute_dtype(q, state.S), q, k, v, log_g, state), p, scale)
+    (new_state,) = cast(state.S.dtype, new_state)
+    return y.astype(v.dtype), new_state
 
 
 def zero_state(batch: int, heads: int, dim: int, dim_v: int, *, p: int = 2, dtype=jnp.float32) -> SympowState:
