@@ -25,7 +25,13 @@ MISSING_ON_GPU_MACHINE="tqdm matplotlib contourpy cycler fonttools kiwisolver pi
 if [ "${1:-}" = wheels ]; then
     mkdir -p .git/info  # wheels.sh records .whl/ in .git/info/exclude
     pins=$(for name in $MISSING_ON_GPU_MACHINE; do .venv/bin/pip freeze | grep -i "^${name}=="; done)
-    exec bash ../shared/gpu/wheels.sh $pins
+    bash ../shared/gpu/wheels.sh $pins || exit 1
+    # A device run carries the working tree and the named paths, 64 MiB in all.
+    tree=$(git ls-files -z | du -cm --files0-from=- | tail -1 | cut -f1)
+    carried=$(du -scm .whl $( [ -d .cache ] && echo .cache ) | tail -1 | cut -f1)
+    echo "to carry: ${carried} MiB (.whl$( [ -d .cache ] && echo ' and .cache')) + ${tree} MiB of tracked files, of 64 MiB"
+    [ $((carried + tree)) -le 64 ] || { echo "more than the 64 MiB a device run may carry" >&2; exit 1; }
+    exit 0
 fi
 out=${OUT:-runs/gpu}
 mkdir -p "$out"
