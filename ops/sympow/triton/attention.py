@@ -308,7 +308,8 @@ def attention_backward(q, k, v, gate, y, log_normaliser, dy, p: int, scale: floa
 def triton_attention(q, k, v, log_g, p: int, scale: float, gated: bool):
     """Gated power attention through the Triton kernels: y and the log of its normaliser
     (log sum_j w_ij, +inf where a row has no weight), differentiable in q, k, v and log_g."""
-    return attention_forward(q, k, v, exact_gate(log_g), p, scale, gated)
+    y, log_normaliser = attention_forward(q, k, v, exact_gate(log_g), p, scale, gated)
+    return y, log_normaliser  # a tuple, as the forward rule's (launch gives a list)
 
 
 def triton_attention_forward(q, k, v, log_g, p, scale, gated):
