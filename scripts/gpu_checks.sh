@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
-# The GPU checks of the Triton kernels, for the lent GPU machine (../shared/gpu/README.md), one
-# stage per call so that each fits the machine's 10-minute limit:
+# The GPU check of the Triton kernels, for the lent GPU machine (../shared/gpu/README.md): one
+# command within a 15-minute loan (about 7 minutes of work, then a table), ops/gpu_check.py.
 #
-#   bash scripts/gpu_checks.sh wheels  # here, before the others: the wheels they carry
-#   bash scripts/gpu_checks.sh tests   # tests/test_triton_gpu.py on the GPU (bf16 precision rule,
-#                                      # 16K/64K tokens, memory linear in seq)
-#   bash scripts/gpu_checks.sh bench   # python -m ops.benchmark: p = 2 (chunk sweep) and p = 4
-#   bash scripts/gpu_checks.sh tune    # python -m ops.tune: each kernel's candidate tilings (chunked, then flash-style)
-#   bash scripts/gpu_checks.sh train   # 124m tokens/s, conformal against softmax, context 16384
+#   bash scripts/gpu_checks.sh wheels     # here, first: the wheels that machine lacks, into .whl/
+#   bash scripts/gpu_checks.sh            # there, carrying .whl: versions, a launch of each kernel
+#                                         # family, the bf16 rule, T = 64K/16K/4K against the pure-JAX
+#                                         # form, cuDNN and the authors' retention kernels, p = 4 at
+#                                         # 16K, tuning with the time left; results in $OUT (or runs/gpu)
+#   bash scripts/gpu_checks.sh --dry-run  # here: the same stages at toy sizes in the interpreter
+#                                         # (the test suite runs it)
 #
-# Here first (the machine has no network): `bash scripts/gpu_checks.sh wheels` puts in .whl/ the
-# wheels that machine lacks, at this venv's versions; for `train` also build the embedded corpus
-# into the repository (17 MB):
+# Longer, one stage per call (each fits the 10-minute limit of a command), for a longer loan:
+#   bash scripts/gpu_checks.sh tests|bench|tune|train
+# `train` also needs the embedded corpus built into the repository (17 MB), then carried:
 #   SYMPOW_CACHE=$PWD/.cache .venv/bin/python -c "from sympow.data import resolve; resolve('embedded')"
-# then carry .whl (and .cache). Results land in $OUT (or runs/gpu), a short table printed last.
-# Not yet run on a GPU: the first session with one runs it and records what it saw.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,11 +34,18 @@ if [ "${1:-}" = wheels ]; then
 fi
 out=${OUT:-runs/gpu}
 mkdir -p "$out"
+if [ "${1:-}" = --dry-run ]; then
+    exec .venv/bin/python -m ops.gpu_check --dry-run --minutes "${MINUTES:-7}" --out "$out"
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl
 export PYTHONPATH=$PWD:$PWD/.site SYMPOW_CACHE=$PWD/.cache
 python3 -c "import jax, triton; print('jax', jax.__version__, jax.devices(), 'triton', triton.__version__)"
 
-case "${1:-}" in
+case "${1:-check}" in
+check)
+    # JAX must leave GPU memory for torch (the retention kernels) beside it.
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m ops.gpu_check --minutes "${MINUTES:-7}" --out "$out"
+    ;;
 tests)
     # The interpreter tests are not run here: triton 3.6's interpreter fails with this machine's
     # numpy 2.5 (DESIGN.md section 6). CI compiles and lowers every kernel with triton 3.6.
@@ -73,7 +79,7 @@ for attention in ("softmax", "conformal"):
 EOF
     ;;
 *)
-    echo "usage: bash scripts/gpu_checks.sh wheels|tests|bench|tune|train" >&2
+    echo "usage: bash scripts/gpu_checks.sh [wheels|--dry-run|tests|bench|tune|train]" >&2
     exit 2
     ;;
 esac
