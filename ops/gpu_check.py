@@ -13,8 +13,8 @@
 4. p = 4 at 16K: the flash-style kernels against cuDNN;
 5. with time left, the tuning candidates (ops.tune) most likely to win.
 
-No stage starts after --minutes; results.json is rewritten after every stage, and a table of
-everything is printed last. The dry run runs every stage at toy sizes in float32 (the
+No stage or case starts after --minutes (6: with the case running then, the command ends within
+about 7); results.json is rewritten after every stage, and a table of everything is printed last. The dry run runs every stage at toy sizes in float32 (the
 interpreter's only dtype), without torch (its kernels need CUDA); the suite runs it, so the
 script cannot rot unseen. JAX must not take the whole GPU (XLA_PYTHON_CLIENT_PREALLOCATE=false)
 for torch to run beside it; scripts/gpu_checks.sh sets that.
@@ -268,7 +268,7 @@ def table(results: dict) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="toy sizes in Triton's interpreter, float32, no torch")
-    parser.add_argument("--minutes", type=float, default=7.0, help="no stage starts after this long")
+    parser.add_argument("--minutes", type=float, default=6.0, help="no stage starts after this long (the case running then still ends)")
     parser.add_argument("--out", type=Path, default=Path("runs/gpu"))
     return parser.parse_args(argv)
 
