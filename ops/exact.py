@@ -1,6 +1,7 @@
 """Error-free float32 arithmetic: a value carried as an unevaluated pair hi + lo of float32
-holds about twice float32's digits (and float64 pairs twice float64's). Used where a long running sum must stay exact: rotary
-angles (sympow.rotary) and the cumulative gate G that every form differences (G_i - G_j)."""
+holds about twice float32's digits (a pair of float64, twice float64's). Used where a long
+running sum must stay exact: rotary angles (sympow.rotary) and the cumulative gate G that every
+form differences (G_i - G_j)."""
 
 import functools
 

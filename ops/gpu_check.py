@@ -14,8 +14,8 @@
 5. with time left, the tuning candidates (ops.tune) most likely to win.
 
 No stage or case starts after --minutes (6: with the case running then, the command ends within
-about 7); results.json is rewritten after every stage, and a table of everything is printed last. The dry run runs every stage at toy sizes in float32 (the
-interpreter's only dtype), without torch (its kernels need CUDA); the suite runs it, so the
+about 7); results.json is rewritten after every stage, and a table of everything is printed
+last. The dry run runs every stage at toy sizes in float32 (the interpreter's only dtype), without torch (its kernels need CUDA); the suite runs it, so the
 script cannot rot unseen. JAX must not take the whole GPU (XLA_PYTHON_CLIENT_PREALLOCATE=false)
 for torch to run beside it; scripts/gpu_checks.sh sets that.
 """
@@ -144,7 +144,7 @@ def rule_floor(shapes: Shapes) -> float:
     return FLOAT32_ROUNDOFF if shapes.dtype == "float32" else 0.0
 
 
-def stage_launch(shapes: Shapes, deadline: Deadline) -> list[dict]:
+def stage_launch(shapes: Shapes) -> list[dict]:
     """Each kernel family once, forward + backward: past one chunk (the chunked kernels) and
     within one (the flash-style kernels, p = 2 and 4)."""
     seq, heads, dim, chunk = shapes.launch
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     results = dict(machine=describe_machine(), versions=versions(), devices=[str(d) for d in jax.devices()], dry_run=args.dry_run, stages={})
     print(json.dumps({k: results[k] for k in ("machine", "versions", "devices")}, indent=1), flush=True)
     stages = [
-        ("launch", lambda: stage_launch(shapes, deadline)),
+        ("launch", lambda: stage_launch(shapes)),
         ("precision", lambda: stage_precision(shapes, deadline)),
         ("speed", lambda: stage_speed(shapes, deadline, args.dry_run)),
         ("p4", lambda: stage_p4(shapes, deadline)),

@@ -43,6 +43,9 @@ class KeyValueCache(NamedTuple):
     position: Position
 
 
+LayerCache = StateCache | KeyValueCache
+
+
 def last(pair: Pair) -> Pair:
     return tuple(part[:, -1] for part in pair)
 
@@ -58,11 +61,11 @@ def weighted_values(log_w: Float[Array, "batch heads seq keys"], v: Float[Array,
 def softmax_attention(q, k, v):
     """Causal softmax attention in at least float32, in v's dtype (jax.nn.dot_product_attention
     computes in float32 even for float64 inputs, and its XLA path is the same O(T^2) computation)."""
-    dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
-    q, k, v_ = (a.astype(dtype) for a in (q, k, v))
+    out_dtype, dtype = v.dtype, (jnp.float64 if q.dtype == jnp.float64 else jnp.float32)
+    q, k, v = (a.astype(dtype) for a in (q, k, v))
     seq = q.shape[1]
     log_w = jnp.einsum("bihd,bjhd->bhij", q * (1 / q.shape[-1] ** 0.5), k)
-    return weighted_values(jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), log_w, -jnp.inf), v_).astype(v.dtype)
+    return weighted_values(jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), log_w, -jnp.inf), v).astype(out_dtype)
 
 
 class Attention(eqx.Module):
@@ -122,7 +125,7 @@ class Attention(eqx.Module):
         q, k, v, log_g, _ = self.project(x, None)
         return self.output(self.attend(q, k, v, log_g))
 
-    def prefill(self, x: Float[Array, "batch seq d_model"], max_length: int) -> tuple[Float[Array, "batch seq d_model"], StateCache | KeyValueCache]:
+    def prefill(self, x: Float[Array, "batch seq d_model"], max_length: int) -> tuple[Float[Array, "batch seq d_model"], LayerCache]:
         """The layer over a prompt, and its cache for decoding up to max_length tokens in all
         (a key/value cache holds that many; a state any number)."""
         q, k, v, log_g, position = self.project(x, None)
@@ -137,7 +140,7 @@ class Attention(eqx.Module):
         cache = KeyValueCache(slots(k), slots(v), gate, jnp.asarray(seq, jnp.int32), position)
         return self.output(self.attend(q, k, v, log_g)), cache
 
-    def decode(self, x: Float[Array, "batch 1 d_model"], cache: StateCache | KeyValueCache) -> tuple[Float[Array, "batch 1 d_model"], StateCache | KeyValueCache]:
+    def decode(self, x: Float[Array, "batch 1 d_model"], cache: LayerCache) -> tuple[Float[Array, "batch 1 d_model"], LayerCache]:
         """One token after those in the cache: its output, and the cache with it added."""
         q, k, v, log_g, position = self.project(x, cache.position)
         if isinstance(cache, StateCache):
@@ -158,8 +161,9 @@ class Attention(eqx.Module):
         logits = dot if self.config.attention == "softmax" else self.config.p * log_abs(dot)  # log w_j
         gate = None
         if cache.gate is not None:
-            previous = tuple(jax.lax.dynamic_index_in_dim(part, jnp.maximum(slot - 1, 0), axis=1, keepdims=False) for part in cache.gate)
-            previous = tuple(jnp.where(slot > 0, part, 0) for part in previous)
+            # G of the token before (0 before the first): the new token's G goes on from it.
+            at_previous = lambda part: jax.lax.dynamic_index_in_dim(part, jnp.maximum(slot - 1, 0), axis=1, keepdims=False)  # noqa: E731
+            previous = tuple(jnp.where(slot > 0, at_previous(part), 0) for part in cache.gate)
             G = add_pairs(previous, (log_g[:, 0].astype(previous[0].dtype), jnp.zeros_like(previous[0])))
             gate = tuple(write(buffer, part[:, None]) for buffer, part in zip(cache.gate, G))
             logits = logits + jnp.moveaxis(pair_difference(tuple(part[:, None] for part in G), gate), 1, -1)

@@ -50,6 +50,8 @@ def read_prompt(args) -> str:
 def check_args(args) -> None:
     if args.max_new_tokens < 0:
         raise SystemExit(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
+    if args.max_length is not None and args.max_length < 1:
+        raise SystemExit(f"--max-length must be a positive number of tokens; got {args.max_length}")
     try:
         check_sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as error:
@@ -93,7 +95,8 @@ class Printer:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    prompt, _ = read_prompt(args), check_args(args)
+    prompt = read_prompt(args)
+    check_args(args)
     model, saved = load(args.run)
     encoding = gpt2_encoding()
     # Training inputs start with end-of-text (a window shifted right), so the prompt does too.

@@ -5,13 +5,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from sympow.attention import Attention, KeyValueCache, StateCache
+from sympow.attention import Attention, LayerCache
 from sympow.config import ModelConfig
 from sympow.layers import INIT_STD, Dense, LayerNorm
 
 
 # One cache per layer (see sympow.attention).
-Cache = tuple[StateCache | KeyValueCache, ...]
+Cache = tuple[LayerCache, ...]
 
 
 class MLP(eqx.Module):
@@ -95,6 +95,8 @@ class Transformer(eqx.Module):
         """Run a prompt in one call: the logits after its last token, and the cache to decode on
         from. max_length (default: the prompt's length) is the most tokens, prompt included, that
         a key/value cache (softmax, or a state too large to hold) will take; a state takes any number."""
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"a prompt must be [batch, tokens] with at least one token; got shape {tokens.shape}")
         max_length = tokens.shape[-1] if max_length is None else max_length
         x = self.embedding_norm(self.lookup(tokens))
         cache = []
@@ -106,6 +108,10 @@ class Transformer(eqx.Module):
     def decode(self, token: Int[Array, " batch"], cache: Cache) -> tuple[Float[Array, "batch vocab"], Cache]:
         """One token after those in the cache, in a cost independent of how many there were for a
         state (a key/value cache costs their number): its logits and the cache with it added."""
+        if token.ndim != 1:
+            raise ValueError(f"decode takes one token per batch entry, [batch]; got shape {token.shape}")
+        if len(cache) != len(self.blocks):
+            raise ValueError(f"the cache holds {len(cache)} layers; this model has {len(self.blocks)}")
         x = self.embedding_norm(self.lookup(token[:, None]))
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache):

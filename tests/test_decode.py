@@ -126,3 +126,9 @@ def test_bad_decoding_requests_are_refused_clearly():
     assert np.all(np.isfinite(logits))
     logits, _ = model.decode(jnp.zeros((1,), jnp.int32), cache)
     assert np.all(np.isnan(logits))
+    with pytest.raises((ValueError, TypeError), match="token"):  # the suite's shape checker may come first
+        model.decode(jnp.zeros((1, 1), jnp.int32), cache)
+    with pytest.raises(ValueError, match="the cache holds 1 layers; this model has 2"):
+        model.decode(jnp.zeros((1,), jnp.int32), cache[:1])
+    with pytest.raises(ValueError, match="at least one token"):
+        model.prefill(jnp.zeros((1, 0), jnp.int32))

@@ -111,7 +111,7 @@ def test_states_too_large_to_hold_are_refused_at_once_naming_D():
     q = jax.ShapeDtypeStruct((1, 4096, 1, 64), jnp.float32)
     for impl in ("recurrent", "chunked"):
         with pytest.raises(ValueError, match=f"impl='{impl}' holds a state of D x dim_v = 10,639,125,640 x 64"):
-            jax.eval_shape(lambda q: ops.sympow_attention(q, q, q, p=8, impl=impl), q)
+            jax.eval_shape(lambda q, impl=impl: ops.sympow_attention(q, q, q, p=8, impl=impl), q)
     with pytest.raises(ValueError, match="766,480 x 64 per head"):
         jax.eval_shape(lambda q: ops.sympow_attention(q, q, q, p=4, return_state=True), q)
     with pytest.raises(ValueError, match="D = C"):

@@ -39,6 +39,7 @@ def test_sample_refuses_bad_requests(tmp_path):
         ([str(run), "--prompt", "hi", "--top-p", "0"], "--top-p must be"),
         ([str(run), "--prompt", "word " * 20, "--max-new-tokens", "2"], "do not fit this softmax model's key/value cache of 16 tokens"),
         ([str(run)], "give the prompt"),
+        ([str(run), "--prompt", "hi", "--max-length", "0"], "--max-length must be"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):

@@ -258,9 +258,11 @@ def sympow_embedding(x: Float[Array, "*b dim"], p: int) -> Float[Array, "*b D"]:
     """phi_p(x), one feature per non-decreasing multi-index, D = comb(dim + p - 1, p), with
     phi_p(x) . phi_p(y) = (x . y)^p exactly."""
     check_power(p)
-    D = embedding_size(x.shape[-1], p)
+    dim, D = x.shape[-1], embedding_size(x.shape[-1], p)
     if D > MAX_EMBEDDING_SIZE:
-        raise ValueError(f"phi_{p} of dim {x.shape[-1]} has D = C({x.shape[-1]} + {p} - 1, {p}) = {D:,} features, more than {MAX_EMBEDDING_SIZE:,}: too many to enumerate")
+        raise ValueError(
+            f"phi_{p} of dim {dim} has D = C({dim} + {p} - 1, {p}) = {D:,} features, more than {MAX_EMBEDDING_SIZE:,}: too many to enumerate"
+        )
     return symmetric_power_embedding(x, p)
 
 

@@ -11,14 +11,12 @@ with r = sqrt(s), so that phi(r q) . phi(r k) = (s q . k)^p and both parts weigh
 and the denominators the same with z (and 1 for v). L is carried as an exact pair hi + lo of
 floats (ops.exact) and differenced part by part: with strong gates |L| reaches c |log gamma|,
 and L_i - L_j of nearby positions taken from one rounded L would lose ulp(|L|) in a weight
-near 1. A state S_0 handed in from earlier tokens enters chunk 0. The stages below are the ones the Triton kernels implement, with the same signatures:
-`chunk_states`, `state_scan`, `chunk_outputs`; each chunk's work is `naive.attend` and
-`naive.state_after` on that chunk alone. Chunk-wise work runs one chunk at a time under
+near 1. A state S_0 handed in from earlier tokens enters chunk 0. The stages below are the
+ones the Triton kernels implement: `chunk_states`, `state_scan`, `chunk_outputs`; each chunk's
+work is `naive.state_after` or `naive.attend` on that chunk alone. Chunk-wise work runs one chunk at a time under
 `jax.checkpoint`, so the backward pass rematerialises phi features and never holds more than
 one chunk of them.
 """
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +89,10 @@ def chunk_outputs(
 ) -> Float[Array, "batch chunks chunk heads dv"]:
     """y_i from the state entering its chunk plus the gated power attention inside the chunk
     (L_i - L_j = G_i - G_j there)."""
-    return one_chunk_at_a_time(lambda q, k, v, L_hi, L_lo, S, z: attend(q, k, v, (L_hi, L_lo), SympowState(S, z), p, scale), q, k, v, *L, S, z)
+    def one_chunk(q, k, v, L_hi, L_lo, S, z):
+        return attend(q, k, v, (L_hi, L_lo), SympowState(S, z), p, scale)
+
+    return one_chunk_at_a_time(one_chunk, q, k, v, *L, S, z)
 
 
 def chunked_form(
