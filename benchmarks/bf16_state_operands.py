@@ -1,8 +1,8 @@
-"""Would bf16 operands in the chunked path's state matmuls keep DESIGN.md's bf16 precision rule?
+"""Would bf16 operands in the chunked path's state matmuls keep the bf16 precision rule (docs/kernels.md)?
 Emulated on a CPU: the pure-JAX chunked form with every operand of those matmuls rounded to bf16
 (phi features, v, S) and the products accumulated in float32, as the Triton kernels do with bf16
 inputs; in the backward pass the matmuls' incoming gradients (dy-like and dS) rounded too.
-Errors are against the float64 attention form on the unrounded inputs, like
+Errors are against the float64 oracle's attention form on the unrounded inputs, like
 tests/test_triton_gpu.py's rule; the ratio to the plain chunked form's error on the same bf16
 inputs must stay within 2.
 
@@ -21,10 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import attention_inputs, relative_error  # noqa: E402
 
 from ops.sympow import chunk, naive  # noqa: E402
-from ops.sympow.naive import attention_form  # noqa: E402
 
 CASES = [(500, 64, 128, 0.01), (500, 16, 64, 0.5), (4097, 64, 256, 0.9), (2000, 64, 128, None), (4096, 64, 1024, 0.99), (4096, 64, 256, 0.999)]
-PLAIN_STATE_MATMUL = naive.state_matmul
 
 
 def to_bf16(x):
@@ -47,7 +45,7 @@ gradient_rounded.defvjp(lambda x: (x, None), lambda _, g: (to_bf16(g),))
 
 
 def bf16_state_matmul(subscripts, features, other):
-    return gradient_rounded(PLAIN_STATE_MATMUL(subscripts, rounded(features), rounded(other)))
+    return gradient_rounded(jnp.einsum(subscripts, rounded(features), rounded(other)))
 
 
 def output_and_gradients(attend, *inputs):
@@ -61,16 +59,15 @@ def main():
         q, k, v, log_g = attention_inputs(1, seq, 4, dim, gamma=gamma, seed=seq + dim)
         log_g = jnp.zeros(q.shape[:3], q.dtype) if log_g is None else log_g
         scale = 1 / math.sqrt(dim)
-        reference = output_and_gradients(lambda *a: attention_form(*a, 2, scale), q, k, v, log_g)
+        reference = output_and_gradients(lambda *a: naive.attention_form(*a, 2, scale), q, k, v, log_g)
         inputs = [to_bf16(a.astype(jnp.float32)) for a in (q, k, v)] + [log_g.astype(jnp.float32)]
         errors = []
-        for state_matmul in (PLAIN_STATE_MATMUL, bf16_state_matmul):
-            naive.state_matmul = state_matmul  # read by the chunked form's attend and state_after
-            got = output_and_gradients(jax.jit(lambda *a: chunk.chunked_form(*a, 2, scale, chunk_size)[0]), *inputs)
+        for matmul in (jnp.einsum, bf16_state_matmul):
+            chunked = jax.jit(lambda *a, matmul=matmul: chunk.chunked_form(*a, 2, scale, chunk_size, matmul=matmul)[0])
+            got = output_and_gradients(chunked, *inputs)
             errors.append([relative_error(a, b) for a, b in zip(got, reference)])
         for name, plain, rounded_error in zip(("y", "dq", "dk", "dv", "d log_g"), *errors):
             print(f"| {seq} | {dim} | {chunk_size} | {gamma} | {name} | {plain:.2e} | {rounded_error:.2e} | {rounded_error / plain:.2f} |")
-    naive.state_matmul = PLAIN_STATE_MATMUL
 
 
 if __name__ == "__main__":

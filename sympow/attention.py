@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import ops
 from ops.exact import add_pairs, pair_difference
-from ops.sympow.naive import cumulative_gate, finite_or_zero, log_abs, normalise
+from ops.sympow.attention_form import cumulative_gate, finite_or_zero, log_abs, normalise
 from sympow.config import ModelConfig
 from sympow.layers import INIT_STD, Dense, Gate
 from sympow.rotary import LearnedRotary, Position, fixed_angles, positions, rotate, rotation_angles

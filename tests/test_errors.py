@@ -1,4 +1,4 @@
-"""Bad input gets a clear error, never a silent wrong answer (DESIGN.md section 3).
+"""Bad input gets a clear error, never a silent wrong answer.
 
 With the suite's jaxtyping hook, a wrong shape or type may be caught by the annotation
 checker (a TypeError) before the function's own check; both are errors. The function's
@@ -98,7 +98,7 @@ def test_shape_annotations_are_checked_in_the_suite():
     """The suite's jaxtyping hook is live: an internal function with a mismatched axis fails."""
     from jaxtyping import TypeCheckError
 
-    from ops.sympow.naive import attention_form
+    from ops.sympow.attention_form import attention_form
 
     with pytest.raises(TypeCheckError):
         attention_form(Q, K, V[:, :5], None, 2, 0.5)

@@ -1,5 +1,7 @@
-"""Symmetric power attention: the public API (api.py), the maths (naive.py), the chunked form
-(chunk.py) and the Triton kernels (triton/)."""
+"""Symmetric power attention: the public API (api.py) over the attention form in log space
+(attention_form.py), the recurrent form (recurrent.py), the chunked form (chunk.py) and the
+Triton kernels (triton/); phi_p (embedding.py) and the state (state.py). naive.py is the maths
+as on paper, the float64 oracle of the tests, and nothing in production uses it."""
 
 from ops.sympow.api import (
     DEFAULT_CHUNK_SIZE,
@@ -11,7 +13,8 @@ from ops.sympow.api import (
     sympow_step,
     zero_state,
 )
-from ops.sympow.naive import SympowState, embedding_size
+from ops.sympow.embedding import embedding_size
+from ops.sympow.state import SympowState
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

@@ -6,19 +6,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ops.sympow.attention_form import add_state, attention_form, cumulative_gate
 from ops.sympow.chunk import chunked_form, final_state
-from ops.sympow.naive import (
-    SympowState,
-    add_state,
-    attend,
-    cumulative_gate,
-    embedding_size,
-    empty_state,
-    recurrent_form,
-    recurrent_step,
-    state_after,
-    symmetric_power_embedding,
-)
+from ops.sympow.embedding import embedding_size, symmetric_power_embedding
+from ops.sympow.recurrent import recurrent_form, recurrent_step
+from ops.sympow.state import SympowState, empty_state
 from ops.sympow.triton.attention import attention as triton_attention
 from ops.sympow.triton.chunked import chunked as triton_chunked
 
@@ -193,15 +185,14 @@ def jax_forms(impl: str, q, k, v, log_g, p: int, scale: float, chunk_size: int, 
         return recurrent_form(q, k, v, log_g, p, scale, initial_state)
     if impl == "chunked":
         return chunked_form(q, k, v, log_g, p, scale, chunk_size, initial_state)
-    gate = None if log_g is None else cumulative_gate(log_g)
-    return attend(q, k, v, gate, initial_state, p, scale), state_after(k, v, gate, initial_state, p, scale) if return_state else None
+    return attention_form(q, k, v, log_g, p, scale, initial_state, return_state)
 
 
 def triton_forms(impl: str, q, k, v, log_g, p: int, scale: float, chunk_size: int, initial_state, return_state: bool):
     """(y, the state after the last token or None) through the kernels, which read bf16 or float32
     as given and accumulate in float32. Past one chunk, p = 2 takes the chunked kernels; other
     powers (p = 4's state is too large) the flash-style ones. They hold no state in the exact
-    layout: a state handed in joins their output through its log-normaliser (naive.add_state),
+    layout: a state handed in joins their output through its log-normaliser (attention_form.add_state),
     and the state handed out is summed chunk by chunk in pure JAX (chunk.final_state), so both
     stay differentiable."""
     if p == 2 and q.shape[1] > chunk_size:

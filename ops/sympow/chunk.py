@@ -12,18 +12,22 @@ and the denominators the same with z (and 1 for v). L is carried as an exact pai
 floats (ops.exact) and differenced part by part: with strong gates |L| reaches c |log gamma|,
 and L_i - L_j of nearby positions taken from one rounded L would lose ulp(|L|) in a weight
 near 1. A state S_0 handed in from earlier tokens enters chunk 0. The stages below are the
-ones the Triton kernels implement: `chunk_states`, `state_scan`, `chunk_outputs`; each chunk's
-work is `naive.state_after` or `naive.attend` on that chunk alone. Chunk-wise work runs one chunk at a time under
-`jax.checkpoint`, so the backward pass rematerialises phi features and never holds more than
-one chunk of them.
+ones the Triton kernels implement, though not with their signatures or layout: `chunk_states`,
+`state_scan`, `chunk_outputs`; each chunk's work is the attention form's `state_after` or
+`attend` on that chunk alone. Chunk-wise work runs one chunk at a time under `jax.checkpoint`,
+so the backward pass rematerialises phi features and never holds more than one chunk of them.
+`matmul` is the attention form's (ops.sympow.attention_form).
 """
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ops.exact import exact_cumsum
-from ops.sympow.naive import SympowState, attend, decay_and_add, empty_state, state_after
+from ops.sympow.attention_form import attend, state_after
+from ops.sympow.state import SympowState, decay_and_add, empty_state
 
 Chunked = Float[Array, "batch chunks chunk heads dim"]
 ChunkGates = Float[Array, "batch chunks chunk heads"]
@@ -51,10 +55,19 @@ def one_chunk_at_a_time(fn, *chunked_args):
 
 
 def chunk_states(
-    k: Chunked, v: Float[Array, "batch chunks chunk heads dv"], L: GatePair, p: int, scale: float
+    k: Chunked,
+    v: Float[Array, "batch chunks chunk heads dv"],
+    L: GatePair,
+    p: int,
+    scale: float,
+    matmul: Callable = jnp.einsum,
 ) -> tuple[Float[Array, "batch chunks heads D dv"], Float[Array, "batch chunks heads D"]]:
     """What each chunk adds to the state: sum_j exp(L_end - L_j) phi(r k_j) v_j^T, and to z."""
-    return one_chunk_at_a_time(lambda k, v, L_hi, L_lo: tuple(state_after(k, v, (L_hi, L_lo), None, p, scale)), k, v, *L)
+
+    def one_chunk(k, v, L_hi, L_lo):
+        return tuple(state_after(k, v, (L_hi, L_lo), None, p, scale, matmul))
+
+    return one_chunk_at_a_time(one_chunk, k, v, *L)
 
 
 def state_scan(
@@ -86,11 +99,13 @@ def chunk_outputs(
     z: Float[Array, "batch chunks heads D"],
     p: int,
     scale: float,
+    matmul: Callable = jnp.einsum,
 ) -> Float[Array, "batch chunks chunk heads dv"]:
     """y_i from the state entering its chunk plus the gated power attention inside the chunk
     (L_i - L_j = G_i - G_j there)."""
+
     def one_chunk(q, k, v, L_hi, L_lo, S, z):
-        return attend(q, k, v, (L_hi, L_lo), SympowState(S, z), p, scale)
+        return attend(q, k, v, (L_hi, L_lo), SympowState(S, z), p, scale, matmul)
 
     return one_chunk_at_a_time(one_chunk, q, k, v, *L, S, z)
 
@@ -104,6 +119,7 @@ def chunked_form(
     scale: float,
     chunk_size: int,
     initial_state: SympowState | None = None,
+    matmul: Callable = jnp.einsum,
 ) -> tuple[Float[Array, "batch seq heads dv"], SympowState]:
     """Gated symmetric power attention in O(T c d + T D d), any seq (padded to whole chunks), from
     the given state (or zero); returns y and the state after the last token (padding adds nothing)."""
@@ -112,9 +128,9 @@ def chunked_form(
         log_g = jnp.zeros((batch, seq, heads), q.dtype)
     qc, kc, vc, log_gc = (split_chunks(a, chunk_size) for a in (q, k, v, log_g))
     L = chunk_local_gates(log_gc)
-    delta_S, delta_z = chunk_states(kc, vc, L, p, scale)
+    delta_S, delta_z = chunk_states(kc, vc, L, p, scale, matmul)
     S, z, final = state_scan(delta_S, delta_z, L[0][:, :, -1], initial_state)  # hi alone, as in attend
-    y = chunk_outputs(qc, kc, vc, L, S, z, p, scale)
+    y = chunk_outputs(qc, kc, vc, L, S, z, p, scale, matmul)
     return y.reshape(batch, -1, heads, v.shape[-1])[:, :seq], final
 
 
