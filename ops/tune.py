@@ -28,14 +28,13 @@ from ops.benchmark import TimeLimit, describe_error, describe_machine, make_inpu
 from ops.sympow.triton import attention, chunked
 from ops.sympow.triton.attention import power_attention_backward_keys, power_attention_backward_queries, power_attention_forward
 from ops.sympow.triton.chunked import (
-    SCAN_VALUE_COLUMNS,
     power_chunk_backward_keys,
     power_chunk_backward_queries,
     power_chunk_forward,
     power_state_scan,
     power_state_scan_backward,
 )
-from ops.sympow.triton.launch import Tiling, on_gpu, tilings
+from ops.sympow.triton.launch import LaunchOptions, Tiling, on_gpu
 
 # Tiling(query rows, key rows, warps, pipeline stages). The scans step over BLOCK_N keys
 # (forward) or BLOCK_M queries (backward) a time; their other row count, unused, is set alike.
@@ -64,6 +63,7 @@ ATTENTION_CANDIDATES = {
         Tiling(64, 32, 8, 2), Tiling(128, 16, 8), Tiling(128, 32, 8), Tiling(128, 64, 8), Tiling(64, 64, 8), Tiling(64, 64, 4), Tiling(32, 64, 8),
     ],
 }
+SCAN_VALUE_COLUMNS = LaunchOptions().scan_value_columns  # the default
 SCAN_VALUE_COLUMN_CANDIDATES = (16, 32, 64)
 # Largest relative difference from the defaults' outputs that still counts as the same result:
 # bf16 outputs summed in another order differ by an ulp (2^-8 relative), a wrong tile by O(1).
@@ -74,34 +74,34 @@ def describe(tiling: Tiling) -> str:
     return f"{tiling.query_rows}x{tiling.key_rows} rows, {tiling.num_warps} warps, {tiling.num_stages} stages"
 
 
-def chunked_forward_backward(scale: float, chunk_size: int, tuning: dict):
-    """(y, dq, dk, dv, dL) of the chunked kernels with these Plan arguments, jitted."""
+def chunked_forward_backward(scale: float, chunk_size: int, options: LaunchOptions):
+    """(y, dq, dk, dv, dL) of the chunked kernels launched with these options, jitted."""
 
     def run(q, k, v, log_g, dy):
         L = chunked.chunk_gates(log_g, chunk_size)
-        y, log_normaliser, S, z = chunked.chunked_forward(q, k, v, L, scale, chunk_size, **tuning)
-        return (y, *chunked.chunked_backward(q, k, v, L, y, log_normaliser, S, z, dy, scale, chunk_size, **tuning))
+        y, log_normaliser, S, z = chunked.chunked_forward(q, k, v, L, scale, chunk_size, options)
+        return (y, *chunked.chunked_backward(q, k, v, L, y, log_normaliser, S, z, dy, scale, chunk_size, options))
 
     return jax.jit(run)
 
 
-def attention_forward_backward(p: int, scale: float, tuning: dict):
-    """(y, dq, dk, dv, dG) of the flash-style kernels with these tilings, jitted."""
+def attention_forward_backward(p: int, scale: float, options: LaunchOptions):
+    """(y, dq, dk, dv, dG) of the flash-style kernels launched with these options, jitted."""
 
     def run(q, k, v, log_g, dy):
         gate = attention.exact_gate(log_g)
-        y, log_normaliser = attention.attention_forward(q, k, v, gate, p, scale, True, **tuning)
-        return (y, *attention.attention_backward(q, k, v, gate, y, log_normaliser, dy, p, scale, True, **tuning))
+        y, log_normaliser = attention.attention_forward(q, k, v, gate, p, scale, True, options)
+        return (y, *attention.attention_backward(q, k, v, gate, y, log_normaliser, dy, p, scale, True, options))
 
     return jax.jit(run)
 
 
 def tiling_changes(candidates: dict, defaults: dict, fits=lambda tiling: True):
-    """(label, tuning arguments) for each candidate that differs from its kernel's default and fits."""
+    """(label, launch options) for each candidate that differs from its kernel's default and fits."""
     for kernel, kernel_candidates in candidates.items():
         for tiling in kernel_candidates:
             if tiling != defaults[kernel] and fits(tiling):
-                yield f"{kernel.__name__}: {describe(tiling)}", dict(tiling_overrides={kernel: tiling})
+                yield f"{kernel.__name__}: {describe(tiling)}", LaunchOptions(overrides=((kernel, tiling),))
 
 
 def chunked_changes(chunk_size: int, defaults: dict):
@@ -109,18 +109,18 @@ def chunked_changes(chunk_size: int, defaults: dict):
     yield from tiling_changes(CHUNKED_CANDIDATES, defaults, lambda t: chunk_size % t.query_rows == 0 and chunk_size % t.key_rows == 0)
     for columns in SCAN_VALUE_COLUMN_CANDIDATES:
         if columns != SCAN_VALUE_COLUMNS:
-            yield f"both scans: {columns} value columns", dict(scan_value_columns=columns)
+            yield f"both scans: {columns} value columns", LaunchOptions(scan_value_columns=columns)
 
 
 def cases(args, dtype):
-    """(label, tuning -> jitted forward + backward, {setting label: tuning}) for each case to sweep:
-    one per chunk size for the chunked kernels, one for the flash-style kernels."""
+    """(label, options -> jitted forward + backward, {setting label: options}) for each case to
+    sweep: one per chunk size for the chunked kernels, one for the flash-style kernels."""
     scale = 1 / math.sqrt(args.dim)
     if args.kernels == "attention":
-        defaults = tilings(attention.gpu_tilings(args.dim, dtype.itemsize))  # the interpreter's on a CPU
+        defaults = LaunchOptions().tilings(attention.gpu_tilings, args.dim, dtype.itemsize)  # the interpreter's on a CPU
         yield f"p = {args.p}", functools.partial(attention_forward_backward, args.p, scale), dict(tiling_changes(ATTENTION_CANDIDATES, defaults))
         return
-    defaults = tilings(chunked.gpu_tilings(args.dim, dtype.itemsize))
+    defaults = LaunchOptions().tilings(chunked.gpu_tilings, args.dim, dtype.itemsize)
     for chunk_size in args.chunk_sizes:
         yield f"chunk {chunk_size}", functools.partial(chunked_forward_backward, scale, chunk_size), dict(chunked_changes(chunk_size, defaults))
 
@@ -144,21 +144,21 @@ def measure(row: dict, forward_backward, inputs, reference, repeats: int, limit:
     return row | dict(seconds=seconds) | difference, outputs
 
 
-def combined(rows, settings: dict) -> dict:
+def combined(rows, settings: dict) -> LaunchOptions | None:
     """Every single change that beat the defaults in this case (the fastest per kernel), together."""
     base = next(r["seconds"] for r in rows if r["setting"] == "defaults")
-    winners, overrides = {}, {}
+    winners = {}
     for row in rows:
         if row.get("difference", math.inf) < SAME_RESULT and row["seconds"] < base:
             kernel = row["setting"].split(":")[0]
             if kernel not in winners or row["seconds"] < winners[kernel]["seconds"]:
                 winners[kernel] = row
-    tuning = {}
-    for row in winners.values():
-        change = settings[row["setting"]]
-        overrides |= change.get("tiling_overrides", {})
-        tuning |= {k: v for k, v in change.items() if k != "tiling_overrides"}
-    return tuning | (dict(tiling_overrides=overrides) if overrides else {})
+    if not winners:
+        return None
+    changes = [settings[row["setting"]] for row in winners.values()]
+    overrides = tuple(pair for change in changes for pair in change.overrides)
+    columns = next((c.scan_value_columns for c in changes if c.scan_value_columns != SCAN_VALUE_COLUMNS), SCAN_VALUE_COLUMNS)
+    return LaunchOptions(overrides=overrides, scan_value_columns=columns)
 
 
 def sweep(args, title: str) -> list[dict]:
@@ -169,15 +169,15 @@ def sweep(args, title: str) -> list[dict]:
     rows, limit = [], TimeLimit(args.max_minutes)
     for case, forward_backward, settings in cases(args, dtype):
 
-        def run(setting: str, tuning: dict, reference):
-            return measure(dict(case=case, setting=setting), forward_backward(tuning), inputs, reference, args.repeats, limit)
+        def run(setting: str, options: LaunchOptions, reference):
+            return measure(dict(case=case, setting=setting), forward_backward(options), inputs, reference, args.repeats, limit)
 
-        defaults_row, reference = run("defaults", {}, None)
+        defaults_row, reference = run("defaults", LaunchOptions(), None)
         case_rows = [defaults_row]
-        for label, tuning in tqdm(settings.items(), desc=case):
-            case_rows.append(run(label, tuning, reference)[0])
+        for label, options in tqdm(settings.items(), desc=case):
+            case_rows.append(run(label, options, reference)[0])
             write_json(args.out, args, rows + case_rows, title=title)
-        best = combined(case_rows, settings) if reference is not None else {}
+        best = combined(case_rows, settings) if reference is not None else None
         if best:
             case_rows.append(run("all faster changes together", best, reference)[0])
         rows += case_rows

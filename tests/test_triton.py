@@ -1,4 +1,4 @@
-"""Triton kernels: run in Triton's interpreter against the float64 naive form (on any machine:
+"""Triton kernels: run in Triton's interpreter against the float64 oracle (ops/sympow/naive.py) (on any machine:
 the launcher is held to its CPU path here, so a GPU's TF32 matmuls do not meet the float32
 rule), and compiled ahead of time for sm_90 (an H100) so a kernel that would not compile there
 fails here. tests/test_triton_gpu.py holds the compiled kernels on a GPU to the bf16 rule.
@@ -21,10 +21,12 @@ import pytest
 from conftest import attention_inputs, output_and_gradients, relative_error, within_kernel_rule
 
 from ops.sympow.chunk import chunk_local_gates, chunk_states, chunked_form, split_chunks, state_scan
-from ops.sympow.naive import attention_form, symmetric_power_embedding
+from ops.sympow import naive
+from ops.sympow.attention_form import attention_form
 from ops.sympow.triton.attention import (
     TRITON_DIMS,
     attention_forward,
+    attention_plan,
     exact_gate,
     gpu_tilings as attention_gpu_tilings,
     power_attention_backward_keys,
@@ -33,13 +35,13 @@ from ops.sympow.triton.attention import (
     triton_attention,
 )
 from ops.sympow.triton.chunked import (
-    FIRST_BLOCK,
-    SECOND_BLOCK,
+    NARROW_BLOCK,
+    WIDE_BLOCK,
     chunk_gates,
     chunked_forward,
+    chunked_plan,
     gpu_tilings,
-    kernel_constants,
-    pair_tables,
+    tile_tables,
     power_chunk_backward_keys,
     power_chunk_backward_queries,
     power_chunk_forward,
@@ -47,10 +49,8 @@ from ops.sympow.triton.chunked import (
     power_state_scan_backward,
     triton_chunked,
 )
-import ops.sympow.triton.attention as attention_module
-import ops.sympow.triton.chunked as chunked_module
 import ops.sympow.triton.launch as launcher
-from ops.sympow.triton.launch import compile_for
+from ops.sympow.triton.launch import LaunchOptions, compile_for
 
 # An H100 gives a block at most 227 KiB of shared memory; a kernel compiled to need more fails at launch.
 H100_SHARED_MEMORY = 227 * 1024
@@ -60,9 +60,9 @@ SPILL_ALLOWANCE = 32
 ITEMSIZE = {"fp32": 4, "bf16": 2}
 
 
-@pytest.fixture(autouse=True)
-def interpreted_kernels(monkeypatch):
-    monkeypatch.setattr(launcher, "on_gpu", lambda: False)
+# The kernels run in the interpreter here, on any machine: on a GPU, TF32 matmuls would not
+# meet the float32 rule. (Through the public API they run where JAX's backend says.)
+INTERPRETED = LaunchOptions(compiled=False)
 
 
 @pytest.mark.parametrize(
@@ -71,16 +71,16 @@ def interpreted_kernels(monkeypatch):
      (500, 16, 16, 2, 0.9), (500, 16, 16, 4, 0.01)],
 )
 def test_attention_kernel_forward_matches_float64(seq, dim, dim_v, p, gamma):
-    """The precision rule of DESIGN.md section 4: no worse than twice the pure-JAX chunked form in
+    """The precision rule (docs/kernels.md): no worse than twice the pure-JAX chunked form in
     the same dtype. With strong gates |G| grows with seq (~3000 at 500 tokens, gamma 0.01); the
-    kernels difference G in hi + lo pairs, where a float32 G lost ~1e-4 in every weight (measured:
-    1.9e-5 in y against the chunked form's 2.8e-6)."""
+    kernels difference G in hi + lo pairs, where a float32 G lost ~1e-4 in every weight and
+    failed this (docs/decisions.md)."""
     q, k, v, log_g = attention_inputs(2, seq, 2, dim, gamma=gamma, seed=seq + dim, dim_v=dim_v)
     scale = 1 / math.sqrt(dim)
-    reference = attention_form(q, k, v, log_g, p, scale)
+    reference = naive.attention_form(q, k, v, log_g, p, scale)
     as32 = [None if a is None else a.astype(jnp.float32) for a in (q, k, v, log_g)]
     gate = exact_gate(jnp.zeros(q.shape[:3], jnp.float32) if log_g is None else as32[3])
-    y, log_normaliser = attention_forward(*as32[:3], gate, p, scale, gated=log_g is not None)
+    y, log_normaliser = attention_forward(*as32[:3], gate, p, scale, log_g is not None, INTERPRETED)
     assert y.dtype == jnp.float32 and np.all(np.isfinite(y)) and np.all(np.isfinite(log_normaliser))
     jax_error = relative_error(chunked_form(*as32, p, scale, 64)[0], reference)
     assert relative_error(y, reference) <= 2 * jax_error
@@ -89,25 +89,26 @@ def test_attention_kernel_forward_matches_float64(seq, dim, dim_v, p, gamma):
 def test_attention_kernel_log_normaliser_is_log_of_the_weight_sum():
     q, k, v, log_g = attention_inputs(1, 40, 1, 16, gamma=0.8)
     q32, k32, v32, log_g32 = (a.astype(jnp.float32) for a in (q, k, v, log_g))
-    _, log_normaliser = attention_forward(q32, k32, v32, exact_gate(log_g32), 2, 0.25, gated=True)
+    _, log_normaliser = attention_forward(q32, k32, v32, exact_gate(log_g32), 2, 0.25, True, INTERPRETED)
     G = np.cumsum(np.asarray(log_g), axis=1)[0, :, 0]
     w = (0.25 * np.asarray(q)[0, :, 0] @ np.asarray(k)[0, :, 0].T) ** 2 * np.exp(G[:, None] - G[None, :])
     expected = np.log(np.sum(np.tril(w), axis=1))
     np.testing.assert_allclose(log_normaliser[0, :, 0], expected, rtol=1e-5)
 
 
-def check_output_and_gradients(kernel, reference_form, seq, dim, gamma, seed, dim_v=None, heads=2):
-    """y and its gradients in q, k, v (and log_g when gated) of a float32 kernel against float64,
-    within twice the error of the pure-JAX form in float32, or float32 round-off (conftest's
-    `within_kernel_rule`)."""
+def check_output_and_gradients(kernel, plain_form, p, scale, seq, dim, gamma, seed, dim_v=None, heads=2):
+    """y and its gradients in q, k, v (and log_g when gated) of a float32 kernel against the
+    float64 oracle, within twice the error of the pure-JAX form in float32, or float32 round-off
+    (conftest's `within_kernel_rule`)."""
     q, k, v, log_g = attention_inputs(1, seq, heads, dim, gamma=gamma, seed=seed, dim_v=dim_v)
     gated = log_g is not None
     log_g = jnp.zeros(q.shape[:3], q.dtype) if log_g is None else log_g
 
-    reference_form_gated = lambda q, k, v, g: reference_form(q, k, v, g if gated else None)  # noqa: E731
-    reference = output_and_gradients(reference_form_gated, q, k, v, log_g)
+    oracle = lambda q, k, v, g: naive.attention_form(q, k, v, g if gated else None, p, scale)  # noqa: E731
+    plain_form_gated = lambda q, k, v, g: plain_form(q, k, v, g if gated else None)  # noqa: E731
+    reference = output_and_gradients(oracle, q, k, v, log_g)
     as32 = [a.astype(jnp.float32) for a in (q, k, v, log_g)]
-    plain32, kernel32 = output_and_gradients(reference_form_gated, *as32), output_and_gradients(kernel, *as32)
+    plain32, kernel32 = output_and_gradients(plain_form_gated, *as32), output_and_gradients(kernel, *as32)
     names = ("y", "q", "k", "v", "log_g") if gated else ("y", "q", "k", "v")
     for name, got, plain, expected in zip(names, kernel32, plain32, reference):
         assert np.all(np.isfinite(got)), name
@@ -121,9 +122,9 @@ def check_output_and_gradients(kernel, reference_form, seq, dim, gamma, seed, di
 def test_attention_kernel_gradients_match_float64(seq, dim, dim_v, p, gamma):
     scale = 1 / math.sqrt(dim)
     check_output_and_gradients(
-        lambda q, k, v, g: triton_attention(q, k, v, g, p, scale, gamma is not None)[0],
+        lambda q, k, v, g: triton_attention(q, k, v, g, p, scale, gamma is not None, INTERPRETED)[0],
         lambda q, k, v, g: chunked_form(q, k, v, g, p, scale, 64)[0],
-        seq, dim, gamma, seed=seq, dim_v=dim_v,
+        p, scale, seq, dim, gamma, seed=seq, dim_v=dim_v,
     )
 
 
@@ -146,10 +147,11 @@ def check_sm90_compile(kernel, pointers, constants, tiles):
     assert spilled_bytes(compiled) <= SPILL_ALLOWANCE
 
 
+# Each kernel, its pointers in the inputs' dtype, and its float32 pointers.
 KERNELS = {
-    "forward": (power_attention_forward, ("Q", "K", "V", "Y"), ("G", "G_LO", "LOG_NORMALISER")),
-    "backward_keys": (power_attention_backward_keys, ("Q", "K", "V", "DY", "DK", "DV"), ("G", "G_LO", "DELTA", "LOG_NORMALISER", "DG")),
-    "backward_queries": (power_attention_backward_queries, ("Q", "K", "V", "DY", "DQ"), ("G", "G_LO", "DELTA", "LOG_NORMALISER", "DG_ROWS")),
+    "forward": (power_attention_forward, ("q", "k", "v", "y"), ("g", "g_lo", "log_normaliser")),
+    "backward_keys": (power_attention_backward_keys, ("q", "k", "v", "dy", "dk", "dv"), ("g", "g_lo", "delta", "log_normaliser", "dg")),
+    "backward_queries": (power_attention_backward_queries, ("q", "k", "v", "dy", "dq"), ("g", "g_lo", "delta", "log_normaliser", "dg_rows")),
 }
 
 
@@ -159,8 +161,9 @@ KERNELS = {
 def test_attention_kernels_compile_for_sm90(name, dtype, dim, p):
     """With its GPU tiling each kernel compiles for an H100, fits its shared memory and spills (next to) no registers."""
     kernel, data_pointers, float32_pointers = KERNELS[name]
-    pointers = {n: f"*{dtype}" for n in data_pointers} | {n: "*fp32" for n in float32_pointers}
-    constants = dict(SEQ=65536, HEADS=8, DIM=dim, DIM_V=dim, SCALE=1 / math.sqrt(dim), POWER=p, GATED=True)
+    pointers = {f"{n}_ptr": f"*{dtype}" for n in data_pointers} | {f"{n}_ptr": "*fp32" for n in float32_pointers}
+    q = jax.ShapeDtypeStruct((1, 65536, 8, dim), jnp.dtype(jnp.bfloat16 if dtype == "bf16" else jnp.float32))
+    constants = attention_plan(q, q, p, 1 / math.sqrt(dim), True, LaunchOptions()).scalars
     check_sm90_compile(kernel, pointers, constants, attention_gpu_tilings(dim, ITEMSIZE[dtype])[kernel])
 
 
@@ -169,24 +172,25 @@ def test_attention_kernels_compile_for_sm90(name, dtype, dim, p):
     [(1, 16, 16, 16, 0.9), (63, 32, 32, 32, 0.999), (100, 64, 64, 48, None), (500, 16, 16, 256, 0.5), (130, 32, 16, 16, 0.01)],
 )
 def test_chunked_kernels_forward_matches_float64(seq, dim, dim_v, chunk, gamma):
-    """At 500 tokens, chunk 256, gamma 0.5, |L| reaches 177 inside a chunk: taking L's hi part
-    alone gave 19x the pure-JAX error in the intra-chunk weights and 5.7x in the key decays."""
+    """At 500 tokens, chunk 256, gamma 0.5, |L| reaches 177 inside a chunk: the kernels must
+    difference L's hi and lo parts apart, in the intra-chunk weights and in the key decays
+    (with hi alone this failed by 19x: docs/decisions.md)."""
     q, k, v, log_g = attention_inputs(2, seq, 2, dim, gamma=gamma, seed=seq + dim, dim_v=dim_v)
     scale = 1 / math.sqrt(dim)
-    reference = attention_form(q, k, v, log_g, 2, scale)
+    reference = naive.attention_form(q, k, v, log_g, 2, scale)
     as32 = [None if a is None else a.astype(jnp.float32) for a in (q, k, v, log_g)]
     log_g32 = jnp.zeros(q.shape[:3], jnp.float32) if log_g is None else as32[3]
-    y, log_normaliser, S, z = chunked_forward(*as32[:3], chunk_gates(log_g32, chunk), scale, chunk)
+    y, log_normaliser, S, z = chunked_forward(*as32[:3], chunk_gates(log_g32, chunk), scale, chunk, INTERPRETED)
     assert y.dtype == jnp.float32 and all(np.all(np.isfinite(a)) for a in (y, log_normaliser, S, z))
-    # The precision rule of DESIGN.md section 4, against the pure-JAX chunked form in the same dtype.
+    # The precision rule (docs/kernels.md), against the pure-JAX chunked form in the same dtype.
     jax_error = relative_error(chunked_form(*as32, 2, scale, chunk)[0], reference)
     assert relative_error(y, reference) <= 2 * jax_error
 
 
 def tiled_features(x: np.ndarray) -> np.ndarray:
-    """The kernels' phi_2 layout, vec(x_A outer x_B) per tile (A in blocks of FA dims, B of FB), concatenated."""
-    first, second = x.reshape(-1, FIRST_BLOCK), x.reshape(-1, SECOND_BLOCK)
-    return np.concatenate([np.outer(first[a], second[b]).ravel() for a, b in zip(*pair_tables(x.shape[0]))])
+    """The kernels' phi_2 layout, vec(x_A outer x_B) per feature tile (A a narrow block, B a wide one), concatenated."""
+    narrow, wide = x.reshape(-1, NARROW_BLOCK), x.reshape(-1, WIDE_BLOCK)
+    return np.concatenate([np.outer(narrow[a], wide[b]).ravel() for a, b in zip(*tile_tables(x.shape[0]))])
 
 
 def test_state_scan_kernel_holds_the_pure_jax_states():
@@ -194,15 +198,15 @@ def test_state_scan_kernel_holds_the_pure_jax_states():
     chunk_states + state_scan (exact layout), give the same phi(r x)^T S for any x."""
     dim, chunk, scale = 32, 32, 0.3
     q, k, v, log_g = attention_inputs(1, 100, 2, dim, gamma=0.8, seed=3)
-    _, _, S_tiled, z_tiled = chunked_forward(*(a.astype(jnp.float32) for a in (q, k, v)), chunk_gates(log_g.astype(jnp.float32), chunk), scale, chunk)
+    _, _, S_tiled, z_tiled = chunked_forward(*(a.astype(jnp.float32) for a in (q, k, v)), chunk_gates(log_g.astype(jnp.float32), chunk), scale, chunk, INTERPRETED)
     L = chunk_local_gates(split_chunks(log_g, chunk))
     S, z, _ = state_scan(*chunk_states(split_chunks(k, chunk), split_chunks(v, chunk), L, 2, scale), L[0][:, :, -1])
     x = np.asarray(jax.random.normal(jax.random.key(7), (dim,), jnp.float64))
-    phi = np.asarray(symmetric_power_embedding(jnp.asarray(x) * math.sqrt(scale), 2))
+    phi = np.asarray(naive.phi(jnp.asarray(x) * math.sqrt(scale), 2))
     phi_tiled = tiled_features(x * math.sqrt(scale))
-    pairs = len(pair_tables(dim)[0])
-    S_tiled = np.asarray(S_tiled, np.float64).reshape(*S_tiled.shape[:3], pairs * FIRST_BLOCK * SECOND_BLOCK, dim)
-    z_tiled = np.asarray(z_tiled, np.float64).reshape(*z_tiled.shape[:3], pairs * FIRST_BLOCK * SECOND_BLOCK)
+    features = len(tile_tables(dim)[0]) * NARROW_BLOCK * WIDE_BLOCK
+    S_tiled = np.asarray(S_tiled, np.float64).reshape(*S_tiled.shape[:3], features, dim)
+    z_tiled = np.asarray(z_tiled, np.float64).reshape(*z_tiled.shape[:3], features)
     assert relative_error(phi_tiled @ S_tiled, np.einsum("D,bmhDv->bmhv", phi, S)) < 1e-5
     assert relative_error(z_tiled @ phi_tiled, np.einsum("D,bmhD->bmh", phi, z)) < 1e-5
 
@@ -214,9 +218,9 @@ def test_state_scan_kernel_holds_the_pure_jax_states():
 def test_chunked_kernel_gradients_match_float64(seq, dim, dim_v, chunk, gamma):
     scale = 1 / math.sqrt(dim)
     check_output_and_gradients(
-        lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk)[0],
+        lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk, INTERPRETED)[0],
         lambda q, k, v, g: chunked_form(q, k, v, g, 2, scale, chunk)[0],
-        seq, dim, gamma, seed=seq + 1, dim_v=dim_v,
+        2, scale, seq, dim, gamma, seed=seq + 1, dim_v=dim_v,
     )
 
 
@@ -225,42 +229,40 @@ def test_chunked_kernels_at_head_dim_128():
     one head and short v, as the interpreter takes minutes for more."""
     seq, dim, chunk, scale = 40, 128, 16, 1 / math.sqrt(128)
     check_output_and_gradients(
-        lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk)[0],
+        lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk, INTERPRETED)[0],
         lambda q, k, v, g: chunked_form(q, k, v, g, 2, scale, chunk)[0],
-        seq, dim, 0.9, seed=4, dim_v=16, heads=1,
+        2, scale, seq, dim, 0.9, seed=4, dim_v=16, heads=1,
     )
 
 
-def test_kernels_compute_alike_with_their_gpu_tilings(monkeypatch):
+def test_kernels_compute_alike_with_their_gpu_tilings():
     """The tests above run 16 x 16 tiles; an H100 runs each kernel's own tiling for bf16 (128 x 64
     in the flash forward pass, 64-row tiles in the chunked kernels, 32 key rows in the backward
     passes), whose tiles differ in shape from kernel to kernel and end differently at the
     sequence's end. Here the interpreter runs those tilings (on float32 inputs) at dim 64, output
     and gradients by the rule. (float32's differ at dim 64 only in the chunked backward kernels' 32
     query rows, a square tile as above.)"""
-    monkeypatch.setattr(launcher, "tiling", lambda gpu: gpu)
-    for module in (attention_module, chunked_module):
-        monkeypatch.setattr(module, "gpu_tilings", lambda dim, _, tilings_for=module.gpu_tilings: tilings_for(dim, 2))
+    bf16_tilings = LaunchOptions(compiled=False, gpu_tilings=True, tiling_itemsize=2)
     seq, dim, chunk, scale = 200, 64, 128, 1 / math.sqrt(64)  # 200 tokens: a partial chunk and partial tiles
     check_output_and_gradients(
-        lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk)[0],
+        lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk, bf16_tilings)[0],
         lambda q, k, v, g: chunked_form(q, k, v, g, 2, scale, chunk)[0],
-        seq, dim, 0.9, seed=2, heads=1,
+        2, scale, seq, dim, 0.9, seed=2, heads=1,
     )
     check_output_and_gradients(  # p = 4 at dim 64: the flash kernels (its state is too large to hold)
-        lambda q, k, v, g: triton_attention(q, k, v, g, 4, scale, True)[0],
-        lambda q, k, v, g: attention_form(q, k, v, g, 4, scale),
-        seq, dim, 0.9, seed=4, heads=1,
+        lambda q, k, v, g: triton_attention(q, k, v, g, 4, scale, True, bf16_tilings)[0],
+        lambda q, k, v, g: attention_form(q, k, v, g, 4, scale)[0],
+        4, scale, seq, dim, 0.9, seed=4, heads=1,
     )
 
 
 CHUNKED_KERNELS = {
-    "state_scan": (power_state_scan, ("K", "V"), ("L", "L_LO", "S", "Z")),
-    "chunk_forward": (power_chunk_forward, ("Q", "K", "V", "Y"), ("L", "L_LO", "S", "Z", "LOG_NORMALISER")),
-    "chunk_backward_queries": (power_chunk_backward_queries, ("Q", "K", "V", "DY", "DQ"), ("L", "L_LO", "DELTA", "LOG_NORMALISER", "S", "Z", "DL_ROWS")),
-    "state_scan_backward": (power_state_scan_backward, ("Q", "DY", "DS"), ("L", "DELTA", "LOG_NORMALISER", "S", "Z", "DZ", "D_END_GATE")),
+    "state_scan": (power_state_scan, ("k", "v"), ("l", "l_lo", "s", "z")),
+    "chunk_forward": (power_chunk_forward, ("q", "k", "v", "y"), ("l", "l_lo", "s", "z", "log_normaliser")),
+    "chunk_backward_queries": (power_chunk_backward_queries, ("q", "k", "v", "dy", "dq"), ("l", "l_lo", "delta", "log_normaliser", "s", "z", "dl_rows")),
+    "state_scan_backward": (power_state_scan_backward, ("q", "dy", "ds"), ("l", "delta", "log_normaliser", "s", "z", "dz", "d_end_gate")),
     "chunk_backward_keys": (
-        power_chunk_backward_keys, ("Q", "K", "V", "DY", "DS", "DK", "DV"), ("L", "L_LO", "DELTA", "LOG_NORMALISER", "DZ", "DL", "THROUGH_STATE"),
+        power_chunk_backward_keys, ("q", "k", "v", "dy", "ds", "dk", "dv"), ("l", "l_lo", "delta", "log_normaliser", "dz", "dl", "through_state"),
     ),
 }
 
@@ -271,8 +273,11 @@ CHUNKED_KERNELS = {
 def test_chunked_kernels_compile_for_sm90(name, dtype, dim):
     """With its GPU tiling each kernel compiles for an H100, fits its shared memory and spills (next to) no registers."""
     kernel, data_pointers, float32_pointers = CHUNKED_KERNELS[name]
-    pointers = {n: f"*{dtype}" for n in data_pointers} | {n: "*fp32" for n in float32_pointers} | {"FIRST": "*i32", "SECOND": "*i32"}
-    check_sm90_compile(kernel, pointers, kernel_constants(65536, 8, dim, dim, 1 / math.sqrt(dim), 256), gpu_tilings(dim, ITEMSIZE[dtype])[kernel])
+    tables = {"narrow_blocks_ptr": "*i32", "wide_blocks_ptr": "*i32"}
+    pointers = {f"{n}_ptr": f"*{dtype}" for n in data_pointers} | {f"{n}_ptr": "*fp32" for n in float32_pointers} | tables
+    q = jax.ShapeDtypeStruct((1, 65536, 8, dim), jnp.dtype(jnp.bfloat16 if dtype == "bf16" else jnp.float32))
+    constants = chunked_plan(q, q, 1 / math.sqrt(dim), 256, LaunchOptions()).launches.scalars
+    check_sm90_compile(kernel, pointers, constants, gpu_tilings(dim, ITEMSIZE[dtype])[kernel])
 
 
 @pytest.mark.parametrize("seq, p", [(40, 2), (24, 4)])  # p = 2 past one chunk takes the chunked kernels
@@ -368,13 +373,13 @@ def test_gpu_lowering_through_jax_triton(monkeypatch, p):
     from ops.sympow.triton.attention import attention
 
     fake = FakeCudaKernels()
-    monkeypatch.setattr(launcher, "on_gpu", lambda: True)
     triton_lib = launcher.jax_triton().triton_lib  # imported as the launcher does, with triton 3.6's fix
     for name in ("get_compute_capability", "TritonKernel", "create_scalar_parameter", "create_array_parameter", "TritonKernelCall"):
         monkeypatch.setattr(triton_lib.triton_kernel_call_lib, name, getattr(fake, name), raising=False)
 
     def attend(q, k, v, log_g):
-        return (triton_chunked(q, k, v, log_g, 0.125, 128) if p == 2 else attention(q, k, v, log_g, p, 0.125))[0]
+        compiled = LaunchOptions(compiled=True)
+        return (triton_chunked(q, k, v, log_g, 0.125, 128, compiled) if p == 2 else attention(q, k, v, log_g, p, 0.125, compiled))[0]
 
     def lower(seq):
         """Export jit(grad) at this length; its launches."""
@@ -407,7 +412,7 @@ def test_gpu_lowering_through_jax_triton(monkeypatch, p):
     assert {launch["name"] for launch in launches} == set(expected) and all(launch["scalars"] == [640] for launch in launches)
 
 
-# Where scripts/setup.sh installs the lent H100's triton (DESIGN.md section 6), beside the venv's.
+# Where scripts/setup.sh installs the lent GPU machine's triton (docs/gpu.md), beside the venv's.
 LENT_GPU_TRITON = Path(__file__).parents[1] / ".venv" / "triton-3.6.0"
 
 CHECK_WITH_LENT_GPU_TRITON = """

@@ -2,9 +2,11 @@
 in Triton's interpreter inside jax.pure_callback (float32: the interpreter mishandles bf16).
 
 Kernels are plain Python functions written in triton.language, taking their input pointers,
-then their output pointers, then keyword scalars: the sequence length SEQ at run time, so that
-one compile serves every length (jax-triton specialises it only on divisibility by 16), and
-the rest tl.constexpr. The launcher decorates them: triton.jit for the GPU, the interpreter's
+then their output pointers (lowercase, `_ptr`), then keyword scalars: the sequence length
+seq_len at run time, so that one compile serves every length (jax-triton specialises it only on
+divisibility by 16), and the rest tl.constexpr (uppercase). A `Plan` holds one problem's
+launches: each kernel's tiling and grid, and the scalars, of which each kernel gets those it
+names. The launcher decorates them: triton.jit for the GPU, the interpreter's
 InterpretedFunction for the CPU. Outputs are filled with NaN before an interpreted run, so a
 tile the kernel never writes shows."""
 
@@ -122,14 +124,64 @@ class Tiling:
 INTERPRETER_TILING = Tiling(16, 16)
 
 
-def tiling(gpu: Tiling) -> Tiling:
-    """The tiling to run a kernel with here: its GPU tiling on a GPU, else the interpreter's."""
-    return gpu if on_gpu() else INTERPRETER_TILING
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
 
 
-def tilings(gpu_tilings: dict) -> dict:
-    """tiling() of each kernel's GPU tiling."""
-    return {kernel: tiling(gpu) for kernel, gpu in gpu_tilings.items()}
+@dataclasses.dataclass(frozen=True)
+class LaunchOptions:
+    """Choices about how the kernels launch, where the machine's defaults do not suit (tests, a
+    tuning sweep). Hashable: it passes through jax.custom_vjp as a static argument.
+
+    compiled: jax_triton on a GPU (True) or Triton's interpreter (False); None: compiled where
+        JAX's default backend is a GPU.
+    gpu_tilings: each kernel's GPU tiling (True) or the interpreter's 16-row tiles (False);
+        None: the GPU's when compiled.
+    tiling_itemsize: choose the GPU tilings as for inputs of this many bytes (2: bf16's, which
+        the interpreter cannot run); None: the inputs'.
+    overrides: (kernel, Tiling) pairs that replace those kernels' tilings (ops.tune).
+    scan_value_columns: value columns per program of the chunked kernels' two scans, each
+        sequential over chunks: 32 gives, at dim 64, batch 1 and 8 heads, 640 programs for an
+        H100's 132 SMs, with half the registers for the running state that whole columns take.
+    """
+
+    compiled: bool | None = None
+    gpu_tilings: bool | None = None
+    tiling_itemsize: int | None = None
+    overrides: tuple = ()
+    scan_value_columns: int = 32
+
+    def runs_compiled(self) -> bool:
+        return on_gpu() if self.compiled is None else self.compiled
+
+    def tilings(self, gpu_tilings, dim: int, itemsize: int) -> dict:
+        """Each kernel's tiling here, from its family's gpu_tilings(dim, itemsize)."""
+        chosen = gpu_tilings(dim, self.tiling_itemsize or itemsize)
+        if not (self.runs_compiled() if self.gpu_tilings is None else self.gpu_tilings):
+            chosen = dict.fromkeys(chosen, INTERPRETER_TILING)
+        return chosen | dict(self.overrides)
+
+
+def taken_by(kernel, scalars: dict) -> dict:
+    """The scalars that kernel names among its parameters: each kernel takes only those it uses."""
+    parameters = inspect.signature(inspect.unwrap(kernel)).parameters
+    return {name: value for name, value in scalars.items() if name in parameters}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one problem's kernels launch: where (compiled or interpreted), each kernel's tiling and
+    grid, and the scalars the kernels take, of which each gets those it names."""
+
+    compiled: bool
+    tilings: dict
+    grids: dict
+    scalars: dict
+
+    def launch(self, kernel, inputs: list[jax.Array], out_shapes: list[jax.ShapeDtypeStruct]) -> list[jax.Array]:
+        tiles = self.tilings[kernel]
+        scalars = taken_by(kernel, self.scalars | tiles.blocks())
+        return launch(kernel, self.grids[kernel], inputs, out_shapes, tiles, self.compiled, **scalars)
 
 
 # Triton's hint that an argument is a multiple of 16: bytes for a pointer, units for an int.
@@ -139,13 +191,13 @@ DIVISIBLE_BY_16 = [["tt.divisibility", 16]]
 def compile_for(kernel, pointer_types: dict[str, str], scalars: dict, tiles: Tiling, capability: int = 90):
     """Compile kernel with this tiling ahead of time for an NVIDIA GPU of the given compute
     capability, specialised as jax-triton would on one: every pointer 16-byte aligned (XLA's
-    buffers are), each runtime int (SEQ) a multiple of 16 where its value here is; works
-    without a GPU."""
+    buffers are), each runtime int (seq_len) a multiple of 16 where its value here is; works
+    without a GPU. scalars may name more than the kernel takes."""
     from triton.backends.compiler import GPUTarget
 
     function = compiled(kernel)
     runtime = {param.name for param in function.params if not param.is_constexpr} - pointer_types.keys()
-    scalars = scalars | tiles.blocks()
+    scalars = taken_by(kernel, scalars | tiles.blocks())
     signature = {**pointer_types, **{name: "i32" if name in runtime else "constexpr" for name in scalars}}
     hinted = [*pointer_types, *(name for name in runtime if scalars[name] % 16 == 0)]
     source = triton.compiler.ASTSource(
@@ -156,15 +208,11 @@ def compile_for(kernel, pointer_types: dict[str, str], scalars: dict, tiles: Til
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
-def on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
-
-
 @functools.cache
 def jax_triton():
     """jax_triton, imported on a GPU only (on a CPU it finds no backend to lower to). With
     triton 3.6 (the lent GPU machine's), jax-triton 0.4.1 silently stubs its NVIDIA backend
-    unless TMA_TF32 exists before import (DESIGN.md section 6; not yet seen on a GPU here)."""
+    unless TMA_TF32 exists before import (docs/gpu.md; not yet seen on a GPU here)."""
     import triton.backends.nvidia.driver as nvidia_driver
 
     if not hasattr(nvidia_driver, "TMA_TF32"):
@@ -175,11 +223,17 @@ def jax_triton():
 
 
 def launch(
-    kernel, grid: tuple[int, ...], inputs: list[jax.Array], out_shapes: list[jax.ShapeDtypeStruct], tiles: Tiling, **scalars
+    kernel,
+    grid: tuple[int, ...],
+    inputs: list[jax.Array],
+    out_shapes: list[jax.ShapeDtypeStruct],
+    tiles: Tiling,
+    compiled_on_gpu: bool,
+    **scalars,
 ) -> list[jax.Array]:
-    """Run kernel(*inputs, *outputs, **scalars, BLOCK_M, BLOCK_N) over grid with this tiling; return the outputs."""
-    scalars = scalars | tiles.blocks()
-    if on_gpu():
+    """Run kernel(*inputs, *outputs, **scalars) over grid with this tiling, through jax_triton on a
+    GPU or else in the interpreter; return the outputs."""
+    if compiled_on_gpu:
         return list(
             jax_triton().triton_call(
                 *inputs, kernel=compiled(kernel), out_type=out_shapes, grid=grid,
