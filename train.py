@@ -4,6 +4,10 @@
     python train.py --attention sympow --context 1024 --preset 124m --data gs://longcrawl64 --out runs/x
 
 Running the same command again resumes from the last checkpoint in --out, exactly.
+
+Read it in order: the flags; the optimizer and the loss; `make_train_step`, one jitted update;
+`set_up`, a new run or the last checkpoint's; `data_parallel`, the run placed on every device;
+and `main`'s loop: a step, the NaN stop, the metrics, the checkpoint.
 """
 
 import argparse
@@ -12,6 +16,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -22,6 +27,7 @@ from tqdm import tqdm
 
 import sympow
 from sympow import checkpoint, data
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,10 +61,13 @@ def model_config(args) -> sympow.ModelConfig:
 
 
 def optimizer(args) -> optax.GradientTransformation:
-    """AdamW with a linear warmup to a constant rate (the paper trains at a constant 6e-4) and norm clipping."""
+    """AdamW with a linear warmup to a constant rate (the paper trains at a constant 6e-4) and norm
+    clipping. Weight decay, when asked for, shrinks matrices only: LayerNorm scales and biases
+    (vectors) set scales and offsets, which decay towards zero would distort, not regularise."""
     warmup = args.warmup if args.warmup is not None else (10 if args.preset == "tiny" else 200)
     schedule = optax.linear_schedule(args.lr / max(warmup, 1), args.lr, max(warmup, 1))
-    return optax.chain(optax.clip_by_global_norm(args.clip), optax.adamw(schedule, weight_decay=args.weight_decay))
+    only_matrices = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    return optax.chain(optax.clip_by_global_norm(args.clip), optax.adamw(schedule, weight_decay=args.weight_decay, mask=only_matrices))
 
 
 def cross_entropy(model, inputs, targets, dtype) -> jax.Array:
@@ -106,58 +115,97 @@ def batch_sizes(args) -> tuple[int, int]:
     return examples, examples // micro
 
 
+class Run(NamedTuple):
+    """What the training loop carries from step to step."""
+
+    model: sympow.Transformer
+    opt_state: optax.OptState
+    step: int  # updates done
+    stream: data.WindowStream  # where the data stands
+
+
+def set_up(args) -> tuple[Run, optax.GradientTransformation]:
+    """A new model and optimizer state, or the last checkpoint in --out (an exact resume:
+    weights, optimizer moments, step and data position)."""
+    model = sympow.Transformer(model_config(args), key=jax.random.key(args.seed))
+    opt = optimizer(args)
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    step, position = 0, 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    if saved := checkpoint.latest(args.out):
+        try:
+            model, opt_state, step, position = checkpoint.resume(saved, model, opt_state)
+        except ValueError as error:
+            sys.exit(f"{error}: use another --out")
+        print(f"resuming from {saved} (step {step})")
+    examples, _ = batch_sizes(args)
+    # Each process reads its own share of every update's examples, from the saved position on.
+    train_split = data.open_split(data.resolve(args.data), "train")
+    stream = data.WindowStream(train_split, args.context, examples, position, jax.process_index(), jax.process_count())
+    return Run(model, opt_state, step, stream), opt
+
+
+def data_parallel(run: Run) -> tuple[Run, NamedSharding]:
+    """Parameters and optimizer state replicated on every device of every process; the sharding
+    that splits a batch's examples over them."""
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    model, opt_state = jax.device_put((run.model, run.opt_state), NamedSharding(mesh, PartitionSpec()))
+    return run._replace(model=model, opt_state=opt_state), NamedSharding(mesh, PartitionSpec("data"))
+
+
+def describe(args, run: Run, dtype) -> str:
+    examples, accumulation = batch_sizes(args)
+    parameters = sum(x.size for x in jax.tree.leaves(eqx.filter(run.model, eqx.is_inexact_array)))
+    return (
+        f"{args.attention} p={args.p} {args.preset} ({parameters / 1e6:.1f}M parameters), context {args.context}, "
+        f"{examples} examples x {accumulation} micro-batches per update, {dtype.name} on {jax.device_count()} {jax.default_backend()} device(s)"
+    )
+
+
+class Throughput:
+    """Tokens per second since the last reading."""
+
+    def __init__(self, step: int, tokens_per_update: int):
+        self.clock, self.step, self.tokens_per_update = time.perf_counter(), step, tokens_per_update
+
+    def read(self, step: int) -> float:
+        now = time.perf_counter()
+        tokens_per_second = (step - self.step) * self.tokens_per_update / (now - self.clock)
+        self.clock, self.step = now, step
+        return tokens_per_second
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.distributed:
         jax.distributed.initialize()
     dtype = jnp.dtype(args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32"))
-    config = model_config(args)
-    examples, accumulation = batch_sizes(args)
+    run, opt = set_up(args)
+    run, batch_sharding = data_parallel(run)
+    train_step = make_train_step(opt, dtype, accumulation=batch_sizes(args)[1])
+    print(describe(args, run, dtype))
 
-    model = sympow.Transformer(config, key=jax.random.key(args.seed))
-    opt = optimizer(args)
-    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
-    start, position = 0, 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    if saved := checkpoint.latest(args.out):
-        try:
-            model, opt_state, start, position = checkpoint.resume(saved, model, opt_state)
-        except ValueError as error:
-            sys.exit(f"{error}: use another --out")
-        print(f"resuming from {saved} (step {start})")
-
-    stream = data.WindowStream(
-        data.open_split(data.resolve(args.data), "train"), args.context, examples, position, jax.process_index(), jax.process_count()
-    )
-    # Data parallel: examples split over every device of every process, parameters replicated.
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    model, opt_state = jax.device_put((model, opt_state), NamedSharding(mesh, PartitionSpec()))
-    step_fn = make_train_step(opt, dtype, accumulation)
-
-    parameters = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
-    print(f"{config.attention} p={config.p} {args.preset} ({parameters / 1e6:.1f}M parameters), context {args.context}, "
-          f"{examples} examples x {accumulation} micro-batches per update, {dtype.name} on {jax.device_count()} {jax.default_backend()} device(s)")
-    metrics = metrics_up_to(args.out / "metrics.jsonl", start)
-    progress = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", disable=jax.process_index() != 0)
-    clock, clock_step = time.perf_counter(), start
+    metrics = metrics_up_to(args.out / "metrics.jsonl", run.step)
+    progress = tqdm(range(run.step, args.steps), initial=run.step, total=args.steps, desc="train", disable=jax.process_index() != 0)
+    throughput = Throughput(run.step, args.tokens_per_update)
     for step in progress:
-        inputs, targets = (jax.make_array_from_process_local_data(batch_sharding, a) for a in stream.next_batch())
-        model, opt_state, loss, grad_norm = step_fn(model, opt_state, inputs, targets)
+        inputs, targets = (jax.make_array_from_process_local_data(batch_sharding, a) for a in run.stream.next_batch())
+        model, opt_state, loss, grad_norm = train_step(run.model, run.opt_state, inputs, targets)
+        run = run._replace(model=model, opt_state=opt_state, step=step + 1)
+        # A NaN ends the run before anything is saved from it: the last checkpoint stays good.
         loss = float(loss)
         if not math.isfinite(loss):
             last = checkpoint.latest(args.out)
-            sys.exit(f"loss is {loss} at step {step + 1}; stopping. The last good checkpoint is {last or 'none (no checkpoint yet)'}.")
+            sys.exit(f"loss is {loss} at step {run.step}; stopping. The last good checkpoint is {last or 'none (no checkpoint yet)'}.")
         progress.set_postfix(loss=f"{loss:.3f}")
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            now = time.perf_counter()
-            tokens_per_second = (step + 1 - clock_step) * args.tokens_per_update / (now - clock)
-            clock, clock_step = now, step + 1
-            record = dict(step=step + 1, loss=loss, grad_norm=float(grad_norm), tokens=(step + 1) * args.tokens_per_update, tokens_per_second=tokens_per_second)
-            metrics.write(json.dumps(record) + "\n")
+
+        last_step = run.step == args.steps
+        if run.step % args.log_every == 0 or last_step:
+            record = dict(step=run.step, loss=loss, grad_norm=float(grad_norm), tokens=run.step * args.tokens_per_update)
+            metrics.write(json.dumps(record | dict(tokens_per_second=throughput.read(run.step))) + "\n")
             metrics.flush()
-        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
-            checkpoint.save(args.out, step + 1, model, opt_state, stream.position, vars(args))
+        if run.step % args.checkpoint_every == 0 or last_step:
+            checkpoint.save(args.out, run.step, run.model, run.opt_state, run.stream.position, vars(args))
     metrics.close()
 
 

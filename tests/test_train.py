@@ -1,14 +1,19 @@
 """train.py end to end, as a user runs it: exact resume, NaN handling, sharded = single-device."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sympow
 from sympow import data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,3 +105,22 @@ def test_bfloat16_compute_trains_like_float32(store, tmp_path):
     train(store, tmp_path / "bf16", "--steps", "2", "--dtype", "bfloat16")
     f32, bf16 = losses(tmp_path / "f32"), losses(tmp_path / "bf16")
     np.testing.assert_allclose([bf16[1], bf16[2]], [f32[1], f32[2]], atol=0.05)
+
+
+def test_weight_decay_shrinks_matrices_only():
+    """With zero gradients an AdamW update is the decay alone: -lr wd x for matrices, and nothing
+    for LayerNorm scales and biases (vectors)."""
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    args = train_script.parse_args(["--weight-decay", "0.5", "--lr", "0.1", "--warmup", "0"])
+    params = eqx.filter(sympow.Transformer(train_script.model_config(args), key=jax.random.key(0)), eqx.is_inexact_array)
+    opt = train_script.optimizer(args)
+    with jax.numpy_dtype_promotion("standard"):  # as train.py runs (optax's schedules mix int and float)
+        updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    shapes = set()
+    for update, param in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+        expected = -0.1 * 0.5 * param if param.ndim >= 2 else jnp.zeros_like(param)
+        np.testing.assert_allclose(update, expected, rtol=1e-6, atol=0)
+        shapes.add(param.ndim >= 2)
+    assert shapes == {True, False}, "the model has both matrices and vectors"
