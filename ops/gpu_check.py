@@ -6,7 +6,7 @@
 1. versions, then one forward + backward launch of each kernel family (chunked p = 2, flash
    p = 2 and p = 4) at a small shape against the pure-JAX form; if one raises, no later stage
    starts (the error is printed);
-2. the bf16 precision rule (DESIGN.md) on the cases most likely to fail first;
+2. the bf16 precision rule (docs/kernels.md) on the cases most likely to fail first;
 3. forward + backward at T = 65536, 16384 and 4096 (batch 1, 8 heads, d = 64, p = 2, bf16,
    gated): the Triton path, the pure-JAX chunked form, cuDNN flash attention and the authors'
    `retention` kernels (PyTorch), side by side;

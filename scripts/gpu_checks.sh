@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of the Triton kernels, for the lent GPU machine (../shared/gpu/README.md): one
+# The GPU check of the Triton kernels, for the lent GPU machine (docs/gpu.md): one
 # command within a 15-minute loan, ops/gpu_check.py: no new case starts after 6 minutes ($MINUTES),
 # so with the case running then it ends within about 7, and a second run still fits the loan.
 #
@@ -18,14 +18,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# What the GPU machine lacks (../shared/gpu/README.md) that the benchmark (tqdm, matplotlib) and
-# train.py (tiktoken, zarr) import, with their own dependencies; wheels.sh adds jax-triton and beartype.
+# What the GPU machine lacks (docs/gpu.md) that the benchmark (tqdm, matplotlib) and train.py
+# (tiktoken, zarr) import, with their own dependencies; gpu_wheels.sh adds jax-triton, beartype
+# and the authors' retention kernels.
 MISSING_ON_GPU_MACHINE="tqdm matplotlib contourpy cycler fonttools kiwisolver pillow pyparsing python-dateutil
     tiktoken regex requests urllib3 idna charset-normalizer certifi zarr numcodecs donfig pyyaml google-crc32c msgspec"
 if [ "${1:-}" = wheels ]; then
-    mkdir -p .git/info  # wheels.sh records .whl/ in .git/info/exclude
     pins=$(for name in $MISSING_ON_GPU_MACHINE; do .venv/bin/pip freeze | grep -i "^${name}=="; done)
-    bash ../shared/gpu/wheels.sh $pins || exit 1
+    bash scripts/gpu_wheels.sh $pins || exit 1
     # A device run carries the working tree and the named paths, 64 MiB in all.
     tree=$(git ls-files -z | du -cm --files0-from=- | tail -1 | cut -f1)
     carried=$(du -scm .whl $( [ -d .cache ] && echo .cache ) | tail -1 | cut -f1)
@@ -49,7 +49,7 @@ check)
     ;;
 tests)
     # The interpreter tests are not run here: triton 3.6's interpreter fails with this machine's
-    # numpy 2.5 (DESIGN.md section 6). CI compiles and lowers every kernel with triton 3.6.
+    # numpy 2.5 (docs/gpu.md). CI compiles and lowers every kernel with triton 3.6.
     python3 -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py 2>&1 | tee "$out/test_triton_gpu.txt"
     ;;
 bench)

@@ -24,9 +24,9 @@ if [ ! -x .venv/bin/python ] || ! is_312 .venv/bin/python; then
     rm -rf .venv
     "$(find_python)" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" -c constraints.txt
 
-# The lent H100 has triton 3.6.0 (DESIGN.md section 6) where users get 3.7: tests/test_triton.py
+# The lent GPU machine has triton 3.6.0 (docs/gpu.md) where users get 3.7: tests/test_triton.py
 # compiles and lowers every kernel with it too, from this folder put ahead of the venv's triton.
 LENT_GPU_TRITON=.venv/triton-3.6.0
 if [ ! -f "$LENT_GPU_TRITON/triton/__init__.py" ]; then

@@ -1,4 +1,4 @@
-"""The Triton kernels compiled and launched on a GPU: DESIGN.md's bf16 precision rule for the
+"""The Triton kernels compiled and launched on a GPU: the bf16 precision rule (docs/kernels.md) for the
 output and all four gradients, longer sequences, and memory that grows linearly with seq.
 
 Skipped on a CPU, with the reason printed (-ra): the interpreter runs float32 only, so CI checks
