@@ -29,11 +29,18 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interacti
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders (their latest checkpoint) or checkpoint folders")
+    parser.add_argument(
+        "runs", nargs="+", type=Path, help="run folders (their latest checkpoint) or checkpoint folders"
+    )
     parser.add_argument("--context", type=int, required=True, help="evaluate positions 1..N of each document")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--windows", type=int, default=16, help="heldout windows of N tokens to average over, taken column by column "
-                        "(every document's first window, then every second one, ...)")
+    parser.add_argument(
+        "--windows",
+        type=int,
+        default=16,
+        help="heldout windows of N tokens to average over, taken column by column "
+        "(every document's first window, then every second one, ...)",
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     parser.add_argument("--bins", type=int, default=64, help="position bins in the CSV and the plot")
     parser.add_argument("--data", default=None, help="token store (default: the one each run trained on)")
@@ -63,7 +70,11 @@ def binned(losses: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def label(result: dict) -> str:
-    return f"{result['attention']} (p={result['p']}, trained at {result['train_context']})" if result["attention"] != "softmax" else f"softmax (trained at {result['train_context']})"
+    return (
+        f"{result['attention']} (p={result['p']}, trained at {result['train_context']})"
+        if result["attention"] != "softmax"
+        else f"softmax (trained at {result['train_context']})"
+    )
 
 
 def save(figure, axes, path: Path) -> None:
@@ -77,9 +88,13 @@ def plot_by_position(results: list[dict], bins: int, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(8, 5))
     for result in results:
         ends, means = binned(np.asarray(result["loss_by_position"]), bins)
-        line, = axes.plot(ends, means, label=label(result))
+        (line,) = axes.plot(ends, means, label=label(result))
         axes.axvline(result["train_context"], color=line.get_color(), linestyle=":", alpha=0.7)
-    axes.set(xlabel="position in document (bin end)", ylabel="mean next-token loss (nats)", title="Loss by position (dotted: training context)")
+    axes.set(
+        xlabel="position in document (bin end)",
+        ylabel="mean next-token loss (nats)",
+        title="Loss by position (dotted: training context)",
+    )
     save(figure, axes, path)
 
 
@@ -88,7 +103,12 @@ def plot_by_training_context(results: list[dict], path: Path) -> None:
     for attention in dict.fromkeys(r["attention"] for r in results):
         points = sorted((r["train_context"], r["mean_loss"]) for r in results if r["attention"] == attention)
         axes.plot(*zip(*points), marker="o", label=attention)
-    axes.set(xscale="log", xlabel="training context", ylabel=f"mean loss over positions 1..{results[0]['eval_context']}", title="Final loss against training context")
+    axes.set(
+        xscale="log",
+        xlabel="training context",
+        ylabel=f"mean loss over positions 1..{results[0]['eval_context']}",
+        title="Final loss against training context",
+    )
     save(figure, axes, path)
 
 
@@ -123,11 +143,19 @@ def main(argv=None) -> None:
         stream = data.WindowStream(heldout, args.context, args.batch_size)
         windows = -(-min(args.windows, stream.examples) // args.batch_size) * args.batch_size  # whole batches
         losses = evaluate(model, stream, windows)
-        results.append(dict(
-            run=str(run), attention=meta["config"]["attention"], p=meta["config"]["p"], step=meta["step"],
-            train_context=int(meta["args"]["context"]), eval_context=args.context, windows=windows,
-            mean_loss=float(losses.mean()), loss_by_position=losses.tolist(),
-        ))
+        results.append(
+            dict(
+                run=str(run),
+                attention=meta["config"]["attention"],
+                p=meta["config"]["p"],
+                step=meta["step"],
+                train_context=int(meta["args"]["context"]),
+                eval_context=args.context,
+                windows=windows,
+                mean_loss=float(losses.mean()),
+                loss_by_position=losses.tolist(),
+            )
+        )
         print(f"{run}: mean loss {losses.mean():.4f} over positions 1..{args.context} ({windows} windows)")
 
     (args.out / "results.json").write_text(json.dumps(results))
@@ -136,12 +164,18 @@ def main(argv=None) -> None:
     plot_training_curves(results, args.out / "training_loss.png")
     if len({r["train_context"] for r in results}) > 1:
         plot_by_training_context(results, args.out / "loss_by_training_context.png")
-    print(f"\n| run | attention | trained at | loss, positions 1..{results[0]['train_context']} | loss past training context | mean over 1..{args.context} |")
+    print(
+        f"\n| run | attention | trained at | loss, positions 1..{results[0]['train_context']} "
+        f"| loss past training context | mean over 1..{args.context} |"
+    )
     print("|---|---|---|---|---|---|")
     for r in results:
         losses, trained = np.asarray(r["loss_by_position"]), r["train_context"]
         beyond = f"{losses[trained:].mean():.4f}" if trained < len(losses) else "-"
-        print(f"| {r['run']} | {r['attention']} | {trained} | {losses[:trained].mean():.4f} | {beyond} | {r['mean_loss']:.4f} |")
+        print(
+            f"| {r['run']} | {r['attention']} | {trained} | {losses[:trained].mean():.4f} | {beyond}"
+            f" | {r['mean_loss']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

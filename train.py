@@ -37,14 +37,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="tiny", choices=tuple(sympow.PRESETS))
     parser.add_argument("--steps", type=int, default=200, help="optimizer updates")
     parser.add_argument("--tokens-per-update", type=int, default=4096, help="held fixed across contexts (paper: 2^19)")
-    parser.add_argument("--micro-batch", type=int, default=None, help="examples per forward pass (default: the whole update)")
+    parser.add_argument(
+        "--micro-batch", type=int, default=None, help="examples per forward pass (default: the whole update)"
+    )
     parser.add_argument("--lr", type=float, default=6e-4)
-    parser.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: 10 for tiny, 200 otherwise)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="linear warmup steps (default: 10 for tiny, 200 otherwise)"
+    )
     parser.add_argument("--clip", type=float, default=1.0, help="global gradient norm clip")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--chunk-size", type=int, default=None, help="chunk size of the sympow chunked form")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
-    parser.add_argument("--data", default="embedded", help='"embedded", or a folder / fsspec URL holding train.zarr and heldout.zarr')
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="compute dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    parser.add_argument(
+        "--data", default="embedded", help='"embedded", or a folder / fsspec URL holding train.zarr and heldout.zarr'
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/default"))
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=100)
@@ -67,7 +78,9 @@ def optimizer(args) -> optax.GradientTransformation:
     warmup = args.warmup if args.warmup is not None else (10 if args.preset == "tiny" else 200)
     schedule = optax.linear_schedule(args.lr / max(warmup, 1), args.lr, max(warmup, 1))
     only_matrices = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
-    return optax.chain(optax.clip_by_global_norm(args.clip), optax.adamw(schedule, weight_decay=args.weight_decay, mask=only_matrices))
+    return optax.chain(
+        optax.clip_by_global_norm(args.clip), optax.adamw(schedule, weight_decay=args.weight_decay, mask=only_matrices)
+    )
 
 
 def cross_entropy(model, inputs, targets, dtype) -> jax.Array:
@@ -111,7 +124,10 @@ def batch_sizes(args) -> tuple[int, int]:
     examples = args.tokens_per_update // args.context
     micro = args.micro_batch or examples
     if examples % micro or micro % jax.device_count():
-        raise SystemExit(f"--micro-batch {micro} must divide {examples} examples per update and be a multiple of {jax.device_count()} devices")
+        raise SystemExit(
+            f"--micro-batch {micro} must divide {examples} examples per update and be a multiple of "
+            f"{jax.device_count()} devices"
+        )
     return examples, examples // micro
 
 
@@ -158,7 +174,8 @@ def describe(args, run: Run, dtype) -> str:
     parameters = sum(x.size for x in jax.tree.leaves(eqx.filter(run.model, eqx.is_inexact_array)))
     return (
         f"{args.attention} p={args.p} {args.preset} ({parameters / 1e6:.1f}M parameters), context {args.context}, "
-        f"{examples} examples x {accumulation} micro-batches per update, {dtype.name} on {jax.device_count()} {jax.default_backend()} device(s)"
+        f"{examples} examples x {accumulation} micro-batches per update, "
+        f"{dtype.name} on {jax.device_count()} {jax.default_backend()} device(s)"
     )
 
 
@@ -186,7 +203,9 @@ def main(argv=None) -> None:
     print(describe(args, run, dtype))
 
     metrics = metrics_up_to(args.out / "metrics.jsonl", run.step)
-    progress = tqdm(range(run.step, args.steps), initial=run.step, total=args.steps, desc="train", disable=jax.process_index() != 0)
+    progress = tqdm(
+        range(run.step, args.steps), initial=run.step, total=args.steps, desc="train", disable=jax.process_index() != 0
+    )
     throughput = Throughput(run.step, args.tokens_per_update)
     for step in progress:
         inputs, targets = (jax.make_array_from_process_local_data(batch_sharding, a) for a in run.stream.next_batch())
@@ -196,12 +215,17 @@ def main(argv=None) -> None:
         loss = float(loss)
         if not math.isfinite(loss):
             last = checkpoint.latest(args.out)
-            sys.exit(f"loss is {loss} at step {run.step}; stopping. The last good checkpoint is {last or 'none (no checkpoint yet)'}.")
+            sys.exit(
+                f"loss is {loss} at step {run.step}; stopping. "
+                f"The last good checkpoint is {last or 'none (no checkpoint yet)'}."
+            )
         progress.set_postfix(loss=f"{loss:.3f}")
 
         last_step = run.step == args.steps
         if run.step % args.log_every == 0 or last_step:
-            record = dict(step=run.step, loss=loss, grad_norm=float(grad_norm), tokens=run.step * args.tokens_per_update)
+            record = dict(
+                step=run.step, loss=loss, grad_norm=float(grad_norm), tokens=run.step * args.tokens_per_update
+            )
             metrics.write(json.dumps(record | dict(tokens_per_second=throughput.read(run.step))) + "\n")
             metrics.flush()
         if run.step % args.checkpoint_every == 0 or last_step:

@@ -11,6 +11,7 @@ inputs must stay within 2.
 
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -22,7 +23,14 @@ from conftest import attention_inputs, relative_error  # noqa: E402
 
 from ops.sympow import chunk, naive  # noqa: E402
 
-CASES = [(500, 64, 128, 0.01), (500, 16, 64, 0.5), (4097, 64, 256, 0.9), (2000, 64, 128, None), (4096, 64, 1024, 0.99), (4096, 64, 256, 0.999)]
+CASES = [
+    (500, 64, 128, 0.01),
+    (500, 16, 64, 0.5),
+    (4097, 64, 256, 0.9),
+    (2000, 64, 128, None),
+    (4096, 64, 1024, 0.99),
+    (4096, 64, 256, 0.999),
+]
 
 
 def to_bf16(x):
@@ -54,20 +62,26 @@ def output_and_gradients(attend, *inputs):
 
 
 def main():
-    print("| seq | dim | chunk | gamma | output | plain chunked error | bf16 state operands error | ratio |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "| seq | dim | chunk | gamma | output | plain chunked error | bf16 state operands error | ratio |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     for seq, dim, chunk_size, gamma in CASES:
         q, k, v, log_g = attention_inputs(1, seq, 4, dim, gamma=gamma, seed=seq + dim)
         log_g = jnp.zeros(q.shape[:3], q.dtype) if log_g is None else log_g
         scale = 1 / math.sqrt(dim)
-        reference = output_and_gradients(lambda *a: naive.attention_form(*a, 2, scale), q, k, v, log_g)
+        reference = output_and_gradients(lambda *a, scale=scale: naive.attention_form(*a, 2, scale), q, k, v, log_g)
         inputs = [to_bf16(a.astype(jnp.float32)) for a in (q, k, v)] + [log_g.astype(jnp.float32)]
         errors = []
         for matmul in (jnp.einsum, bf16_state_matmul):
-            chunked = jax.jit(lambda *a, matmul=matmul: chunk.chunked_form(*a, 2, scale, chunk_size, matmul=matmul)[0])
-            got = output_and_gradients(chunked, *inputs)
+            chunked = jax.jit(partial(chunk.chunked_form, p=2, scale=scale, chunk_size=chunk_size, matmul=matmul))
+            got = output_and_gradients(lambda *a, chunked=chunked: chunked(*a)[0], *inputs)
             errors.append([relative_error(a, b) for a, b in zip(got, reference)])
         for name, plain, rounded_error in zip(("y", "dq", "dk", "dv", "d log_g"), *errors):
-            print(f"| {seq} | {dim} | {chunk_size} | {gamma} | {name} | {plain:.2e} | {rounded_error:.2e} | {rounded_error / plain:.2f} |")
+            print(
+                f"| {seq} | {dim} | {chunk_size} | {gamma} | {name} | {plain:.2e} | {rounded_error:.2e} |"
+                f" {rounded_error / plain:.2f} |"
+            )
 
 
 if __name__ == "__main__":

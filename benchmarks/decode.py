@@ -41,7 +41,9 @@ def parse_args(argv=None):
     parser.add_argument("--attentions", nargs="+", default=list(sympow.ATTENTIONS))
     parser.add_argument("--steps", type=int, default=50, help="decode steps timed per case")
     parser.add_argument("--repeats", type=int, default=3, help="prefill calls timed per case")
-    parser.add_argument("--max-prefill-softmax", type=int, default=16384, help="longest softmax prefill (its weights are O(T^2) memory)")
+    parser.add_argument(
+        "--max-prefill-softmax", type=int, default=16384, help="longest softmax prefill (its weights are O(T^2) memory)"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "decode.json")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG and the table from --out's JSON")
     return parser.parse_args(argv)
@@ -58,7 +60,9 @@ def at_context(cache, context: int, key):
         return cache._replace(position=position)
     fill = lambda a, key: jax.random.normal(key, a.shape, a.dtype)  # noqa: E731
     k_key, v_key = jax.random.split(key)
-    return cache._replace(k=fill(cache.k, k_key), v=fill(cache.v, v_key), length=jnp.asarray(context, jnp.int32), position=position)
+    return cache._replace(
+        k=fill(cache.k, k_key), v=fill(cache.v, v_key), length=jnp.asarray(context, jnp.int32), position=position
+    )
 
 
 def time_decode(model, context: int, steps: int) -> dict:
@@ -102,7 +106,11 @@ def cases(args):
 
 def processor() -> str:
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
+    names = (
+        [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        if cpuinfo.exists()
+        else []
+    )
     return names[0] if names else platform.processor() or platform.machine()
 
 
@@ -113,12 +121,20 @@ def main(argv=None):
         print(table(results["cases"]))
         return plot(results, args.out.with_suffix(".png"))
     machine = f"{processor()}, {os.cpu_count()} cores; jax {jax.__version__} on {jax.default_backend()}"
-    results = dict(command=" ".join(["benchmarks/decode.py", *(argv or sys.argv[1:])]), machine=machine, dtype="float32", batch=1, cases=[])
+    results = dict(
+        command=" ".join(["benchmarks/decode.py", *(argv or sys.argv[1:])]),
+        machine=machine,
+        dtype="float32",
+        batch=1,
+        cases=[],
+    )
     models = {}
     for preset, attention, context in tqdm(list(cases(args)), desc="decode benchmark"):
         if (preset, attention) not in models:
             models.clear()  # one model in memory at a time
-            models[preset, attention] = sympow.Transformer(sympow.preset(preset, attention=attention, p=2), key=jax.random.key(0))
+            models[preset, attention] = sympow.Transformer(
+                sympow.preset(preset, attention=attention, p=2), key=jax.random.key(0)
+            )
         model = models[preset, attention]
         case = dict(preset=preset, attention=attention, context=context, **time_decode(model, context, args.steps))
         if preset == "tiny" and (attention != "softmax" or context <= args.max_prefill_softmax):
@@ -133,14 +149,22 @@ def main(argv=None):
 def table(cases) -> str:
     by_key = {(c["preset"], c["attention"], c["context"]): c for c in cases}
     rows = [
-        "| preset | attention | context | decode ms/token | vs its shortest context | cache MB | prefill tokens/s | prefill temporaries MB |",
+        "| preset | attention | context | decode ms/token | vs its shortest context | cache MB | prefill tokens/s"
+        " | prefill temporaries MB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in cases:
-        first = by_key.get((c["preset"], c["attention"], min(k[2] for k in by_key if k[:2] == (c["preset"], c["attention"]))))
-        prefill = f"{c['prefill_tokens_per_s']:,.0f} | {c['prefill_temp_bytes'] / 1e6:,.0f}" if "prefill_tokens_per_s" in c else "not run | not run"
+        first = by_key.get(
+            (c["preset"], c["attention"], min(k[2] for k in by_key if k[:2] == (c["preset"], c["attention"])))
+        )
+        prefill = (
+            f"{c['prefill_tokens_per_s']:,.0f} | {c['prefill_temp_bytes'] / 1e6:,.0f}"
+            if "prefill_tokens_per_s" in c
+            else "not run | not run"
+        )
         rows.append(
-            f"| {c['preset']} | {c['attention']} | {c['context']:,} | {c['decode_ms']:.2f} | {c['decode_ms'] / first['decode_ms']:.2f}x | "
+            f"| {c['preset']} | {c['attention']} | {c['context']:,} | {c['decode_ms']:.2f} | "
+            f"{c['decode_ms'] / first['decode_ms']:.2f}x | "
             f"{c['cache_bytes'] / 1e6:,.1f} | {prefill} |"
         )
     return "\n".join(rows)
@@ -156,7 +180,12 @@ def plot(results, path: Path) -> None:
     colours = dict(zip(sympow.ATTENTIONS, ("tab:orange", "tab:blue", "tab:green", "tab:red")))
     for preset, attention in sorted({(c["preset"], c["attention"]) for c in results["cases"]}):
         cases = [c for c in results["cases"] if (c["preset"], c["attention"]) == (preset, attention)]
-        style = dict(linestyle="-" if preset == "124m" else "--", marker="o", color=colours[attention], label=f"{attention} ({preset})")
+        style = dict(
+            linestyle="-" if preset == "124m" else "--",
+            marker="o",
+            color=colours[attention],
+            label=f"{attention} ({preset})",
+        )
         contexts = [c["context"] for c in cases]
         axes[0].plot(contexts, [c["decode_ms"] for c in cases], **style)
         axes[1].plot(contexts, [c["cache_bytes"] / 1e6 for c in cases], **style)

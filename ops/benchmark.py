@@ -50,7 +50,9 @@ def attend_function(impl, p, chunk_size):
     """y = f(q, k, v, log_g) for one impl; softmax is flash attention (cuDNN on a GPU, XLA elsewhere)."""
     if impl == "softmax":
         implementation = "cudnn" if on_gpu() else "xla"
-        return lambda q, k, v, log_g: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+        return lambda q, k, v, log_g: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=implementation
+        )
     return lambda q, k, v, log_g: ops.sympow_attention(q, k, v, log_g, p=p, chunk_size=chunk_size, impl=impl)
 
 
@@ -173,9 +175,13 @@ def best_per_impl(rows):
 
 
 def table(rows, baseline: str):
-    """Markdown, one line per measurement in order of seq, with the speed-up over the baseline impl at that (seq, mode)."""
+    """Markdown, one line per measurement in order of seq, with the speed-up over the baseline impl at that
+    (seq, mode)."""
     base = {(r["seq"], r["mode"]): r["seconds"] for r in rows if r["impl"] == baseline and "seconds" in r}
-    lines = [f"| seq | batch | mode | impl | ms | TFLOP/s | MiB | {baseline} time / this |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| seq | batch | mode | impl | ms | TFLOP/s | MiB | {baseline} time / this |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: r["seq"]):
         head = f"| {r['seq']} | {r['batch']} | {r['mode']} | {r['impl']} |"
         if "error" in r:
@@ -183,7 +189,7 @@ def table(rows, baseline: str):
             continue
         ratio = base.get((r["seq"], r["mode"]))
         ratio = f"{ratio / r['seconds']:.2f}" if ratio else "-"
-        lines.append(f"{head} {1e3 * r['seconds']:.2f} | {r["tflops"]:.3g} | {r["bytes"] / 2**20:.1f} | {ratio} |")
+        lines.append(f"{head} {1e3 * r['seconds']:.2f} | {r['tflops']:.3g} | {r['bytes'] / 2**20:.1f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -202,7 +208,9 @@ def plot(rows, path: Path, title: str):
             axis.plot(*zip(*points), marker="o", label=impl)
         axis.set(xscale="log", yscale="log", xlabel="sequence length T", title=mode)
         axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        axis.set_xticks(sorted({r["seq"] for r in rows}), [str(s) for s in sorted({r["seq"] for r in rows})], rotation=45)
+        axis.set_xticks(
+            sorted({r["seq"] for r in rows}), [str(s) for s in sorted({r["seq"] for r in rows})], rotation=45
+        )
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("ms (chunked impls at their best chunk size)")
     axes[1].legend()
@@ -215,7 +223,9 @@ def describe_machine() -> str:
     cpu = platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     device = jax.devices()[0]
     return f"{cpu} ({os.cpu_count()} cores); jax {jax.__version__} on {device.platform} ({device.device_kind})"
@@ -224,17 +234,36 @@ def describe_machine() -> str:
 def parse_args(argv=None):
     gpu = on_gpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--impls", nargs="+", choices=IMPL_CHOICES, default=["softmax", "triton", "chunked", "attention"] if gpu else ["attention", "chunked"])
-    parser.add_argument("--seqs", nargs="+", type=int, default=[2**i for i in range(10, 17)] if gpu else [512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=IMPL_CHOICES,
+        default=["softmax", "triton", "chunked", "attention"] if gpu else ["attention", "chunked"],
+    )
+    parser.add_argument(
+        "--seqs",
+        nargs="+",
+        type=int,
+        default=[2**i for i in range(10, 17)] if gpu else [512, 1024, 2048, 4096, 8192, 16384],
+    )
     parser.add_argument("--chunk-sizes", nargs="+", type=int, default=[64, 128, 256, 512, 1024] if gpu else [128])
-    parser.add_argument("--tokens", type=int, default=65536 if gpu else None, help="tokens per batch (batch = tokens // seq); default 64K on a GPU, batch 1 on a CPU")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=65536 if gpu else None,
+        help="tokens per batch (batch = tokens // seq); default 64K on a GPU, batch 1 on a CPU",
+    )
     parser.add_argument("--heads", type=int, default=8 if gpu else 2)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--p", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16" if gpu else "float32")
     parser.add_argument("--repeats", type=int, default=10 if gpu else 3)
-    parser.add_argument("--max-minutes", type=float, help="start no new case after this long (the rest are reported as not run)")
-    parser.add_argument("--baseline", help="impl the speed-ups are relative to (default: softmax if run, else the first impl)")
+    parser.add_argument(
+        "--max-minutes", type=float, help="start no new case after this long (the rest are reported as not run)"
+    )
+    parser.add_argument(
+        "--baseline", help="impl the speed-ups are relative to (default: softmax if run, else the first impl)"
+    )
     parser.add_argument("--out", type=Path, help="write the rows as JSON here, and the plot next to it as .png")
     args = parser.parse_args(argv)
     labels = [label for label, _, _ in variants(args.impls, args.chunk_sizes)]
@@ -251,7 +280,8 @@ def main(argv=None):
     machine = describe_machine()
     rows = run(args, machine)
     batch = f"{args.tokens} tokens per batch" if args.tokens else "batch 1"
-    title = f"{batch}, heads {args.heads}, dim {args.dim}, p {args.p}, {args.dtype}, gated; median of {args.repeats}; {machine}"
+    shape = f"{batch}, heads {args.heads}, dim {args.dim}, p {args.p}, {args.dtype}, gated"
+    title = f"{shape}; median of {args.repeats}; {machine}"
     if args.out:
         written = [args.out]
         if best_per_impl(rows):  # no plot when no case ran

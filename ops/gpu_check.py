@@ -15,9 +15,10 @@
 
 No stage or case starts after --minutes (6: with the case running then, the command ends within
 about 7); results.json is rewritten after every stage, and a table of everything is printed
-last. The dry run runs every stage at toy sizes in float32 (the interpreter's only dtype), without torch (its kernels need CUDA); the suite runs it, so the
-script cannot rot unseen. JAX must not take the whole GPU (XLA_PYTHON_CLIENT_PREALLOCATE=false)
-for torch to run beside it; scripts/gpu_checks.sh sets that.
+last. The dry run runs every stage at toy sizes in float32 (the interpreter's only dtype),
+without torch (its kernels need CUDA); the suite runs it, so the script cannot rot unseen. JAX
+must not take the whole GPU (XLA_PYTHON_CLIENT_PREALLOCATE=false) for torch to run beside it;
+scripts/gpu_checks.sh sets that.
 """
 
 import argparse
@@ -116,11 +117,18 @@ def inputs(seq, heads, dim, gamma, seed=0):
 
 def output_and_gradients(attend, q, k, v, log_g):
     y, pullback = jax.vjp(attend, q, k, v, log_g)
-    return (y, *pullback(jax.grad(lambda y: jnp.sum(jnp.sin(3 * y.astype(jnp.float32 if y.dtype != jnp.float64 else y.dtype))))(y)))
+    return (
+        y,
+        *pullback(
+            jax.grad(lambda y: jnp.sum(jnp.sin(3 * y.astype(jnp.float32 if y.dtype != jnp.float64 else y.dtype))))(y)
+        ),
+    )
 
 
 def errors(impl, p, chunk, reference, as_dtype, q, k, v, log_g, gated):
-    attend = jax.jit(lambda q, k, v, g: ops.sympow_attention(q, k, v, g if gated else None, p=p, chunk_size=chunk, impl=impl))
+    attend = jax.jit(
+        lambda q, k, v, g: ops.sympow_attention(q, k, v, g if gated else None, p=p, chunk_size=chunk, impl=impl)
+    )
     got = output_and_gradients(attend, *(a.astype(as_dtype) for a in (q, k, v)), log_g.astype(jnp.float32))
     return [relative_error(a, b) for a, b in zip(got, reference)]
 
@@ -131,13 +139,19 @@ def precision_row(name, p, seq, heads, dim, chunk, gamma, dtype, floor) -> dict:
     q, k, v, log_g = inputs(seq, heads, dim, gamma, seed=seq + dim)
     scale = 1 / math.sqrt(dim)
     gated = gamma is not None
-    reference = output_and_gradients(lambda q, k, v, g: attention_form(q, k, v, g if gated else None, p, scale), q, k, v, log_g)
+    reference = output_and_gradients(
+        lambda q, k, v, g: attention_form(q, k, v, g if gated else None, p, scale), q, k, v, log_g
+    )
     kernel = errors("triton", p, chunk, reference, jnp.dtype(dtype), q, k, v, log_g, gated)
     plain = errors("chunked" if p == 2 else "attention", p, chunk, reference, jnp.dtype(dtype), q, k, v, log_g, gated)
-    ratios = {n: (a / b if b else math.inf if a else 1.0) for n, a, b in zip(("y", "dq", "dk", "dv", "dlog_g"), kernel, plain)}
+    ratios = {
+        n: (a / b if b else math.inf if a else 1.0) for n, a, b in zip(("y", "dq", "dk", "dv", "dlog_g"), kernel, plain)
+    }
     ok = all(a <= max(2 * b, floor) for a, b in zip(kernel, plain))
     case = f"{name} p={p} T={seq} d={dim} chunk={chunk} gamma={gamma}"
-    return dict(case=case, ok=ok, result="error ratio kernel/pure JAX: " + ", ".join(f"{n} {r:.2f}" for n, r in ratios.items()))
+    return dict(
+        case=case, ok=ok, result="error ratio kernel/pure JAX: " + ", ".join(f"{n} {r:.2f}" for n, r in ratios.items())
+    )
 
 
 def rule_floor(shapes: Shapes) -> float:
@@ -223,18 +237,33 @@ def speed_rows(seqs, p, contenders, deadline: Deadline) -> list[dict]:
 def stage_speed(shapes: Shapes, deadline: Deadline, dry_run: bool) -> list[dict]:
     contenders = [(f"triton/{c}", lambda seq, c=c: jax_time("triton", 2, c, seq, shapes)) for c in shapes.triton_chunks]
     contenders += [(f"chunked/{shapes.jax_chunk}", lambda seq: jax_time("chunked", 2, shapes.jax_chunk, seq, shapes))]
-    contenders += [("softmax (cuDNN)" if on_gpu() else "softmax (XLA)", lambda seq: jax_time("softmax", 2, None, seq, shapes))]
+    contenders += [
+        ("softmax (cuDNN)" if on_gpu() else "softmax (XLA)", lambda seq: jax_time("softmax", 2, None, seq, shapes))
+    ]
     rows = speed_rows(shapes.speed_seqs, 2, contenders, deadline)
     if dry_run:
-        rows.append(dict(case=f"retention/{shapes.retention_chunk}", ok=None, result="skipped in the dry run: its kernels need torch with CUDA"))
+        rows.append(
+            dict(
+                case=f"retention/{shapes.retention_chunk}",
+                ok=None,
+                result="skipped in the dry run: its kernels need torch with CUDA",
+            )
+        )
     else:
-        rows += speed_rows(shapes.speed_seqs, 2, [(f"retention/{shapes.retention_chunk}", lambda seq: retention_time(seq, shapes))], deadline)
+        rows += speed_rows(
+            shapes.speed_seqs,
+            2,
+            [(f"retention/{shapes.retention_chunk}", lambda seq: retention_time(seq, shapes))],
+            deadline,
+        )
     return rows
 
 
 def stage_p4(shapes: Shapes, deadline: Deadline) -> list[dict]:
     contenders = [("triton (flash)", lambda seq: jax_time("triton", 4, None, seq, shapes))]
-    contenders += [("softmax (cuDNN)" if on_gpu() else "softmax (XLA)", lambda seq: jax_time("softmax", 4, None, seq, shapes))]
+    contenders += [
+        ("softmax (cuDNN)" if on_gpu() else "softmax (XLA)", lambda seq: jax_time("softmax", 4, None, seq, shapes))
+    ]
     return speed_rows((shapes.p4_seq,), 4, contenders, deadline)
 
 
@@ -268,7 +297,9 @@ def table(results: dict) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="toy sizes in Triton's interpreter, float32, no torch")
-    parser.add_argument("--minutes", type=float, default=6.0, help="no stage starts after this long (the case running then still ends)")
+    parser.add_argument(
+        "--minutes", type=float, default=6.0, help="no stage starts after this long (the case running then still ends)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/gpu"))
     return parser.parse_args(argv)
 
@@ -278,7 +309,13 @@ def main(argv=None) -> int:
     jax.config.update("jax_enable_x64", True)  # the float64 references
     shapes, deadline = (DRY if args.dry_run else GPU), Deadline(args.minutes)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = dict(machine=describe_machine(), versions=versions(), devices=[str(d) for d in jax.devices()], dry_run=args.dry_run, stages={})
+    results = dict(
+        machine=describe_machine(),
+        versions=versions(),
+        devices=[str(d) for d in jax.devices()],
+        dry_run=args.dry_run,
+        stages={},
+    )
     print(json.dumps({k: results[k] for k in ("machine", "versions", "devices")}, indent=1), flush=True)
     stages = [
         ("launch", lambda: stage_launch(shapes)),

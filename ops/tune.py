@@ -26,7 +26,11 @@ from tqdm import tqdm
 
 from ops.benchmark import TimeLimit, describe_error, describe_machine, make_inputs, timed, write_json
 from ops.sympow.triton import attention, chunked
-from ops.sympow.triton.attention import power_attention_backward_keys, power_attention_backward_queries, power_attention_forward
+from ops.sympow.triton.attention import (
+    power_attention_backward_keys,
+    power_attention_backward_queries,
+    power_attention_forward,
+)
 from ops.sympow.triton.chunked import (
     power_chunk_backward_keys,
     power_chunk_backward_queries,
@@ -41,26 +45,58 @@ from ops.sympow.triton.launch import LaunchOptions, Tiling, on_gpu
 CHUNKED_CANDIDATES = {
     power_state_scan: [Tiling(n, n, w) for n in (32, 64, 128) for w in (4, 8)],
     # 128 rows with 4 warps spilled 44 bytes and more but for 32 keys a tile.
-    power_chunk_forward: [Tiling(64, n, w) for n in (32, 64) for w in (4, 8)] + [Tiling(128, n, 8) for n in (32, 64, 128)] + [Tiling(128, 32, 4)],
-    power_chunk_backward_queries: [Tiling(32, 32, 8, 2), Tiling(64, 32, 8, 2), Tiling(64, 32, 4, 2), Tiling(64, 32, 8, 3), Tiling(128, 32, 8, 3)],
+    power_chunk_forward: [Tiling(64, n, w) for n in (32, 64) for w in (4, 8)]
+    + [Tiling(128, n, 8) for n in (32, 64, 128)]
+    + [Tiling(128, 32, 4)],
+    power_chunk_backward_queries: [
+        Tiling(32, 32, 8, 2),
+        Tiling(64, 32, 8, 2),
+        Tiling(64, 32, 4, 2),
+        Tiling(64, 32, 8, 3),
+        Tiling(128, 32, 8, 3),
+    ],
     power_state_scan_backward: [Tiling(m, m, w) for m in (32, 64, 128) for w in (4, 8)],
     # 64 x 64 spilled 168 bytes and more.
-    power_chunk_backward_keys: [Tiling(32, 32, 8, 2), Tiling(64, 32, 8, 2), Tiling(64, 32, 4, 3), Tiling(32, 64, 8, 2), Tiling(32, 32, 8, 3)],
+    power_chunk_backward_keys: [
+        Tiling(32, 32, 8, 2),
+        Tiling(64, 32, 8, 2),
+        Tiling(64, 32, 4, 3),
+        Tiling(32, 64, 8, 2),
+        Tiling(32, 32, 8, 3),
+    ],
 }
 # The forward and backward queries kernels hold BLOCK_M queries and step over BLOCK_N keys; the
 # backward keys kernel holds BLOCK_N keys and steps over BLOCK_M queries.
 ATTENTION_CANDIDATES = {
     # 128 x 64 with 4 warps spilled 96 bytes and more, 128 x 128 with 8 warps and 3 stages 320 (triton 3.7).
     power_attention_forward: [
-        Tiling(128, 32, 8), Tiling(128, 64, 8, 2), Tiling(128, 64, 8, 4), Tiling(128, 128, 8, 2), Tiling(128, 32, 4), Tiling(64, 64, 4), Tiling(64, 128, 4),
+        Tiling(128, 32, 8),
+        Tiling(128, 64, 8, 2),
+        Tiling(128, 64, 8, 4),
+        Tiling(128, 128, 8, 2),
+        Tiling(128, 32, 4),
+        Tiling(64, 64, 4),
+        Tiling(64, 128, 4),
     ],
     # 64 queries against 128 keys spilled 984 bytes and more, 32 against 128 with 4 warps 340.
     power_attention_backward_keys: [
-        Tiling(64, 32, 8, 2), Tiling(32, 64, 4), Tiling(32, 64, 8), Tiling(16, 64, 8), Tiling(64, 64, 4), Tiling(32, 128, 8), Tiling(16, 128, 8),
+        Tiling(64, 32, 8, 2),
+        Tiling(32, 64, 4),
+        Tiling(32, 64, 8),
+        Tiling(16, 64, 8),
+        Tiling(64, 64, 4),
+        Tiling(32, 128, 8),
+        Tiling(16, 128, 8),
     ],
     # 128 queries against 64 keys with 4 warps spilled 764 bytes and more.
     power_attention_backward_queries: [
-        Tiling(64, 32, 8, 2), Tiling(128, 16, 8), Tiling(128, 32, 8), Tiling(128, 64, 8), Tiling(64, 64, 8), Tiling(64, 64, 4), Tiling(32, 64, 8),
+        Tiling(64, 32, 8, 2),
+        Tiling(128, 16, 8),
+        Tiling(128, 32, 8),
+        Tiling(128, 64, 8),
+        Tiling(64, 64, 8),
+        Tiling(64, 64, 4),
+        Tiling(32, 64, 8),
     ],
 }
 SCAN_VALUE_COLUMNS = LaunchOptions().scan_value_columns  # the default
@@ -106,7 +142,9 @@ def tiling_changes(candidates: dict, defaults: dict, fits=lambda tiling: True):
 
 def chunked_changes(chunk_size: int, defaults: dict):
     """The chunked kernels' candidates whose tiles fit whole in a chunk, and the scans' value columns."""
-    yield from tiling_changes(CHUNKED_CANDIDATES, defaults, lambda t: chunk_size % t.query_rows == 0 and chunk_size % t.key_rows == 0)
+    yield from tiling_changes(
+        CHUNKED_CANDIDATES, defaults, lambda t: chunk_size % t.query_rows == 0 and chunk_size % t.key_rows == 0
+    )
     for columns in SCAN_VALUE_COLUMN_CANDIDATES:
         if columns != SCAN_VALUE_COLUMNS:
             yield f"both scans: {columns} value columns", LaunchOptions(scan_value_columns=columns)
@@ -117,12 +155,22 @@ def cases(args, dtype):
     sweep: one per chunk size for the chunked kernels, one for the flash-style kernels."""
     scale = 1 / math.sqrt(args.dim)
     if args.kernels == "attention":
-        defaults = LaunchOptions().tilings(attention.gpu_tilings, args.dim, dtype.itemsize)  # the interpreter's on a CPU
-        yield f"p = {args.p}", functools.partial(attention_forward_backward, args.p, scale), dict(tiling_changes(ATTENTION_CANDIDATES, defaults))
+        defaults = LaunchOptions().tilings(
+            attention.gpu_tilings, args.dim, dtype.itemsize
+        )  # the interpreter's on a CPU
+        yield (
+            f"p = {args.p}",
+            functools.partial(attention_forward_backward, args.p, scale),
+            dict(tiling_changes(ATTENTION_CANDIDATES, defaults)),
+        )
         return
     defaults = LaunchOptions().tilings(chunked.gpu_tilings, args.dim, dtype.itemsize)
     for chunk_size in args.chunk_sizes:
-        yield f"chunk {chunk_size}", functools.partial(chunked_forward_backward, scale, chunk_size), dict(chunked_changes(chunk_size, defaults))
+        yield (
+            f"chunk {chunk_size}",
+            functools.partial(chunked_forward_backward, scale, chunk_size),
+            dict(chunked_changes(chunk_size, defaults)),
+        )
 
 
 def largest_difference(outputs, reference) -> float:
@@ -157,7 +205,9 @@ def combined(rows, settings: dict) -> LaunchOptions | None:
         return None
     changes = [settings[row["setting"]] for row in winners.values()]
     overrides = tuple(pair for change in changes for pair in change.overrides)
-    columns = next((c.scan_value_columns for c in changes if c.scan_value_columns != SCAN_VALUE_COLUMNS), SCAN_VALUE_COLUMNS)
+    columns = next(
+        (c.scan_value_columns for c in changes if c.scan_value_columns != SCAN_VALUE_COLUMNS), SCAN_VALUE_COLUMNS
+    )
     return LaunchOptions(overrides=overrides, scan_value_columns=columns)
 
 
@@ -169,8 +219,9 @@ def sweep(args, title: str) -> list[dict]:
     rows, limit = [], TimeLimit(args.max_minutes)
     for case, forward_backward, settings in cases(args, dtype):
 
-        def run(setting: str, options: LaunchOptions, reference):
-            return measure(dict(case=case, setting=setting), forward_backward(options), inputs, reference, args.repeats, limit)
+        def run(setting: str, options: LaunchOptions, reference, case=case, forward_backward=forward_backward):
+            row = dict(case=case, setting=setting)
+            return measure(row, forward_backward(options), inputs, reference, args.repeats, limit)
 
         defaults_row, reference = run("defaults", LaunchOptions(), None)
         case_rows = [defaults_row]
@@ -187,7 +238,10 @@ def sweep(args, title: str) -> list[dict]:
 
 def table(rows) -> str:
     base = {r["case"]: r["seconds"] for r in rows if r["setting"] == "defaults" and "seconds" in r}
-    lines = ["| case | setting | ms | defaults / this | largest relative difference from the defaults |", "|---|---|---|---|---|"]
+    lines = [
+        "| case | setting | ms | defaults / this | largest relative difference from the defaults |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         head = f"| {r['case']} | {r['setting']} |"
         if "error" in r:
@@ -203,15 +257,28 @@ def table(rows) -> str:
 def parse_args(argv=None):
     gpu = on_gpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kernels", choices=("chunked", "attention"), default="chunked", help="the chunked kernels (p = 2) or the flash-style ones")
-    parser.add_argument("--p", type=int, help="the power: 4 by default for the flash-style kernels; the chunked ones take 2 only")
-    parser.add_argument("--seq", type=int, help="default: 65536 for the chunked kernels, 16384 for the flash-style ones (64 on a CPU)")
+    parser.add_argument(
+        "--kernels",
+        choices=("chunked", "attention"),
+        default="chunked",
+        help="the chunked kernels (p = 2) or the flash-style ones",
+    )
+    parser.add_argument(
+        "--p", type=int, help="the power: 4 by default for the flash-style kernels; the chunked ones take 2 only"
+    )
+    parser.add_argument(
+        "--seq", type=int, help="default: 65536 for the chunked kernels, 16384 for the flash-style ones (64 on a CPU)"
+    )
     parser.add_argument("--heads", type=int, default=8 if gpu else 1)
     parser.add_argument("--dim", type=int, default=64 if gpu else 16)
-    parser.add_argument("--chunk-sizes", nargs="+", type=int, default=[256, 1024] if gpu else [32], help="for the chunked kernels")
+    parser.add_argument(
+        "--chunk-sizes", nargs="+", type=int, default=[256, 1024] if gpu else [32], help="for the chunked kernels"
+    )
     parser.add_argument("--dtype", default="bfloat16" if gpu else "float32")
     parser.add_argument("--repeats", type=int, default=10 if gpu else 1)
-    parser.add_argument("--max-minutes", type=float, help="start no new setting after this long (the rest are reported as not run)")
+    parser.add_argument(
+        "--max-minutes", type=float, help="start no new setting after this long (the rest are reported as not run)"
+    )
     parser.add_argument("--out", type=Path, help="write the rows as JSON here (after every setting)")
     args = parser.parse_args(argv)
     if args.seq is None:
@@ -221,14 +288,18 @@ def parse_args(argv=None):
     if args.p <= 0 or args.p % 2 or (args.kernels == "chunked" and args.p != 2):
         parser.error(f"--p must be a positive even integer, and 2 for the chunked kernels; got {args.p}")
     if args.kernels == "chunked" and args.seq <= max(args.chunk_sizes):
-        parser.error(f"--seq must exceed every chunk size (sympow_attention runs a single chunk through the attention kernels); got {args.seq}")
+        parser.error(
+            "--seq must exceed every chunk size (sympow_attention runs a single chunk through the attention "
+            f"kernels); got {args.seq}"
+        )
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     title = (
-        f"{args.kernels} Triton kernels, forward + backward: p {args.p}, seq {args.seq}, heads {args.heads}, dim {args.dim}, {args.dtype}, batch 1;"
+        f"{args.kernels} Triton kernels, forward + backward: p {args.p}, seq {args.seq}, heads {args.heads}, "
+        f"dim {args.dim}, {args.dtype}, batch 1;"
         f" median of {args.repeats}; {describe_machine()}"
     )
     rows = sweep(args, title)

@@ -50,7 +50,9 @@ def last(pair: Pair) -> Pair:
     return tuple(part[:, -1] for part in pair)
 
 
-def weighted_values(log_w: Float[Array, "batch heads seq keys"], v: Float[Array, "batch keys heads dim"]) -> Float[Array, "batch seq heads dim"]:
+def weighted_values(
+    log_w: Float[Array, "batch heads seq keys"], v: Float[Array, "batch keys heads dim"]
+) -> Float[Array, "batch seq heads dim"]:
     """sum_j w_ij v_j / sum_j w_ij from log w, in the frame of each row's largest weight (a row
     with no weight gives 0). Softmax is this with log w_ij = s q_i . k_j."""
     stabiliser = finite_or_zero(jax.lax.stop_gradient(jnp.max(log_w, axis=-1, keepdims=True)))
@@ -116,7 +118,9 @@ class Attention(eqx.Module):
         if cfg.attention == "softmax":
             return softmax_attention(q, k, v)
         # The gate is a log-sigmoid, <= 0 by construction: no need for ops' host-side check.
-        return ops.sympow_attention(q, k, v, log_g, p=cfg.p, chunk_size=cfg.chunk_size, impl=cfg.impl, check_log_g=False, **state)
+        return ops.sympow_attention(
+            q, k, v, log_g, p=cfg.p, chunk_size=cfg.chunk_size, impl=cfg.impl, check_log_g=False, **state
+        )
 
     def output(self, y: Float[Array, "batch seq heads dim"]) -> Float[Array, "batch seq d_model"]:
         return self.out(y.reshape(*y.shape[:2], self.config.d_model))
@@ -125,7 +129,9 @@ class Attention(eqx.Module):
         q, k, v, log_g, _ = self.project(x, None)
         return self.output(self.attend(q, k, v, log_g))
 
-    def prefill(self, x: Float[Array, "batch seq d_model"], max_length: int) -> tuple[Float[Array, "batch seq d_model"], LayerCache]:
+    def prefill(
+        self, x: Float[Array, "batch seq d_model"], max_length: int
+    ) -> tuple[Float[Array, "batch seq d_model"], LayerCache]:
         """The layer over a prompt, and its cache for decoding up to max_length tokens in all
         (a key/value cache holds that many; a state any number)."""
         q, k, v, log_g, position = self.project(x, None)
@@ -140,12 +146,16 @@ class Attention(eqx.Module):
         cache = KeyValueCache(slots(k), slots(v), gate, jnp.asarray(seq, jnp.int32), position)
         return self.output(self.attend(q, k, v, log_g)), cache
 
-    def decode(self, x: Float[Array, "batch 1 d_model"], cache: LayerCache) -> tuple[Float[Array, "batch 1 d_model"], LayerCache]:
+    def decode(
+        self, x: Float[Array, "batch 1 d_model"], cache: LayerCache
+    ) -> tuple[Float[Array, "batch 1 d_model"], LayerCache]:
         """One token after those in the cache: its output, and the cache with it added."""
         q, k, v, log_g, position = self.project(x, cache.position)
         if isinstance(cache, StateCache):
             log_g = None if log_g is None else log_g[:, 0]
-            y, state = ops.sympow_step(q[:, 0], k[:, 0], v[:, 0], log_g, cache.state, p=self.config.p, check_log_g=False)
+            y, state = ops.sympow_step(
+                q[:, 0], k[:, 0], v[:, 0], log_g, cache.state, p=self.config.p, check_log_g=False
+            )
             return self.output(y[:, None]), StateCache(state, position)
         y, cache = self.decode_from_keys_and_values(q, k, v, log_g, cache)
         return self.output(y), cache._replace(position=position)
@@ -162,7 +172,9 @@ class Attention(eqx.Module):
         gate = None
         if cache.gate is not None:
             # G of the token before (0 before the first): the new token's G goes on from it.
-            at_previous = lambda part: jax.lax.dynamic_index_in_dim(part, jnp.maximum(slot - 1, 0), axis=1, keepdims=False)  # noqa: E731
+            def at_previous(part):
+                return jax.lax.dynamic_index_in_dim(part, jnp.maximum(slot - 1, 0), axis=1, keepdims=False)
+
             previous = tuple(jnp.where(slot > 0, at_previous(part), 0) for part in cache.gate)
             G = add_pairs(previous, (log_g[:, 0].astype(previous[0].dtype), jnp.zeros_like(previous[0])))
             gate = tuple(write(buffer, part[:, None]) for buffer, part in zip(cache.gate, G))
@@ -170,4 +182,3 @@ class Attention(eqx.Module):
         logits = jnp.where(jnp.arange(keys.shape[1], dtype=slot.dtype) <= slot, logits, -jnp.inf)
         y = jnp.where(slot < keys.shape[1], weighted_values(logits[:, :, None], values), jnp.nan)
         return y.astype(v.dtype), KeyValueCache(keys, values, gate, slot + 1, cache.position)
-

@@ -17,7 +17,12 @@ from sympow.transformer import Transformer
 
 
 def check_sampling(temperature, top_k, top_p) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy); got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None; got {top_k!r}")
@@ -37,7 +42,11 @@ def nucleus(logits: Float[Array, "batch vocab"], top_p: int | float) -> Float[Ar
 
 
 def sample_token(
-    logits: Float[Array, "batch vocab"], key: PRNGKeyArray, temperature: int | float = 1.0, top_k: int | None = None, top_p: int | float | None = None
+    logits: Float[Array, "batch vocab"],
+    key: PRNGKeyArray,
+    temperature: int | float = 1.0,
+    top_k: int | None = None,
+    top_p: int | float | None = None,
 ) -> Int[Array, " batch"]:
     """One token per row from the logits (see the module docstring)."""
     check_sampling(temperature, top_k, top_p)

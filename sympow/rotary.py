@@ -63,13 +63,21 @@ def rotation_angles(
 
 
 def fixed_angles(
-    batch: int, seq: int, heads: int, head_dim: int, rotary_length: int, start: Position | None = None, dtype=jnp.float32
+    batch: int,
+    seq: int,
+    heads: int,
+    head_dim: int,
+    rotary_length: int,
+    start: Position | None = None,
+    dtype=jnp.float32,
 ) -> Float[Array, "batch seq heads half"]:
     """mu_t = t theta, t = 1..seq (after `start`): the learned rotary with every beta = 1."""
     return rotation_angles(jnp.ones((batch, seq, heads), dtype), head_dim, rotary_length, start)
 
 
-def rotate(x: Float[Array, "batch seq heads dim"], angles: Float[Array, "batch seq heads half"]) -> Float[Array, "batch seq heads dim"]:
+def rotate(
+    x: Float[Array, "batch seq heads dim"], angles: Float[Array, "batch seq heads half"]
+) -> Float[Array, "batch seq heads dim"]:
     """Rotate the pair (x_k, x_{k + d/2}) by angle mu_k."""
     first, second = jnp.split(x, 2, axis=-1)
     cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)

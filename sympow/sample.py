@@ -3,9 +3,10 @@
     python -m sympow.sample runs/default --prompt "def main(" --max-new-tokens 200 --temperature 0.8 --top-k 50
 
 Loads the run's latest checkpoint (or a checkpoint folder), tokenises the prompt with GPT-2 BPE
-after an end-of-text token (as every training window starts), prefills it in one call, then runs one jitted decode step per token (sympow.generate does the
-same as one compiled loop; here each token is printed as soon as it is drawn). The tokens per
-second at the end count the decode steps only. A softmax model decodes with a key/value cache
+after an end-of-text token (as every training window starts), prefills it in one call, then
+runs one jitted decode step per token (sympow.generate does the same as one compiled loop; here
+each token is printed as soon as it is drawn). The tokens per second at the end count the decode
+steps only. A softmax model decodes with a key/value cache
 of --max-length tokens, by default the context it was trained at; a sympow model with its state,
 at any length.
 """
@@ -25,7 +26,9 @@ from sympow.generate import check_sampling, sample_token
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sympow.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m sympow.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run", type=Path, help="a run folder (its latest checkpoint) or a checkpoint folder")
     parser.add_argument("--prompt", help="the text to continue")
     parser.add_argument("--prompt-file", type=Path, help="read the prompt from this file instead")
@@ -34,7 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-length", type=int, default=None, help="a softmax model's key/value cache, in tokens (default: its training context)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="a softmax model's key/value cache, in tokens (default: its training context)",
+    )
     return parser.parse_args(argv)
 
 
@@ -55,7 +63,8 @@ def check_args(args) -> None:
     try:
         check_sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as error:
-        raise SystemExit(str(error).replace("temperature", "--temperature").replace("top_k", "--top-k").replace("top_p", "--top-p"))
+        message = str(error).replace("temperature", "--temperature").replace("top_k", "--top-k")
+        raise SystemExit(message.replace("top_p", "--top-p")) from None
 
 
 def cache_length(model, saved: dict, args, needed: int) -> int:
@@ -75,7 +84,9 @@ def load(run: Path):
     try:
         return checkpoint.load_model(run)
     except FileNotFoundError:
-        raise SystemExit(f"{run} holds no checkpoint (step_*/ with meta.json): train one first, e.g. python train.py --out {run}")
+        raise SystemExit(
+            f"{run} holds no checkpoint (step_*/ with meta.json): train one first, e.g. python train.py --out {run}"
+        ) from None
 
 
 class Printer:
@@ -122,8 +133,15 @@ def main(argv=None) -> None:
             else:
                 steps += 1
     elapsed = time.perf_counter() - start if start else 0.0
-    rate = f"{steps / elapsed:.1f} tokens/s (sampling and printing included)" if steps and elapsed > 0 else "too few tokens to time"
-    print(f"\n\n[{args.max_new_tokens} new tokens from a {model.config.attention} model, {rate} once compiled]", file=sys.stderr)
+    rate = (
+        f"{steps / elapsed:.1f} tokens/s (sampling and printing included)"
+        if steps and elapsed > 0
+        else "too few tokens to time"
+    )
+    print(
+        f"\n\n[{args.max_new_tokens} new tokens from a {model.config.attention} model, {rate} once compiled]",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from sympow.attention import Attention, LayerCache
 from sympow.config import ModelConfig
 from sympow.layers import INIT_STD, Dense, LayerNorm
 
-
 # One cache per layer (see sympow.attention).
 Cache = tuple[LayerCache, ...]
 
@@ -44,7 +43,9 @@ class Block(eqx.Module):
     def __call__(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq d_model"]:
         return self.after_attention(x, self.attention(self.attention_norm(x)))
 
-    def after_attention(self, x: Float[Array, "batch seq d_model"], attended: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq d_model"]:
+    def after_attention(
+        self, x: Float[Array, "batch seq d_model"], attended: Float[Array, "batch seq d_model"]
+    ) -> Float[Array, "batch seq d_model"]:
         x = x + attended
         return x + self.mlp(self.mlp_norm(x))
 
@@ -91,7 +92,9 @@ class Transformer(eqx.Module):
             x = block(x)
         return self.unembed(x)
 
-    def prefill(self, tokens: Int[Array, "batch seq"], max_length: int | None = None) -> tuple[Float[Array, "batch vocab"], Cache]:
+    def prefill(
+        self, tokens: Int[Array, "batch seq"], max_length: int | None = None
+    ) -> tuple[Float[Array, "batch vocab"], Cache]:
         """Run a prompt in one call: the logits after its last token, and the cache to decode on
         from. max_length (default: the prompt's length) is the most tokens, prompt included, that
         a key/value cache (softmax, or a state too large to hold) will take; a state takes any number."""

@@ -68,4 +68,6 @@ def within_kernel_rule(kernel, plain, expected) -> bool:
     as y_1 = v_1) comes out as 1.7e-7: dy . v_1 - dy . y_1, rounded two ways. So errors are
     measured against a scale of at least 1 (the inputs' size, and that of the terms whose
     round-off a zero gradient shows), and FLOAT32_ROUNDOFF always passes."""
-    return relative_error(kernel, expected, floor=1.0) <= max(2 * relative_error(plain, expected, floor=1.0), FLOAT32_ROUNDOFF)
+    return relative_error(kernel, expected, floor=1.0) <= max(
+        2 * relative_error(plain, expected, floor=1.0), FLOAT32_ROUNDOFF
+    )

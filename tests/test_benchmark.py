@@ -14,7 +14,29 @@ def test_benchmark_writes_json_and_plot_and_reports_failures(tmp_path, capsys):
     out = tmp_path / "bench.json"
     # Head dim 16 and one head keep the interpreted kernels quick; this tests the harness, not them.
     # chunk size 24 is no whole number of the Triton kernels' 16-row tiles: that case must fail alone.
-    benchmark.main(["--impls", "softmax", "attention", "chunked", "triton", "--seqs", "32", "64", "--chunk-sizes", "16", "24", "--dim", "16", "--heads", "1", "--repeats", "1", "--out", str(out)])
+    benchmark.main(
+        [
+            "--impls",
+            "softmax",
+            "attention",
+            "chunked",
+            "triton",
+            "--seqs",
+            "32",
+            "64",
+            "--chunk-sizes",
+            "16",
+            "24",
+            "--dim",
+            "16",
+            "--heads",
+            "1",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     rows = json.loads(out.read_text())["rows"]
     assert out.with_suffix(".png").stat().st_size > 10_000
     labels = {r["impl"] for r in rows}
@@ -27,8 +49,13 @@ def test_benchmark_writes_json_and_plot_and_reports_failures(tmp_path, capsys):
     assert "softmax time / this" in printed[-len(rows) - 2]
 
 
-@pytest.mark.parametrize("kernels, candidates, extra", [("chunked", "CHUNKED_CANDIDATES", {"both scans"}), ("attention", "ATTENTION_CANDIDATES", set())])
-def test_tune_runs_each_kernels_candidates_and_they_compute_alike(tmp_path, capsys, monkeypatch, kernels, candidates, extra):
+@pytest.mark.parametrize(
+    "kernels, candidates, extra",
+    [("chunked", "CHUNKED_CANDIDATES", {"both scans"}), ("attention", "ATTENTION_CANDIDATES", set())],
+)
+def test_tune_runs_each_kernels_candidates_and_they_compute_alike(
+    tmp_path, capsys, monkeypatch, kernels, candidates, extra
+):
     out = tmp_path / "tune.json"
     # One 32-row candidate per kernel keeps the interpreter quick; 40 tokens are a whole chunk (or
     # tile) of 32 and a partial one, so the masks at the sequence's end are crossed too.

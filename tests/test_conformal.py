@@ -40,7 +40,12 @@ def test_scaled_and_rotated_state_recurrence_equals_attention_form():
     beta = jax.random.uniform(jax.random.key(5), (1, seq, 1), jnp.float32, 0.0, 2.0)
     angles = np.asarray(rotation_angles(beta, dim, 65536), np.float64)[0, :, 0]  # [seq, dim/2]
     expected = ops.sympow_attention(
-        rotate(q, jnp.asarray(angles)[None, :, None]), rotate(k, jnp.asarray(angles)[None, :, None]), v, log_g, p=p, impl="attention"
+        rotate(q, jnp.asarray(angles)[None, :, None]),
+        rotate(k, jnp.asarray(angles)[None, :, None]),
+        v,
+        log_g,
+        p=p,
+        impl="attention",
     )
 
     root_scale = (1 / math.sqrt(dim)) ** 0.5

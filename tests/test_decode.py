@@ -24,7 +24,10 @@ def make_model(attention, shape, dtype=jnp.float64, seed=0):
         model = eqx.tree_at(
             lambda m: [b.attention.learned_rotary.weight for b in m.blocks],
             model,
-            [0.3 * jax.random.normal(jax.random.key(i), b.attention.learned_rotary.weight.shape) for i, b in enumerate(model.blocks)],
+            [
+                0.3 * jax.random.normal(jax.random.key(i), b.attention.learned_rotary.weight.shape)
+                for i, b in enumerate(model.blocks)
+            ],
         )
     return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, model)
 
@@ -104,7 +107,12 @@ def test_learned_rotary_angles_after_65536_decode_steps_match_float64():
 
     start = (jnp.zeros((1, 2), jnp.float32),) * 2
     _, angles = jax.jit(lambda b: jax.lax.scan(step, start, b))(beta)
-    exact = 2 * np.pi * np.cumsum(np.asarray(beta, np.float64)[:, 0, 0], axis=0)[..., None] * frequencies_in_turns(64, 65536).astype(np.float64)
+    exact = (
+        2
+        * np.pi
+        * np.cumsum(np.asarray(beta, np.float64)[:, 0, 0], axis=0)[..., None]
+        * frequencies_in_turns(64, 65536).astype(np.float64)
+    )
     gap = np.abs(np.angle(np.exp(1j * (np.asarray(angles[:, 0], np.float64) - exact))))
     assert gap.max() < 1e-4, gap.max()
 

@@ -9,7 +9,10 @@ from ops.exact import exact_cumsum, two_product, two_sum
 
 def test_two_sum_and_two_product_are_exact():
     a, b = (jax.random.normal(key, (1000,), jnp.float32) * 1e3 for key in jax.random.split(jax.random.key(0), 2))
-    for result, error, exact in ((*two_sum(a, b), np.float64(a) + np.float64(b)), (*two_product(a, b), np.float64(a) * np.float64(b))):
+    for result, error, exact in (
+        (*two_sum(a, b), np.float64(a) + np.float64(b)),
+        (*two_product(a, b), np.float64(a) * np.float64(b)),
+    ):
         np.testing.assert_array_equal(np.float64(result) + np.float64(error), exact)
 
 

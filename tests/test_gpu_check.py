@@ -13,7 +13,9 @@ STAGES = ["launch", "precision", "speed", "p4", "tune"]
 
 def dry_run(out: Path, minutes: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OUT": str(out), "MINUTES": minutes, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(["bash", "scripts/gpu_checks.sh", "--dry-run"], capture_output=True, text=True, env=env, cwd=ROOT)
+    return subprocess.run(
+        ["bash", "scripts/gpu_checks.sh", "--dry-run"], capture_output=True, text=True, env=env, cwd=ROOT
+    )
 
 
 def test_dry_run_runs_every_stage_and_prints_the_table_last(tmp_path):

@@ -28,6 +28,9 @@ def test_chunked_backward_rematerialises_phi(monkeypatch):
     with_remat = compiled_temp_bytes("chunked")
     monkeypatch.setattr(jax, "checkpoint", lambda fn, **_: fn)
     without_remat = compiled_temp_bytes("chunked")
-    print(f"fwd+bwd temp: {with_remat / 2**20:.0f} MiB with remat, {without_remat / 2**20:.0f} MiB without; phi(Q) + phi(K): {phi_of_q_and_k / 2**20:.0f} MiB")
+    print(
+        f"fwd+bwd temp: {with_remat / 2**20:.0f} MiB with remat, {without_remat / 2**20:.0f} MiB without; "
+        f"phi(Q) + phi(K): {phi_of_q_and_k / 2**20:.0f} MiB"
+    )
     assert with_remat < phi_of_q_and_k
     assert without_remat - with_remat > phi_of_q_and_k

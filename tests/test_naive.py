@@ -60,7 +60,7 @@ def test_row_without_weight_is_zero_not_nan():
         y = ops.sympow_attention(q, k, v, impl=impl, chunk_size=2)
         assert np.all(np.isfinite(y)), impl
         np.testing.assert_array_equal(y[0, 2], 0.0)
-        grads = jax.grad(lambda q: jnp.sum(ops.sympow_attention(q, k, v, impl=impl, chunk_size=2)))(q)
+        grads = jax.grad(lambda q, impl=impl: jnp.sum(ops.sympow_attention(q, k, v, impl=impl, chunk_size=2)))(q)
         assert np.all(np.isfinite(grads)), impl
 
 
@@ -95,7 +95,9 @@ def test_the_oracles_recurrent_form_is_its_attention_form(gamma):
     phi_k = np.asarray(naive.phi(np.sqrt(0.5) * k, 2)) * decay[..., None]
     assert relative_error(state[0], np.einsum("bjhD,bjhv->bhDv", phi_k, v)) < 1e-12
     assert relative_error(state[1], np.sum(phi_k, axis=1)) < 1e-12
-    first, second = (tuple(None if a is None else a[:, s] for a in (q, k, v, log_g)) for s in (slice(0, 5), slice(5, None)))
+    first, second = (
+        tuple(None if a is None else a[:, s] for a in (q, k, v, log_g)) for s in (slice(0, 5), slice(5, None))
+    )
     _, state_first = naive.recurrent_form(*first, 2, 0.5)
     y_second = naive.attention_form(*second, 2, 0.5, initial_state=state_first)
     assert relative_error(y_second, y[:, 5:]) < 1e-12

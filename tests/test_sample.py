@@ -20,12 +20,40 @@ def make_run(folder, attention, context=16):
 
 def test_sample_prints_the_prompt_then_new_text_and_the_rate(tmp_path, capsys):
     run = make_run(tmp_path / "conformal", "conformal")
-    main([str(run), "--prompt", "def main(", "--max-new-tokens", "12", "--temperature", "0.8", "--top-k", "40", "--seed", "1"])
+    main(
+        [
+            str(run),
+            "--prompt",
+            "def main(",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "40",
+            "--seed",
+            "1",
+        ]
+    )
     out, err = capsys.readouterr()
     assert out.startswith("def main(") and len(out) > len("def main(")
     assert "12 new tokens from a conformal model" in err and "tokens/s" in err
     # The same seed, the same text; greedy through --temperature 0 works too.
-    main([str(run), "--prompt", "def main(", "--max-new-tokens", "12", "--temperature", "0.8", "--top-k", "40", "--seed", "1"])
+    main(
+        [
+            str(run),
+            "--prompt",
+            "def main(",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "40",
+            "--seed",
+            "1",
+        ]
+    )
     assert capsys.readouterr().out == out
     main([str(run), "--prompt", "x", "--max-new-tokens", "3", "--temperature", "0"])
 
@@ -37,7 +65,10 @@ def test_sample_refuses_bad_requests(tmp_path):
         ([str(tmp_path / "nothing"), "--prompt", "hi"], "holds no checkpoint"),
         ([str(run), "--prompt", "hi", "--temperature", "-1"], "--temperature must be"),
         ([str(run), "--prompt", "hi", "--top-p", "0"], "--top-p must be"),
-        ([str(run), "--prompt", "word " * 20, "--max-new-tokens", "2"], "do not fit this softmax model's key/value cache of 16 tokens"),
+        (
+            [str(run), "--prompt", "word " * 20, "--max-new-tokens", "2"],
+            "do not fit this softmax model's key/value cache of 16 tokens",
+        ),
         ([str(run)], "give the prompt"),
         ([str(run), "--prompt", "hi", "--max-length", "0"], "--max-length must be"),
     ]

@@ -23,7 +23,9 @@ attend_and_return_state = jax.jit(ops.sympow_attention, static_argnames=("p", "i
 
 
 def attend(inputs, p, impl, initial_state=None):
-    return attend_and_return_state(*inputs, p=p, impl=impl, chunk_size=CHUNK, return_state=True, initial_state=initial_state)
+    return attend_and_return_state(
+        *inputs, p=p, impl=impl, chunk_size=CHUNK, return_state=True, initial_state=initial_state
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -69,7 +71,15 @@ def test_gradients_into_the_initial_state_match_finite_differences(impl):
 @pytest.mark.parametrize("gamma", [None, 0.9])
 def test_one_step_equals_one_more_token(gamma):
     q, k, v, log_g = attention_inputs(2, 12, 3, 4, gamma=gamma, seed=5, dim_v=5)
-    _, state = ops.sympow_attention(q[:, :11], k[:, :11], v[:, :11], None if log_g is None else log_g[:, :11], impl="chunked", chunk_size=4, return_state=True)
+    _, state = ops.sympow_attention(
+        q[:, :11],
+        k[:, :11],
+        v[:, :11],
+        None if log_g is None else log_g[:, :11],
+        impl="chunked",
+        chunk_size=4,
+        return_state=True,
+    )
     y_all, state_all = ops.sympow_attention(q, k, v, log_g, impl="attention", return_state=True)
     token = (q[:, 11], k[:, 11], v[:, 11], None if log_g is None else log_g[:, 11])
     for step in (ops.sympow_step, jax.jit(ops.sympow_step)):
@@ -127,11 +137,15 @@ def test_triton_takes_and_gives_the_same_state(p, seq, split):
 
     def outputs_and_gradients(impl, inputs, state):
         def run(inputs, state):
-            y, after = ops.sympow_attention(*inputs, p=p, impl=impl, chunk_size=16, initial_state=state, return_state=True)
+            y, after = ops.sympow_attention(
+                *inputs, p=p, impl=impl, chunk_size=16, initial_state=state, return_state=True
+            )
             return y, after
 
         (y, after), pullback = jax.vjp(jax.jit(run), inputs, state)
-        cotangents = jax.grad(lambda y, after: sine_loss(y) + sine_loss(after.S) + sine_loss(after.z), argnums=(0, 1))(y, after)
+        cotangents = jax.grad(lambda y, after: sine_loss(y) + sine_loss(after.S) + sine_loss(after.z), argnums=(0, 1))(
+            y, after
+        )
         gradients, state_gradients = pullback(cotangents)
         return [y, *after, *gradients, *state_gradients]
 

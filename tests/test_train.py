@@ -17,7 +17,20 @@ import sympow
 from sympow import data
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_RUN = ["--preset", "tiny", "--context", "32", "--tokens-per-update", "256", "--micro-batch", "4", "--log-every", "1", "--warmup", "1"]
+SMALL_RUN = [
+    "--preset",
+    "tiny",
+    "--context",
+    "32",
+    "--tokens-per-update",
+    "256",
+    "--micro-batch",
+    "4",
+    "--log-every",
+    "1",
+    "--warmup",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +97,25 @@ def test_eval_writes_losses_by_position_and_plots(store, tmp_path):
     for context in ("32", "64"):
         train(store, tmp_path / f"run{context}", "--steps", "2", "--context", context)
     out = tmp_path / "eval"
-    command = [sys.executable, str(ROOT / "eval.py"), str(tmp_path / "run32"), str(tmp_path / "run64"),
-               "--context", "128", "--windows", "3", "--batch-size", "2", "--bins", "8", "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT)
+    command = [
+        sys.executable,
+        str(ROOT / "eval.py"),
+        str(tmp_path / "run32"),
+        str(tmp_path / "run64"),
+        "--context",
+        "128",
+        "--windows",
+        "3",
+        "--batch-size",
+        "2",
+        "--bins",
+        "8",
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert [r["train_context"] for r in results] == [32, 64]
@@ -114,7 +143,9 @@ def test_weight_decay_shrinks_matrices_only():
     train_script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_script)
     args = train_script.parse_args(["--weight-decay", "0.5", "--lr", "0.1", "--warmup", "0"])
-    params = eqx.filter(sympow.Transformer(train_script.model_config(args), key=jax.random.key(0)), eqx.is_inexact_array)
+    params = eqx.filter(
+        sympow.Transformer(train_script.model_config(args), key=jax.random.key(0)), eqx.is_inexact_array
+    )
     opt = train_script.optimizer(args)
     with jax.numpy_dtype_promotion("standard"):  # as train.py runs (optax's schedules mix int and float)
         updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)

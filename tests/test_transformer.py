@@ -12,7 +12,9 @@ SMALL = dict(vocab_size=50, d_model=16, n_layers=2, n_heads=2, chunk_size=8)
 
 
 # softmax has one implementation (jax.nn.dot_product_attention); every sympow variant has three.
-VARIANT_IMPLS = [("softmax", "auto")] + [(a, i) for a in sympow.ATTENTIONS[1:] for i in ("attention", "recurrent", "chunked")]
+VARIANT_IMPLS = [("softmax", "auto")] + [
+    (a, i) for a in sympow.ATTENTIONS[1:] for i in ("attention", "recurrent", "chunked")
+]
 
 
 @pytest.mark.parametrize("attention, impl", VARIANT_IMPLS)
@@ -44,7 +46,12 @@ def test_every_variant_gives_finite_logits_and_gradients(attention):
 
 def test_variant_parameters():
     count = lambda m, kind: sum(isinstance(x, kind) for x in jax.tree.leaves(m, is_leaf=lambda x: isinstance(x, kind)))  # noqa: E731
-    for attention, gates, rotaries in [("softmax", 0, 0), ("sympow", 0, 0), ("sympow_gated", 2, 0), ("conformal", 2, 2)]:
+    for attention, gates, rotaries in [
+        ("softmax", 0, 0),
+        ("sympow", 0, 0),
+        ("sympow_gated", 2, 0),
+        ("conformal", 2, 2),
+    ]:
         model = sympow.Transformer(sympow.ModelConfig(**SMALL, attention=attention), key=jax.random.key(0))
         assert count(model, sympow.layers.Gate) == gates
         assert count(model, sympow.rotary.LearnedRotary) == rotaries
@@ -57,7 +64,9 @@ def test_conformal_with_zero_rotary_weights_equals_sympow_gated():
     run = eqx.filter_jit(lambda model, tokens: model(tokens))
     np.testing.assert_array_equal(run(conformal, tokens), run(gated, tokens))
     # ... and differs once the rotary is learned.
-    moved = eqx.tree_at(lambda m: m.blocks[0].attention.learned_rotary.bias, conformal, jnp.full((2,), 0.5, jnp.float32))
+    moved = eqx.tree_at(
+        lambda m: m.blocks[0].attention.learned_rotary.bias, conformal, jnp.full((2,), 0.5, jnp.float32)
+    )
     assert not np.allclose(run(moved, tokens), run(gated, tokens))
 
 

@@ -20,20 +20,21 @@ import numpy as np
 import pytest
 from conftest import attention_inputs, output_and_gradients, relative_error, within_kernel_rule
 
-from ops.sympow.chunk import chunk_local_gates, chunk_states, chunked_form, split_chunks, state_scan
+import ops.sympow.triton.launch as launcher
 from ops.sympow import naive
 from ops.sympow.attention_form import attention_form
+from ops.sympow.chunk import chunk_local_gates, chunk_states, chunked_form, split_chunks, state_scan
 from ops.sympow.triton.attention import (
     TRITON_DIMS,
     attention_forward,
     attention_plan,
     exact_gate,
-    gpu_tilings as attention_gpu_tilings,
     power_attention_backward_keys,
     power_attention_backward_queries,
     power_attention_forward,
     triton_attention,
 )
+from ops.sympow.triton.attention import gpu_tilings as attention_gpu_tilings
 from ops.sympow.triton.chunked import (
     NARROW_BLOCK,
     WIDE_BLOCK,
@@ -41,15 +42,14 @@ from ops.sympow.triton.chunked import (
     chunked_forward,
     chunked_plan,
     gpu_tilings,
-    tile_tables,
     power_chunk_backward_keys,
     power_chunk_backward_queries,
     power_chunk_forward,
     power_state_scan,
     power_state_scan_backward,
+    tile_tables,
     triton_chunked,
 )
-import ops.sympow.triton.launch as launcher
 from ops.sympow.triton.launch import LaunchOptions, compile_for
 
 # An H100 gives a block at most 227 KiB of shared memory; a kernel compiled to need more fails at launch.
@@ -67,8 +67,15 @@ INTERPRETED = LaunchOptions(compiled=False)
 
 @pytest.mark.parametrize(
     "seq, dim, dim_v, p, gamma",
-    [(1, 16, 16, 2, 0.9), (63, 32, 32, 2, 0.999), (63, 16, 16, 4, 0.01), (100, 64, 64, 2, None), (100, 16, 32, 4, 0.5),
-     (500, 16, 16, 2, 0.9), (500, 16, 16, 4, 0.01)],
+    [
+        (1, 16, 16, 2, 0.9),
+        (63, 32, 32, 2, 0.999),
+        (63, 16, 16, 4, 0.01),
+        (100, 64, 64, 2, None),
+        (100, 16, 32, 4, 0.5),
+        (500, 16, 16, 2, 0.9),
+        (500, 16, 16, 4, 0.01),
+    ],
 )
 def test_attention_kernel_forward_matches_float64(seq, dim, dim_v, p, gamma):
     """The precision rule (docs/kernels.md): no worse than twice the pure-JAX chunked form in
@@ -124,7 +131,13 @@ def test_attention_kernel_gradients_match_float64(seq, dim, dim_v, p, gamma):
     check_output_and_gradients(
         lambda q, k, v, g: triton_attention(q, k, v, g, p, scale, gamma is not None, INTERPRETED)[0],
         lambda q, k, v, g: chunked_form(q, k, v, g, p, scale, 64)[0],
-        p, scale, seq, dim, gamma, seed=seq, dim_v=dim_v,
+        p,
+        scale,
+        seq,
+        dim,
+        gamma,
+        seed=seq,
+        dim_v=dim_v,
     )
 
 
@@ -135,7 +148,16 @@ def spilled_bytes(compiled) -> int:
     with tempfile.TemporaryDirectory() as directory:
         ptx = Path(directory) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])
-        command = [get_ptxas(90).path, "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(ptx), "-o", str(ptx.with_suffix(".o"))]
+        command = [
+            get_ptxas(90).path,
+            "-lineinfo",
+            "-v",
+            "--regAllocOptLevel=2",
+            "--gpu-name=sm_90a",
+            str(ptx),
+            "-o",
+            str(ptx.with_suffix(".o")),
+        ]
         log = subprocess.run(command, capture_output=True, text=True, check=True).stderr
     return int(re.search(r"(\d+) bytes spill stores", log).group(1))
 
@@ -150,8 +172,16 @@ def check_sm90_compile(kernel, pointers, constants, tiles):
 # Each kernel, its pointers in the inputs' dtype, and its float32 pointers.
 KERNELS = {
     "forward": (power_attention_forward, ("q", "k", "v", "y"), ("g", "g_lo", "log_normaliser")),
-    "backward_keys": (power_attention_backward_keys, ("q", "k", "v", "dy", "dk", "dv"), ("g", "g_lo", "delta", "log_normaliser", "dg")),
-    "backward_queries": (power_attention_backward_queries, ("q", "k", "v", "dy", "dq"), ("g", "g_lo", "delta", "log_normaliser", "dg_rows")),
+    "backward_keys": (
+        power_attention_backward_keys,
+        ("q", "k", "v", "dy", "dk", "dv"),
+        ("g", "g_lo", "delta", "log_normaliser", "dg"),
+    ),
+    "backward_queries": (
+        power_attention_backward_queries,
+        ("q", "k", "v", "dy", "dq"),
+        ("g", "g_lo", "delta", "log_normaliser", "dg_rows"),
+    ),
 }
 
 
@@ -159,7 +189,8 @@ KERNELS = {
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("dim, p", [(16, 2), (32, 2), (64, 2), (64, 4), (128, 2)])
 def test_attention_kernels_compile_for_sm90(name, dtype, dim, p):
-    """With its GPU tiling each kernel compiles for an H100, fits its shared memory and spills (next to) no registers."""
+    """With its GPU tiling each kernel compiles for an H100, fits its shared memory and spills (next to) no
+    registers."""
     kernel, data_pointers, float32_pointers = KERNELS[name]
     pointers = {f"{n}_ptr": f"*{dtype}" for n in data_pointers} | {f"{n}_ptr": "*fp32" for n in float32_pointers}
     q = jax.ShapeDtypeStruct((1, 65536, 8, dim), jnp.dtype(jnp.bfloat16 if dtype == "bf16" else jnp.float32))
@@ -169,7 +200,13 @@ def test_attention_kernels_compile_for_sm90(name, dtype, dim, p):
 
 @pytest.mark.parametrize(
     "seq, dim, dim_v, chunk, gamma",
-    [(1, 16, 16, 16, 0.9), (63, 32, 32, 32, 0.999), (100, 64, 64, 48, None), (500, 16, 16, 256, 0.5), (130, 32, 16, 16, 0.01)],
+    [
+        (1, 16, 16, 16, 0.9),
+        (63, 32, 32, 32, 0.999),
+        (100, 64, 64, 48, None),
+        (500, 16, 16, 256, 0.5),
+        (130, 32, 16, 16, 0.01),
+    ],
 )
 def test_chunked_kernels_forward_matches_float64(seq, dim, dim_v, chunk, gamma):
     """At 500 tokens, chunk 256, gamma 0.5, |L| reaches 177 inside a chunk: the kernels must
@@ -198,7 +235,13 @@ def test_state_scan_kernel_holds_the_pure_jax_states():
     chunk_states + state_scan (exact layout), give the same phi(r x)^T S for any x."""
     dim, chunk, scale = 32, 32, 0.3
     q, k, v, log_g = attention_inputs(1, 100, 2, dim, gamma=0.8, seed=3)
-    _, _, S_tiled, z_tiled = chunked_forward(*(a.astype(jnp.float32) for a in (q, k, v)), chunk_gates(log_g.astype(jnp.float32), chunk), scale, chunk, INTERPRETED)
+    _, _, S_tiled, z_tiled = chunked_forward(
+        *(a.astype(jnp.float32) for a in (q, k, v)),
+        chunk_gates(log_g.astype(jnp.float32), chunk),
+        scale,
+        chunk,
+        INTERPRETED,
+    )
     L = chunk_local_gates(split_chunks(log_g, chunk))
     S, z, _ = state_scan(*chunk_states(split_chunks(k, chunk), split_chunks(v, chunk), L, 2, scale), L[0][:, :, -1])
     x = np.asarray(jax.random.normal(jax.random.key(7), (dim,), jnp.float64))
@@ -220,7 +263,13 @@ def test_chunked_kernel_gradients_match_float64(seq, dim, dim_v, chunk, gamma):
     check_output_and_gradients(
         lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk, INTERPRETED)[0],
         lambda q, k, v, g: chunked_form(q, k, v, g, 2, scale, chunk)[0],
-        2, scale, seq, dim, gamma, seed=seq + 1, dim_v=dim_v,
+        2,
+        scale,
+        seq,
+        dim,
+        gamma,
+        seed=seq + 1,
+        dim_v=dim_v,
     )
 
 
@@ -231,7 +280,14 @@ def test_chunked_kernels_at_head_dim_128():
     check_output_and_gradients(
         lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk, INTERPRETED)[0],
         lambda q, k, v, g: chunked_form(q, k, v, g, 2, scale, chunk)[0],
-        2, scale, seq, dim, 0.9, seed=4, dim_v=16, heads=1,
+        2,
+        scale,
+        seq,
+        dim,
+        0.9,
+        seed=4,
+        dim_v=16,
+        heads=1,
     )
 
 
@@ -247,22 +303,44 @@ def test_kernels_compute_alike_with_their_gpu_tilings():
     check_output_and_gradients(
         lambda q, k, v, g: triton_chunked(q, k, v, g, scale, chunk, bf16_tilings)[0],
         lambda q, k, v, g: chunked_form(q, k, v, g, 2, scale, chunk)[0],
-        2, scale, seq, dim, 0.9, seed=2, heads=1,
+        2,
+        scale,
+        seq,
+        dim,
+        0.9,
+        seed=2,
+        heads=1,
     )
     check_output_and_gradients(  # p = 4 at dim 64: the flash kernels (its state is too large to hold)
         lambda q, k, v, g: triton_attention(q, k, v, g, 4, scale, True, bf16_tilings)[0],
         lambda q, k, v, g: attention_form(q, k, v, g, 4, scale)[0],
-        4, scale, seq, dim, 0.9, seed=4, heads=1,
+        4,
+        scale,
+        seq,
+        dim,
+        0.9,
+        seed=4,
+        heads=1,
     )
 
 
 CHUNKED_KERNELS = {
     "state_scan": (power_state_scan, ("k", "v"), ("l", "l_lo", "s", "z")),
     "chunk_forward": (power_chunk_forward, ("q", "k", "v", "y"), ("l", "l_lo", "s", "z", "log_normaliser")),
-    "chunk_backward_queries": (power_chunk_backward_queries, ("q", "k", "v", "dy", "dq"), ("l", "l_lo", "delta", "log_normaliser", "s", "z", "dl_rows")),
-    "state_scan_backward": (power_state_scan_backward, ("q", "dy", "ds"), ("l", "delta", "log_normaliser", "s", "z", "dz", "d_end_gate")),
+    "chunk_backward_queries": (
+        power_chunk_backward_queries,
+        ("q", "k", "v", "dy", "dq"),
+        ("l", "l_lo", "delta", "log_normaliser", "s", "z", "dl_rows"),
+    ),
+    "state_scan_backward": (
+        power_state_scan_backward,
+        ("q", "dy", "ds"),
+        ("l", "delta", "log_normaliser", "s", "z", "dz", "d_end_gate"),
+    ),
     "chunk_backward_keys": (
-        power_chunk_backward_keys, ("q", "k", "v", "dy", "ds", "dk", "dv"), ("l", "l_lo", "delta", "log_normaliser", "dz", "dl", "through_state"),
+        power_chunk_backward_keys,
+        ("q", "k", "v", "dy", "ds", "dk", "dv"),
+        ("l", "l_lo", "delta", "log_normaliser", "dz", "dl", "through_state"),
     ),
 }
 
@@ -271,10 +349,13 @@ CHUNKED_KERNELS = {
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("dim", TRITON_DIMS)
 def test_chunked_kernels_compile_for_sm90(name, dtype, dim):
-    """With its GPU tiling each kernel compiles for an H100, fits its shared memory and spills (next to) no registers."""
+    """With its GPU tiling each kernel compiles for an H100, fits its shared memory and spills (next to) no
+    registers."""
     kernel, data_pointers, float32_pointers = CHUNKED_KERNELS[name]
     tables = {"narrow_blocks_ptr": "*i32", "wide_blocks_ptr": "*i32"}
-    pointers = {f"{n}_ptr": f"*{dtype}" for n in data_pointers} | {f"{n}_ptr": "*fp32" for n in float32_pointers} | tables
+    pointers = (
+        {f"{n}_ptr": f"*{dtype}" for n in data_pointers} | {f"{n}_ptr": "*fp32" for n in float32_pointers} | tables
+    )
     q = jax.ShapeDtypeStruct((1, 65536, 8, dim), jnp.dtype(jnp.bfloat16 if dtype == "bf16" else jnp.float32))
     constants = chunked_plan(q, q, 1 / math.sqrt(dim), 256, LaunchOptions()).launches.scalars
     check_sm90_compile(kernel, pointers, constants, gpu_tilings(dim, ITEMSIZE[dtype])[kernel])
@@ -289,7 +370,9 @@ def test_impl_triton_through_the_public_api_under_jit_and_in_the_model(seq, p):
     y = jax.jit(lambda *a: ops.sympow_attention(*a, p=p, chunk_size=16, impl="triton"))(q, k, v, log_g)
     assert y.dtype == jnp.float32
     assert relative_error(y, ops.sympow_attention(q, k, v, log_g, p=p, impl="attention")) < 1e-5
-    config = sympow.ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, attention="conformal", p=p, chunk_size=16, impl="triton")
+    config = sympow.ModelConfig(
+        vocab_size=50, d_model=32, n_layers=1, n_heads=2, attention="conformal", p=p, chunk_size=16, impl="triton"
+    )
     tokens = jax.random.randint(jax.random.key(0), (1, seq), 0, 50)
     model = sympow.Transformer(config, key=jax.random.key(1))
     reference = sympow.Transformer(dataclasses.replace(config, impl="attention"), key=jax.random.key(1))
@@ -374,12 +457,22 @@ def test_gpu_lowering_through_jax_triton(monkeypatch, p):
 
     fake = FakeCudaKernels()
     triton_lib = launcher.jax_triton().triton_lib  # imported as the launcher does, with triton 3.6's fix
-    for name in ("get_compute_capability", "TritonKernel", "create_scalar_parameter", "create_array_parameter", "TritonKernelCall"):
+    for name in (
+        "get_compute_capability",
+        "TritonKernel",
+        "create_scalar_parameter",
+        "create_array_parameter",
+        "TritonKernelCall",
+    ):
         monkeypatch.setattr(triton_lib.triton_kernel_call_lib, name, getattr(fake, name), raising=False)
 
     def attend(q, k, v, log_g):
         compiled = LaunchOptions(compiled=True)
-        return (triton_chunked(q, k, v, log_g, 0.125, 128, compiled) if p == 2 else attention(q, k, v, log_g, p, 0.125, compiled))[0]
+        return (
+            triton_chunked(q, k, v, log_g, 0.125, 128, compiled)
+            if p == 2
+            else attention(q, k, v, log_g, p, 0.125, compiled)
+        )[0]
 
     def lower(seq):
         """Export jit(grad) at this length; its launches."""
@@ -387,8 +480,12 @@ def test_gpu_lowering_through_jax_triton(monkeypatch, p):
         gradients = jax.grad(lambda *a: jnp.sum(attend(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
         q = jnp.zeros((2, seq, 4, 64), jnp.bfloat16)
         log_g = jnp.zeros((2, seq, 4), jnp.float32)
-        custom_call = jax.export.DisabledSafetyCheck.custom_call("triton_kernel_call_ffi")  # export's check, for serialising; nothing is saved
-        exported = jax.export.export(jax.jit(gradients), platforms=["cuda"], disabled_checks=[custom_call])(q, q, q, log_g)
+        custom_call = jax.export.DisabledSafetyCheck.custom_call(
+            "triton_kernel_call_ffi"
+        )  # export's check, for serialising; nothing is saved
+        exported = jax.export.export(jax.jit(gradients), platforms=["cuda"], disabled_checks=[custom_call])(
+            q, q, q, log_g
+        )
         assert exported.mlir_module().count("stablehlo.custom_call @triton_kernel_call_ffi") == len(fake.launches)
         return list(fake.launches)
 
@@ -396,10 +493,19 @@ def test_gpu_lowering_through_jax_triton(monkeypatch, p):
     # value-column blocks for the scans, 64-row tiles for the rest but the flash forward (128)
     # and the two backward keys kernels (32).
     expected = (
-        {"power_state_scan": ((80, 8), 8), "power_chunk_forward": ((5, 8), 8), "power_chunk_backward_queries": ((5, 8), 8),
-         "power_state_scan_backward": ((80, 8), 8), "power_chunk_backward_keys": ((10, 8), 8)}
+        {
+            "power_state_scan": ((80, 8), 8),
+            "power_chunk_forward": ((5, 8), 8),
+            "power_chunk_backward_queries": ((5, 8), 8),
+            "power_state_scan_backward": ((80, 8), 8),
+            "power_chunk_backward_keys": ((10, 8), 8),
+        }
         if p == 2
-        else {"power_attention_forward": ((3, 8), 8), "power_attention_backward_keys": ((10, 8), 8), "power_attention_backward_queries": ((5, 8), 8)}
+        else {
+            "power_attention_forward": ((3, 8), 8),
+            "power_attention_backward_keys": ((10, 8), 8),
+            "power_attention_backward_queries": ((5, 8), 8),
+        }
     )
     launches = lower(320)
     assert {launch["name"]: (launch["grid"][:2], launch["num_warps"]) for launch in launches} == expected
@@ -409,7 +515,9 @@ def test_gpu_lowering_through_jax_triton(monkeypatch, p):
     compiled_before = len(fake.compiled)
     launches = lower(640)
     assert len(fake.compiled) == compiled_before, f"a new length compiled {fake.compiled[compiled_before:]} again"
-    assert {launch["name"] for launch in launches} == set(expected) and all(launch["scalars"] == [640] for launch in launches)
+    assert {launch["name"] for launch in launches} == set(expected) and all(
+        launch["scalars"] == [640] for launch in launches
+    )
 
 
 # Where scripts/setup.sh installs the lent GPU machine's triton (docs/gpu.md), beside the venv's.
@@ -418,7 +526,8 @@ LENT_GPU_TRITON = Path(__file__).parents[1] / ".venv" / "triton-3.6.0"
 CHECK_WITH_LENT_GPU_TRITON = """
 import sys, pytest, triton
 assert triton.__version__ == "3.6.0", triton.__version__
-sys.exit(pytest.main([sys.argv[1], "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-k", "compile_for_sm90 or gpu_lowering"]))
+selected = "compile_for_sm90 or gpu_lowering"
+sys.exit(pytest.main([sys.argv[1], "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-k", selected]))
 """
 
 
@@ -430,5 +539,7 @@ def test_every_kernel_also_builds_with_the_lent_gpus_triton_3_6():
     if not (LENT_GPU_TRITON / "triton").is_dir():
         pytest.skip(f"triton 3.6.0 is not installed in {LENT_GPU_TRITON} (scripts/setup.sh installs it)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(LENT_GPU_TRITON), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", CHECK_WITH_LENT_GPU_TRITON, __file__], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK_WITH_LENT_GPU_TRITON, __file__], capture_output=True, text=True, env=env
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]

@@ -35,7 +35,9 @@ def check_shapes(q, k, v, log_g) -> None:
     if k.shape != q.shape:
         raise ValueError(f"k must have q's shape {q.shape}; got {k.shape}")
     if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [batch, seq, heads, dim_v] with q's first three sizes {q.shape[:3]}; got {v.shape}")
+        raise ValueError(
+            f"v must be [batch, seq, heads, dim_v] with q's first three sizes {q.shape[:3]}; got {v.shape}"
+        )
     if log_g is not None and log_g.shape != q.shape[:3]:
         raise ValueError(f"log_g must be [batch, seq, heads] = {q.shape[:3]}; got {log_g.shape}")
     if not q.dtype == k.dtype == v.dtype or not jnp.issubdtype(q.dtype, jnp.floating):
@@ -252,8 +254,7 @@ def sympow_embedding(x: Float[Array, "*b dim"], p: int) -> Float[Array, "*b D"]:
     dim, D = x.shape[-1], embedding_size(x.shape[-1], p)
     if D > MAX_EMBEDDING_SIZE:
         raise ValueError(
-            f"phi_{p} of dim {dim} has D = C({dim} + {p} - 1, {p}) = {D:,} features, more than {MAX_EMBEDDING_SIZE:,}: too many to enumerate"
+            f"phi_{p} of dim {dim} has D = C({dim} + {p} - 1, {p}) = {D:,} features, more than "
+            f"{MAX_EMBEDDING_SIZE:,}: too many to enumerate"
         )
     return symmetric_power_embedding(x, p)
-
-

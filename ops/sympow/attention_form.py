@@ -67,7 +67,9 @@ def log_weights(
     log_w = p * log_abs(jnp.einsum("bihd,bjhd->bhij", q * scale, k))
     if gate is not None:
         G = tuple(jnp.moveaxis(part, 1, -1) for part in gate)  # [batch, heads, seq]
-        log_w = log_w + pair_difference(tuple(part[..., :, None] for part in G), tuple(part[..., None, :] for part in G))
+        log_w = log_w + pair_difference(
+            tuple(part[..., :, None] for part in G), tuple(part[..., None, :] for part in G)
+        )
     return jnp.where(jnp.tril(jnp.ones((seq, seq), dtype=bool)), log_w, -jnp.inf)
 
 

@@ -27,7 +27,8 @@ def multisets(dim: int, p: int) -> tuple[np.ndarray, np.ndarray]:
     p! / prod_i c_i!, c_i the number of times i occurs in it."""
     indices = list(itertools.combinations_with_replacement(range(dim), p))
     coefficients = [
-        math.factorial(p) / math.prod(math.factorial(c) for c in collections.Counter(index).values()) for index in indices
+        math.factorial(p) / math.prod(math.factorial(c) for c in collections.Counter(index).values())
+        for index in indices
     ]
     return np.array(indices, np.int32).reshape(-1, p), np.array(coefficients)
 

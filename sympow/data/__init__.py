@@ -17,4 +17,17 @@ def resolve(data: str) -> str:
     return data
 
 
-__all__ = ["END_OF_TEXT", "VOCAB_SIZE", "CorruptData", "WindowStream", "check_tokens", "embedded_corpus", "gpt2_encoding", "hf_store", "open_split", "pack_records", "resolve", "write_split"]
+__all__ = [
+    "END_OF_TEXT",
+    "VOCAB_SIZE",
+    "CorruptData",
+    "WindowStream",
+    "check_tokens",
+    "embedded_corpus",
+    "gpt2_encoding",
+    "hf_store",
+    "open_split",
+    "pack_records",
+    "resolve",
+    "write_split",
+]

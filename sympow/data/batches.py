@@ -54,7 +54,9 @@ class WindowStream:
             document, column = self.window(example)
             run = min(first + count - example, self.tokens.shape[0] - document)
             block = self.tokens[document : document + run, column : column + self.context]
-            rows.append(check_tokens(np.asarray(block), f"documents {document}..{document + run - 1}, columns {column}.."))
+            rows.append(
+                check_tokens(np.asarray(block), f"documents {document}..{document + run - 1}, columns {column}..")
+            )
             example += run
         return np.concatenate(rows).astype(np.int32)
 

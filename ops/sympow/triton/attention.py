@@ -9,9 +9,11 @@ as flash attention keeps softmax scores; y_i = sum_j w_ij v_j / max(sum_j w_ij, 
 frame of the final row max. The log-normaliser m_i + log l_i is stored for the backward pass.
 
 Conventions (both kernel families): pointers are lowercase and end in `_ptr`, constexprs are
-uppercase, seq_len is the one run-time scalar; helpers are called with keyword arguments; a
-`# [rows, cols]` comment gives each tile's shape, in BLOCK_M (query rows), BLOCK_N (key rows),
-DIM (q and k columns) and DIM_V (v and y columns).
+uppercase, seq_len is the one run-time scalar; a kernel first moves its pointers to its
+program's (batch, head), so helpers index one head's [seq, width] slice; helpers are called with
+keyword arguments; a `# [rows, cols]` comment (or the loader's docstring) gives each tile's
+shape, in BLOCK_M (query rows), BLOCK_N (key rows), DIM (q and k columns) and DIM_V (v and y
+columns).
 """
 
 import functools
@@ -45,66 +47,66 @@ def head_bases(seq_len, HEADS, DIM, DIM_V):
 
 
 @triton.jit
-def load_columns(x_ptr, base, positions, block, seq_len, HEADS, DIM, WIDTH):
+def load_columns(x_ptr, positions, block, seq_len, HEADS, DIM, WIDTH):
     """Rows `positions`, columns block * WIDTH .. (block + 1) * WIDTH of this head's [seq, DIM]
     slice: [len(positions), WIDTH], zeros past seq_len."""
     columns = block * WIDTH + tl.arange(0, WIDTH)
-    offsets = base + positions[:, None] * (HEADS * DIM) + columns[None, :]
+    offsets = positions[:, None] * (HEADS * DIM) + columns[None, :]
     return tl.load(x_ptr + offsets, mask=(positions < seq_len)[:, None], other=0.0)
 
 
 @triton.jit
-def load_tile(x_ptr, base, positions, seq_len, HEADS, DIM):
+def load_tile(x_ptr, positions, seq_len, HEADS, DIM):
     """Rows `positions` of this head's [seq, DIM] slice: [len(positions), DIM], zeros past seq_len."""
-    return load_columns(x_ptr=x_ptr, base=base, positions=positions, block=0, seq_len=seq_len, HEADS=HEADS, DIM=DIM, WIDTH=DIM)
+    return load_columns(x_ptr=x_ptr, positions=positions, block=0, seq_len=seq_len, HEADS=HEADS, DIM=DIM, WIDTH=DIM)
 
 
 @triton.jit
-def store_tile(x_ptr, base, positions, tile, seq_len, HEADS, DIM):
+def store_tile(x_ptr, positions, tile, seq_len, HEADS, DIM):
     columns = tl.arange(0, DIM)
-    offsets = base + positions[:, None] * (HEADS * DIM) + columns[None, :]
+    offsets = positions[:, None] * (HEADS * DIM) + columns[None, :]
     tl.store(x_ptr + offsets, tile, mask=(positions < seq_len)[:, None])
 
 
 @triton.jit
-def load_row(x_ptr, row_base, positions, seq_len, HEADS):
+def load_row(x_ptr, positions, seq_len, HEADS):
     """Entries `positions` of this head's [seq] slice; zeros past seq_len."""
-    return tl.load(x_ptr + row_base + positions * HEADS, mask=positions < seq_len, other=0.0)
+    return tl.load(x_ptr + positions * HEADS, mask=positions < seq_len, other=0.0)
 
 
 @triton.jit
-def store_row(x_ptr, row_base, positions, row, seq_len, HEADS):
-    tl.store(x_ptr + row_base + positions * HEADS, row, mask=positions < seq_len)
+def store_row(x_ptr, positions, row, seq_len, HEADS):
+    tl.store(x_ptr + positions * HEADS, row, mask=positions < seq_len)
 
 
 @triton.jit
-def load_gates(g_ptr, g_lo_ptr, row_base, positions, seq_len, HEADS):
+def load_gates(g_ptr, g_lo_ptr, positions, seq_len, HEADS):
     """hi and lo of the cumulative gate at `positions` of this head."""
-    hi = load_row(x_ptr=g_ptr, row_base=row_base, positions=positions, seq_len=seq_len, HEADS=HEADS)
-    lo = load_row(x_ptr=g_lo_ptr, row_base=row_base, positions=positions, seq_len=seq_len, HEADS=HEADS)
+    hi = load_row(x_ptr=g_ptr, positions=positions, seq_len=seq_len, HEADS=HEADS)
+    lo = load_row(x_ptr=g_lo_ptr, positions=positions, seq_len=seq_len, HEADS=HEADS)
     return hi, lo
 
 
 @triton.jit
-def load_keys(k_ptr, v_ptr, g_ptr, g_lo_ptr, qk_base, v_base, row_base, cols, seq_len, HEADS, DIM, DIM_V):
+def load_keys(k_ptr, v_ptr, g_ptr, g_lo_ptr, cols, seq_len, HEADS, DIM, DIM_V):
     """A block of keys: k [cols, DIM], v [cols, DIM_V] and their cumulative gates (hi, lo) [cols]."""
-    k = load_tile(x_ptr=k_ptr, base=qk_base, positions=cols, seq_len=seq_len, HEADS=HEADS, DIM=DIM)
-    v = load_tile(x_ptr=v_ptr, base=v_base, positions=cols, seq_len=seq_len, HEADS=HEADS, DIM=DIM_V)
-    g_hi, g_lo = load_gates(g_ptr=g_ptr, g_lo_ptr=g_lo_ptr, row_base=row_base, positions=cols, seq_len=seq_len, HEADS=HEADS)
+    k = load_tile(x_ptr=k_ptr, positions=cols, seq_len=seq_len, HEADS=HEADS, DIM=DIM)
+    v = load_tile(x_ptr=v_ptr, positions=cols, seq_len=seq_len, HEADS=HEADS, DIM=DIM_V)
+    g_hi, g_lo = load_gates(g_ptr=g_ptr, g_lo_ptr=g_lo_ptr, positions=cols, seq_len=seq_len, HEADS=HEADS)
     return k, v, g_hi, g_lo
 
 
 @triton.jit
 def load_query_gradients(
-    q_ptr, dy_ptr, delta_ptr, log_normaliser_ptr, g_ptr, g_lo_ptr, qk_base, v_base, row_base, rows, seq_len, HEADS, DIM, DIM_V
+    q_ptr, dy_ptr, delta_ptr, log_normaliser_ptr, g_ptr, g_lo_ptr, rows, seq_len, HEADS, DIM, DIM_V
 ):
     """What a backward pass needs of a block of queries: q [rows, DIM], dy [rows, DIM_V], and per
     row delta, the log-normaliser and the cumulative gate (hi, lo)."""
-    q = load_tile(x_ptr=q_ptr, base=qk_base, positions=rows, seq_len=seq_len, HEADS=HEADS, DIM=DIM)
-    dy = load_tile(x_ptr=dy_ptr, base=v_base, positions=rows, seq_len=seq_len, HEADS=HEADS, DIM=DIM_V)
-    delta = load_row(x_ptr=delta_ptr, row_base=row_base, positions=rows, seq_len=seq_len, HEADS=HEADS)
-    log_normaliser = load_row(x_ptr=log_normaliser_ptr, row_base=row_base, positions=rows, seq_len=seq_len, HEADS=HEADS)
-    g_hi, g_lo = load_gates(g_ptr=g_ptr, g_lo_ptr=g_lo_ptr, row_base=row_base, positions=rows, seq_len=seq_len, HEADS=HEADS)
+    q = load_tile(x_ptr=q_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS, DIM=DIM)
+    dy = load_tile(x_ptr=dy_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS, DIM=DIM_V)
+    delta = load_row(x_ptr=delta_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS)
+    log_normaliser = load_row(x_ptr=log_normaliser_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS)
+    g_hi, g_lo = load_gates(g_ptr=g_ptr, g_lo_ptr=g_lo_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS)
     return q, dy, delta, log_normaliser, g_hi, g_lo
 
 
@@ -128,8 +130,27 @@ def gated_log_weights(q, k, gates, rows, cols, seq_len, SCALE, POWER, GATED):
 
 @triton.jit
 def accumulate_keys(
-    q, row_hi, row_lo, rows, row_max, row_sum, acc, k_ptr, v_ptr, g_ptr, g_lo_ptr, qk_base, v_base, row_base,
-    key_start, key_end, seq_len, HEADS, DIM, DIM_V, SCALE, POWER, GATED, BLOCK_N,
+    q,
+    row_hi,
+    row_lo,
+    rows,
+    row_max,
+    row_sum,
+    acc,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    g_lo_ptr,
+    key_start,
+    key_end,
+    seq_len,
+    HEADS,
+    DIM,
+    DIM_V,
+    SCALE,
+    POWER,
+    GATED,
+    BLOCK_N,
 ):
     """Fold keys key_start..key_end (block-aligned, causal mask applied) into the rows' running
     max and weight sum [rows] and weighted sum of values acc [rows, DIM_V], rescaling to the new
@@ -137,11 +158,20 @@ def accumulate_keys(
     for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k, v, col_hi, col_lo = load_keys(
-            k_ptr=k_ptr, v_ptr=v_ptr, g_ptr=g_ptr, g_lo_ptr=g_lo_ptr, qk_base=qk_base, v_base=v_base, row_base=row_base,
-            cols=cols, seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V,
+            k_ptr=k_ptr,
+            v_ptr=v_ptr,
+            g_ptr=g_ptr,
+            g_lo_ptr=g_lo_ptr,
+            cols=cols,
+            seq_len=seq_len,
+            HEADS=HEADS,
+            DIM=DIM,
+            DIM_V=DIM_V,
         )
         gates = gate_differences(row_hi=row_hi, row_lo=row_lo, col_hi=col_hi, col_lo=col_lo)  # [BLOCK_M, BLOCK_N]
-        log_w, _ = gated_log_weights(q=q, k=k, gates=gates, rows=rows, cols=cols, seq_len=seq_len, SCALE=SCALE, POWER=POWER, GATED=GATED)
+        log_w, _ = gated_log_weights(
+            q=q, k=k, gates=gates, rows=rows, cols=cols, seq_len=seq_len, SCALE=SCALE, POWER=POWER, GATED=GATED
+        )
 
         new_max = tl.maximum(row_max, tl.max(log_w, axis=1))  # [BLOCK_M]
         frame = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with no weight yet stays at 0
@@ -154,46 +184,93 @@ def accumulate_keys(
 
 
 @triton.jit
-def store_outputs(y_ptr, log_normaliser_ptr, v_base, row_base, rows, row_max, row_sum, acc, seq_len, HEADS, DIM_V):
+def store_outputs(y_ptr, log_normaliser_ptr, rows, row_max, row_sum, acc, seq_len, HEADS, DIM_V):
     """y = acc / max(row sum, eps), and the log-normaliser, +inf for a row with no weight so
     that the backward pass gives it probabilities exp(-inf) = 0 rather than NaN."""
     y = acc / tl.maximum(row_sum, EPS)[:, None]  # [rows, DIM_V]
-    store_tile(x_ptr=y_ptr, base=v_base, positions=rows, tile=y, seq_len=seq_len, HEADS=HEADS, DIM=DIM_V)
+    store_tile(x_ptr=y_ptr, positions=rows, tile=y, seq_len=seq_len, HEADS=HEADS, DIM=DIM_V)
     log_normaliser = tl.where(row_sum > 0, row_max + tl.log(row_sum), float("inf"))
-    store_row(x_ptr=log_normaliser_ptr, row_base=row_base, positions=rows, row=log_normaliser, seq_len=seq_len, HEADS=HEADS)
+    store_row(x_ptr=log_normaliser_ptr, positions=rows, row=log_normaliser, seq_len=seq_len, HEADS=HEADS)
 
 
 def power_attention_forward(
-    q_ptr, k_ptr, v_ptr, g_ptr, g_lo_ptr, y_ptr, log_normaliser_ptr,
-    seq_len, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
-    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    g_lo_ptr,
+    y_ptr,
+    log_normaliser_ptr,
+    seq_len,
+    HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+    DIM_V: tl.constexpr,
+    SCALE: tl.constexpr,
+    POWER: tl.constexpr,
+    GATED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """y and the log-normaliser for one query block, over the key blocks up to its diagonal."""
     block_m = tl.program_id(0)
     qk_base, v_base, row_base = head_bases(seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V)
+    # Every pointer below moves to this program's (batch, head).
+    q_ptr += qk_base
+    k_ptr += qk_base
+    v_ptr += v_base
+    y_ptr += v_base
+    g_ptr += row_base
+    g_lo_ptr += row_base
+    log_normaliser_ptr += row_base
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = load_tile(x_ptr=q_ptr, base=qk_base, positions=rows, seq_len=seq_len, HEADS=HEADS, DIM=DIM)  # [BLOCK_M, DIM]
-    row_hi, row_lo = load_gates(g_ptr=g_ptr, g_lo_ptr=g_lo_ptr, row_base=row_base, positions=rows, seq_len=seq_len, HEADS=HEADS)
+    q = load_tile(x_ptr=q_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS, DIM=DIM)  # [BLOCK_M, DIM]
+    row_hi, row_lo = load_gates(g_ptr=g_ptr, g_lo_ptr=g_lo_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS)
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # [BLOCK_M]
     row_sum = tl.zeros([BLOCK_M], tl.float32)  # [BLOCK_M]
     acc = tl.zeros([BLOCK_M, DIM_V], tl.float32)  # [BLOCK_M, DIM_V]
     row_max, row_sum, acc = accumulate_keys(
-        q=q, row_hi=row_hi, row_lo=row_lo, rows=rows, row_max=row_max, row_sum=row_sum, acc=acc,
-        k_ptr=k_ptr, v_ptr=v_ptr, g_ptr=g_ptr, g_lo_ptr=g_lo_ptr, qk_base=qk_base, v_base=v_base, row_base=row_base,
-        key_start=0, key_end=(block_m + 1) * BLOCK_M,
-        seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V, SCALE=SCALE, POWER=POWER, GATED=GATED, BLOCK_N=BLOCK_N,
-    )  # fmt: skip
+        q=q,
+        row_hi=row_hi,
+        row_lo=row_lo,
+        rows=rows,
+        row_max=row_max,
+        row_sum=row_sum,
+        acc=acc,
+        k_ptr=k_ptr,
+        v_ptr=v_ptr,
+        g_ptr=g_ptr,
+        g_lo_ptr=g_lo_ptr,
+        key_start=0,
+        key_end=(block_m + 1) * BLOCK_M,
+        seq_len=seq_len,
+        HEADS=HEADS,
+        DIM=DIM,
+        DIM_V=DIM_V,
+        SCALE=SCALE,
+        POWER=POWER,
+        GATED=GATED,
+        BLOCK_N=BLOCK_N,
+    )
     store_outputs(
-        y_ptr=y_ptr, log_normaliser_ptr=log_normaliser_ptr, v_base=v_base, row_base=row_base, rows=rows,
-        row_max=row_max, row_sum=row_sum, acc=acc, seq_len=seq_len, HEADS=HEADS, DIM_V=DIM_V,
-    )  # fmt: skip
+        y_ptr=y_ptr,
+        log_normaliser_ptr=log_normaliser_ptr,
+        rows=rows,
+        row_max=row_max,
+        row_sum=row_sum,
+        acc=acc,
+        seq_len=seq_len,
+        HEADS=HEADS,
+        DIM_V=DIM_V,
+    )
 
 
 @triton.jit
 def weight_gradients(q, k, v, dy, delta, log_normaliser, gates, rows, cols, seq_len, SCALE, POWER, GATED):
     """On a tile [rows, cols]: P_ij = w_ij / l_i, d log w_ij = P_ij (dy_i . v_j - delta_i), and
     d(q_i . k_j) = d log w_ij p / (q_i . k_j)."""
-    log_w, dot = gated_log_weights(q=q, k=k, gates=gates, rows=rows, cols=cols, seq_len=seq_len, SCALE=SCALE, POWER=POWER, GATED=GATED)
+    log_w, dot = gated_log_weights(
+        q=q, k=k, gates=gates, rows=rows, cols=cols, seq_len=seq_len, SCALE=SCALE, POWER=POWER, GATED=GATED
+    )
     probabilities = tl.exp(log_w - log_normaliser[:, None])
     d_log_w = probabilities * (tl.dot(dy, tl.trans(v)) - delta[:, None])
     is_zero = dot == 0.0  # there P = 0, and so is the gradient
@@ -203,8 +280,30 @@ def weight_gradients(q, k, v, dy, delta, log_normaliser, gates, rows, cols, seq_
 
 @triton.jit
 def accumulate_key_gradients(
-    k, v, col_hi, col_lo, cols, dk, dv, dg, q_ptr, dy_ptr, delta_ptr, log_normaliser_ptr, g_ptr, g_lo_ptr,
-    qk_base, v_base, row_base, query_start, query_end, seq_len, HEADS, DIM, DIM_V, SCALE, POWER, GATED, BLOCK_M,
+    k,
+    v,
+    col_hi,
+    col_lo,
+    cols,
+    dk,
+    dv,
+    dg,
+    q_ptr,
+    dy_ptr,
+    delta_ptr,
+    log_normaliser_ptr,
+    g_ptr,
+    g_lo_ptr,
+    query_start,
+    query_end,
+    seq_len,
+    HEADS,
+    DIM,
+    DIM_V,
+    SCALE,
+    POWER,
+    GATED,
+    BLOCK_M,
 ):
     """Add the gradients of one key block from queries query_start..query_end (block-aligned):
     dv_j += sum_i P_ij dy_i [cols, DIM_V], dk_j += sum_i d(q_i . k_j) q_i [cols, DIM],
@@ -213,14 +312,34 @@ def accumulate_key_gradients(
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = (rows < seq_len)[:, None]  # [BLOCK_M, 1]
         q, dy, delta, log_normaliser, row_hi, row_lo = load_query_gradients(
-            q_ptr=q_ptr, dy_ptr=dy_ptr, delta_ptr=delta_ptr, log_normaliser_ptr=log_normaliser_ptr, g_ptr=g_ptr, g_lo_ptr=g_lo_ptr,
-            qk_base=qk_base, v_base=v_base, row_base=row_base, rows=rows, seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V,
+            q_ptr=q_ptr,
+            dy_ptr=dy_ptr,
+            delta_ptr=delta_ptr,
+            log_normaliser_ptr=log_normaliser_ptr,
+            g_ptr=g_ptr,
+            g_lo_ptr=g_lo_ptr,
+            rows=rows,
+            seq_len=seq_len,
+            HEADS=HEADS,
+            DIM=DIM,
+            DIM_V=DIM_V,
         )
         gates = gate_differences(row_hi=row_hi, row_lo=row_lo, col_hi=col_hi, col_lo=col_lo)  # [BLOCK_M, cols]
         probabilities, d_log_w, d_dot = weight_gradients(
-            q=q, k=k, v=v, dy=dy, delta=delta, log_normaliser=log_normaliser, gates=gates, rows=rows, cols=cols,
-            seq_len=seq_len, SCALE=SCALE, POWER=POWER, GATED=GATED,
-        )  # fmt: skip
+            q=q,
+            k=k,
+            v=v,
+            dy=dy,
+            delta=delta,
+            log_normaliser=log_normaliser,
+            gates=gates,
+            rows=rows,
+            cols=cols,
+            seq_len=seq_len,
+            SCALE=SCALE,
+            POWER=POWER,
+            GATED=GATED,
+        )
         probabilities = tl.where(row_ok, probabilities, 0.0)
         d_log_w = tl.where(row_ok, d_log_w, 0.0)
         d_dot = tl.where(row_ok, d_dot, 0.0)
@@ -232,82 +351,231 @@ def accumulate_key_gradients(
 
 @triton.jit
 def accumulate_query_gradients(
-    q, dy, delta, log_normaliser, row_hi, row_lo, rows, dq, dg, k_ptr, v_ptr, g_ptr, g_lo_ptr,
-    qk_base, v_base, row_base, key_start, key_end, seq_len, HEADS, DIM, DIM_V, SCALE, POWER, GATED, BLOCK_N,
+    q,
+    dy,
+    delta,
+    log_normaliser,
+    row_hi,
+    row_lo,
+    rows,
+    dq,
+    dg,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    g_lo_ptr,
+    key_start,
+    key_end,
+    seq_len,
+    HEADS,
+    DIM,
+    DIM_V,
+    SCALE,
+    POWER,
+    GATED,
+    BLOCK_N,
 ):
     """Add dq_i += sum_j d(q_i . k_j) k_j [rows, DIM] and dG_i += sum_j d log w_ij [rows] over keys
     key_start..key_end (block-aligned)."""
     for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k, v, col_hi, col_lo = load_keys(
-            k_ptr=k_ptr, v_ptr=v_ptr, g_ptr=g_ptr, g_lo_ptr=g_lo_ptr, qk_base=qk_base, v_base=v_base, row_base=row_base,
-            cols=cols, seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V,
+            k_ptr=k_ptr,
+            v_ptr=v_ptr,
+            g_ptr=g_ptr,
+            g_lo_ptr=g_lo_ptr,
+            cols=cols,
+            seq_len=seq_len,
+            HEADS=HEADS,
+            DIM=DIM,
+            DIM_V=DIM_V,
         )
         gates = gate_differences(row_hi=row_hi, row_lo=row_lo, col_hi=col_hi, col_lo=col_lo)  # [rows, BLOCK_N]
         _, d_log_w, d_dot = weight_gradients(
-            q=q, k=k, v=v, dy=dy, delta=delta, log_normaliser=log_normaliser, gates=gates, rows=rows, cols=cols,
-            seq_len=seq_len, SCALE=SCALE, POWER=POWER, GATED=GATED,
-        )  # fmt: skip
+            q=q,
+            k=k,
+            v=v,
+            dy=dy,
+            delta=delta,
+            log_normaliser=log_normaliser,
+            gates=gates,
+            rows=rows,
+            cols=cols,
+            seq_len=seq_len,
+            SCALE=SCALE,
+            POWER=POWER,
+            GATED=GATED,
+        )
         dq += tl.dot(d_dot.to(k.dtype), k)
         dg += tl.sum(d_log_w, axis=1)
     return dq, dg
 
 
 def power_attention_backward_keys(
-    q_ptr, k_ptr, v_ptr, g_ptr, g_lo_ptr, dy_ptr, delta_ptr, log_normaliser_ptr, dk_ptr, dv_ptr, dg_ptr,
-    seq_len, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
-    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    g_lo_ptr,
+    dy_ptr,
+    delta_ptr,
+    log_normaliser_ptr,
+    dk_ptr,
+    dv_ptr,
+    dg_ptr,
+    seq_len,
+    HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+    DIM_V: tl.constexpr,
+    SCALE: tl.constexpr,
+    POWER: tl.constexpr,
+    GATED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dk, dv and the column part of dG for one key block, over the query blocks at or below its
     diagonal: delta_i = dy_i . y_i, dG_j -= sum_i d log w_ij."""
     block_n = tl.program_id(0)
     qk_base, v_base, row_base = head_bases(seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V)
+    # Every pointer below moves to this program's (batch, head).
+    q_ptr += qk_base
+    k_ptr += qk_base
+    dk_ptr += qk_base
+    v_ptr += v_base
+    dy_ptr += v_base
+    dv_ptr += v_base
+    g_ptr += row_base
+    g_lo_ptr += row_base
+    delta_ptr += row_base
+    log_normaliser_ptr += row_base
+    dg_ptr += row_base
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k, v, col_hi, col_lo = load_keys(
-        k_ptr=k_ptr, v_ptr=v_ptr, g_ptr=g_ptr, g_lo_ptr=g_lo_ptr, qk_base=qk_base, v_base=v_base, row_base=row_base,
-        cols=cols, seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V,
+        k_ptr=k_ptr,
+        v_ptr=v_ptr,
+        g_ptr=g_ptr,
+        g_lo_ptr=g_lo_ptr,
+        cols=cols,
+        seq_len=seq_len,
+        HEADS=HEADS,
+        DIM=DIM,
+        DIM_V=DIM_V,
     )
     dk = tl.zeros([BLOCK_N, DIM], tl.float32)  # [BLOCK_N, DIM]
     dv = tl.zeros([BLOCK_N, DIM_V], tl.float32)  # [BLOCK_N, DIM_V]
     dg = tl.zeros([BLOCK_N], tl.float32)  # [BLOCK_N]
     dk, dv, dg = accumulate_key_gradients(
-        k=k, v=v, col_hi=col_hi, col_lo=col_lo, cols=cols, dk=dk, dv=dv, dg=dg,
-        q_ptr=q_ptr, dy_ptr=dy_ptr, delta_ptr=delta_ptr, log_normaliser_ptr=log_normaliser_ptr, g_ptr=g_ptr, g_lo_ptr=g_lo_ptr,
-        qk_base=qk_base, v_base=v_base, row_base=row_base,
-        query_start=(block_n * BLOCK_N // BLOCK_M) * BLOCK_M, query_end=seq_len,
-        seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V, SCALE=SCALE, POWER=POWER, GATED=GATED, BLOCK_M=BLOCK_M,
-    )  # fmt: skip
-    store_tile(x_ptr=dk_ptr, base=qk_base, positions=cols, tile=dk, seq_len=seq_len, HEADS=HEADS, DIM=DIM)
-    store_tile(x_ptr=dv_ptr, base=v_base, positions=cols, tile=dv, seq_len=seq_len, HEADS=HEADS, DIM=DIM_V)
-    store_row(x_ptr=dg_ptr, row_base=row_base, positions=cols, row=dg, seq_len=seq_len, HEADS=HEADS)
+        k=k,
+        v=v,
+        col_hi=col_hi,
+        col_lo=col_lo,
+        cols=cols,
+        dk=dk,
+        dv=dv,
+        dg=dg,
+        q_ptr=q_ptr,
+        dy_ptr=dy_ptr,
+        delta_ptr=delta_ptr,
+        log_normaliser_ptr=log_normaliser_ptr,
+        g_ptr=g_ptr,
+        g_lo_ptr=g_lo_ptr,
+        query_start=(block_n * BLOCK_N // BLOCK_M) * BLOCK_M,
+        query_end=seq_len,
+        seq_len=seq_len,
+        HEADS=HEADS,
+        DIM=DIM,
+        DIM_V=DIM_V,
+        SCALE=SCALE,
+        POWER=POWER,
+        GATED=GATED,
+        BLOCK_M=BLOCK_M,
+    )
+    store_tile(x_ptr=dk_ptr, positions=cols, tile=dk, seq_len=seq_len, HEADS=HEADS, DIM=DIM)
+    store_tile(x_ptr=dv_ptr, positions=cols, tile=dv, seq_len=seq_len, HEADS=HEADS, DIM=DIM_V)
+    store_row(x_ptr=dg_ptr, positions=cols, row=dg, seq_len=seq_len, HEADS=HEADS)
 
 
 def power_attention_backward_queries(
-    q_ptr, k_ptr, v_ptr, g_ptr, g_lo_ptr, dy_ptr, delta_ptr, log_normaliser_ptr, dq_ptr, dg_rows_ptr,
-    seq_len, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, SCALE: tl.constexpr, POWER: tl.constexpr,
-    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    g_lo_ptr,
+    dy_ptr,
+    delta_ptr,
+    log_normaliser_ptr,
+    dq_ptr,
+    dg_rows_ptr,
+    seq_len,
+    HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+    DIM_V: tl.constexpr,
+    SCALE: tl.constexpr,
+    POWER: tl.constexpr,
+    GATED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dq and the row part of dG for one query block, over the key blocks up to the diagonal:
     dq_i = sum_j d(q_i . k_j) k_j, dG_i = sum_j d log w_ij. The row part is 0 in exact arithmetic
     (y_i does not change when its weights scale alike), but with it the rounding of each P_ij
     cancels in the reverse cumulative sum that makes d log_g, instead of growing with seq."""
     block_m = tl.program_id(0)
     qk_base, v_base, row_base = head_bases(seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V)
+    # Every pointer below moves to this program's (batch, head).
+    q_ptr += qk_base
+    k_ptr += qk_base
+    dq_ptr += qk_base
+    v_ptr += v_base
+    dy_ptr += v_base
+    g_ptr += row_base
+    g_lo_ptr += row_base
+    delta_ptr += row_base
+    log_normaliser_ptr += row_base
+    dg_rows_ptr += row_base
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q, dy, delta, log_normaliser, row_hi, row_lo = load_query_gradients(
-        q_ptr=q_ptr, dy_ptr=dy_ptr, delta_ptr=delta_ptr, log_normaliser_ptr=log_normaliser_ptr, g_ptr=g_ptr, g_lo_ptr=g_lo_ptr,
-        qk_base=qk_base, v_base=v_base, row_base=row_base, rows=rows, seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V,
+        q_ptr=q_ptr,
+        dy_ptr=dy_ptr,
+        delta_ptr=delta_ptr,
+        log_normaliser_ptr=log_normaliser_ptr,
+        g_ptr=g_ptr,
+        g_lo_ptr=g_lo_ptr,
+        rows=rows,
+        seq_len=seq_len,
+        HEADS=HEADS,
+        DIM=DIM,
+        DIM_V=DIM_V,
     )
     dq = tl.zeros([BLOCK_M, DIM], tl.float32)  # [BLOCK_M, DIM]
     dg = tl.zeros([BLOCK_M], tl.float32)  # [BLOCK_M]
     dq, dg = accumulate_query_gradients(
-        q=q, dy=dy, delta=delta, log_normaliser=log_normaliser, row_hi=row_hi, row_lo=row_lo, rows=rows, dq=dq, dg=dg,
-        k_ptr=k_ptr, v_ptr=v_ptr, g_ptr=g_ptr, g_lo_ptr=g_lo_ptr, qk_base=qk_base, v_base=v_base, row_base=row_base,
-        key_start=0, key_end=(block_m + 1) * BLOCK_M,
-        seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V, SCALE=SCALE, POWER=POWER, GATED=GATED, BLOCK_N=BLOCK_N,
-    )  # fmt: skip
-    store_tile(x_ptr=dq_ptr, base=qk_base, positions=rows, tile=dq, seq_len=seq_len, HEADS=HEADS, DIM=DIM)
-    store_row(x_ptr=dg_rows_ptr, row_base=row_base, positions=rows, row=dg, seq_len=seq_len, HEADS=HEADS)
+        q=q,
+        dy=dy,
+        delta=delta,
+        log_normaliser=log_normaliser,
+        row_hi=row_hi,
+        row_lo=row_lo,
+        rows=rows,
+        dq=dq,
+        dg=dg,
+        k_ptr=k_ptr,
+        v_ptr=v_ptr,
+        g_ptr=g_ptr,
+        g_lo_ptr=g_lo_ptr,
+        key_start=0,
+        key_end=(block_m + 1) * BLOCK_M,
+        seq_len=seq_len,
+        HEADS=HEADS,
+        DIM=DIM,
+        DIM_V=DIM_V,
+        SCALE=SCALE,
+        POWER=POWER,
+        GATED=GATED,
+        BLOCK_N=BLOCK_N,
+    )
+    store_tile(x_ptr=dq_ptr, positions=rows, tile=dq, seq_len=seq_len, HEADS=HEADS, DIM=DIM)
+    store_row(x_ptr=dg_rows_ptr, positions=rows, row=dg, seq_len=seq_len, HEADS=HEADS)
 
 
 def gpu_tilings(dim: int, itemsize: int) -> dict:
@@ -362,9 +630,19 @@ def log_weight_delta(dy, y, d_log_normaliser=None):
 
 
 def attention_backward(
-    q, k, v, gate, y, log_normaliser, dy, p: int, scale: float, gated: bool,
-    options: LaunchOptions = LaunchOptions(), d_log_normaliser=None,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    gate,
+    y,
+    log_normaliser,
+    dy,
+    p: int,
+    scale: float,
+    gated: bool,
+    options: LaunchOptions = LaunchOptions(),
+    d_log_normaliser=None,
+):
     """(dq, dk, dv, dG) through the two backward kernels; d_log_normaliser as in `log_weight_delta`."""
     plan = attention_plan(q, v, p, scale, gated, options)
     inputs = [q, k, v, *gate, dy, log_weight_delta(dy, y, d_log_normaliser), log_normaliser]
@@ -417,11 +695,16 @@ TRITON_DIMS = (16, 32, 64, 128)
 def check_dims(q, v) -> None:
     """Head dims the kernels' tiles take, and batch entries small enough for their int32 offsets."""
     if q.shape[-1] not in TRITON_DIMS or v.shape[-1] not in TRITON_DIMS:
-        raise ValueError(f"impl='triton' needs head dims of q, k and of v in {TRITON_DIMS}; got {q.shape[-1]} and {v.shape[-1]}")
+        raise ValueError(
+            f"impl='triton' needs head dims of q, k and of v in {TRITON_DIMS}; got {q.shape[-1]} and {v.shape[-1]}"
+        )
     _, seq, heads, _ = q.shape
     entry = seq * heads * max(q.shape[-1], v.shape[-1])
     if entry >= 2**31:
-        raise ValueError(f"impl='triton' indexes within one batch entry in int32; seq x heads x dim = {entry} elements is 2^31 or more")
+        raise ValueError(
+            "impl='triton' indexes within one batch entry in int32; "
+            f"seq x heads x dim = {entry} elements is 2^31 or more"
+        )
 
 
 def attention(q, k, v, log_g, p: int, scale: float, options: LaunchOptions = LaunchOptions()):

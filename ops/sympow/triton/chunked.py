@@ -106,9 +106,15 @@ def load_state(s_ptr, z_ptr, tile_index, DIM_V):
 @triton.jit
 def store_state_columns(s_ptr, z_ptr, tile_index, value_block, state, norm, DIM_V, VALUE_BLOCK):
     """One column block of a state tile; its norm is stored by the first column block only."""
-    tl.store(s_ptr + state_offsets(tile_index=tile_index, value_block=value_block, DIM_V=DIM_V, WIDTH=VALUE_BLOCK), state)
+    tl.store(
+        s_ptr + state_offsets(tile_index=tile_index, value_block=value_block, DIM_V=DIM_V, WIDTH=VALUE_BLOCK), state
+    )
     features = tl.arange(0, TILE_FEATURES)
-    tl.store(z_ptr + tile_index * TILE_FEATURES + features, norm, mask=features < tl.where(value_block == 0, TILE_FEATURES, 0))
+    tl.store(
+        z_ptr + tile_index * TILE_FEATURES + features,
+        norm,
+        mask=features < tl.where(value_block == 0, TILE_FEATURES, 0),
+    )
 
 
 @triton.jit
@@ -123,7 +129,9 @@ def scan_program(narrow_blocks_ptr, wide_blocks_ptr, VALUE_BLOCKS):
     """The feature tile, its blocks and multiplicity, and the value column block of a scan
     program: program axis 0 runs over feature tiles x value column blocks."""
     feature_tile, value_block = tl.program_id(0) // VALUE_BLOCKS, tl.program_id(0) % VALUE_BLOCKS
-    narrow, wide, multiplicity = tile_blocks(narrow_blocks_ptr=narrow_blocks_ptr, wide_blocks_ptr=wide_blocks_ptr, feature_tile=feature_tile)
+    narrow, wide, multiplicity = tile_blocks(
+        narrow_blocks_ptr=narrow_blocks_ptr, wide_blocks_ptr=wide_blocks_ptr, feature_tile=feature_tile
+    )
     return feature_tile, narrow, wide, multiplicity, value_block
 
 
@@ -142,7 +150,8 @@ def tile_feature_gradients(d_features, x_narrow, x_wide, ROWS):
 
 @triton.jit
 def placed_in_block(d_block, block, ROWS, BLOCKS, WIDTH):
-    """d_block [ROWS, WIDTH] at block `block` of the head dim split in BLOCKS blocks: [ROWS, BLOCKS, WIDTH], zeros elsewhere."""
+    """d_block [ROWS, WIDTH] at block `block` of the head dim split in BLOCKS blocks: [ROWS, BLOCKS, WIDTH],
+    zeros elsewhere."""
     return tl.where(tl.arange(0, BLOCKS)[None, :, None] == block, d_block[:, None, :], 0.0)
 
 
@@ -169,103 +178,198 @@ def as_input(x, x_ptr):
 
 
 @triton.jit
-def chunk_end_gate(l_ptr, row_base, chunk, seq_len, HEADS, CHUNK):
+def chunk_end_gate(l_ptr, chunk, seq_len, HEADS, CHUNK):
     """E_m: L (or its lo part) at the last position of chunk m (the last real one, for a partial chunk)."""
-    return tl.load(l_ptr + row_base + (tl.minimum((chunk + 1) * CHUNK, seq_len) - 1) * HEADS)
+    return tl.load(l_ptr + (tl.minimum((chunk + 1) * CHUNK, seq_len) - 1) * HEADS)
 
 
 @triton.jit
-def key_root_decay(l_ptr, l_lo_ptr, row_base, cols, chunk, seq_len, HEADS, CHUNK, ROOT_SCALE):
+def key_root_decay(l_ptr, l_lo_ptr, cols, chunk, seq_len, HEADS, CHUNK, ROOT_SCALE):
     """r exp((E_m - L_j) / 2) [cols], which makes phi of the scaled key carry the decay
     exp(E_m - L_j); E_m - L_j from hi and lo apart, as the intra-chunk weights take L_i - L_j."""
-    end_hi = chunk_end_gate(l_ptr=l_ptr, row_base=row_base, chunk=chunk, seq_len=seq_len, HEADS=HEADS, CHUNK=CHUNK)
-    end_lo = chunk_end_gate(l_ptr=l_lo_ptr, row_base=row_base, chunk=chunk, seq_len=seq_len, HEADS=HEADS, CHUNK=CHUNK)
-    hi, lo = load_gates(g_ptr=l_ptr, g_lo_ptr=l_lo_ptr, row_base=row_base, positions=cols, seq_len=seq_len, HEADS=HEADS)
+    end_hi = chunk_end_gate(l_ptr=l_ptr, chunk=chunk, seq_len=seq_len, HEADS=HEADS, CHUNK=CHUNK)
+    end_lo = chunk_end_gate(l_ptr=l_lo_ptr, chunk=chunk, seq_len=seq_len, HEADS=HEADS, CHUNK=CHUNK)
+    hi, lo = load_gates(g_ptr=l_ptr, g_lo_ptr=l_lo_ptr, positions=cols, seq_len=seq_len, HEADS=HEADS)
     return tl.exp(((end_hi - hi) + (end_lo - lo)) * 0.5) * ROOT_SCALE
 
 
 @triton.jit
-def scaled_blocks(x_ptr, base, positions, narrow, wide, scale, seq_len, HEADS, DIM):
+def scaled_blocks(x_ptr, positions, narrow, wide, scale, seq_len, HEADS, DIM):
     """Blocks A [rows, NARROW] and B [rows, WIDE] of rows of q or k, each row times its scale, in float32."""
-    x_narrow = load_columns(x_ptr=x_ptr, base=base, positions=positions, block=narrow, seq_len=seq_len, HEADS=HEADS, DIM=DIM, WIDTH=NARROW)
-    x_wide = load_columns(x_ptr=x_ptr, base=base, positions=positions, block=wide, seq_len=seq_len, HEADS=HEADS, DIM=DIM, WIDTH=WIDE)
+    x_narrow = load_columns(
+        x_ptr=x_ptr, positions=positions, block=narrow, seq_len=seq_len, HEADS=HEADS, DIM=DIM, WIDTH=NARROW
+    )
+    x_wide = load_columns(
+        x_ptr=x_ptr, positions=positions, block=wide, seq_len=seq_len, HEADS=HEADS, DIM=DIM, WIDTH=WIDE
+    )
     return x_narrow.to(tl.float32) * scale, x_wide.to(tl.float32) * scale
 
 
 def power_state_scan(
-    k_ptr, v_ptr, l_ptr, l_lo_ptr, narrow_blocks_ptr, wide_blocks_ptr, s_ptr, z_ptr,
-    seq_len, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr,
-    FEATURE_TILES: tl.constexpr, ROOT_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
-    VALUE_BLOCK: tl.constexpr, VALUE_BLOCKS: tl.constexpr,
-):  # fmt: skip
+    k_ptr,
+    v_ptr,
+    l_ptr,
+    l_lo_ptr,
+    narrow_blocks_ptr,
+    wide_blocks_ptr,
+    s_ptr,
+    z_ptr,
+    seq_len,
+    HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+    DIM_V: tl.constexpr,
+    CHUNK: tl.constexpr,
+    FEATURE_TILES: tl.constexpr,
+    ROOT_SCALE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    VALUE_BLOCK: tl.constexpr,
+    VALUE_BLOCKS: tl.constexpr,
+):
     """The state entering every chunk, for one feature tile and one block of value columns; the
     running state stays in registers."""
     feature_tile, narrow, wide, multiplicity, value_block = scan_program(
         narrow_blocks_ptr=narrow_blocks_ptr, wide_blocks_ptr=wide_blocks_ptr, VALUE_BLOCKS=VALUE_BLOCKS
     )
     qk_base, v_base, row_base = head_bases(seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V)
+    # Every pointer below moves to this program's (batch, head).
+    k_ptr += qk_base
+    v_ptr += v_base
+    l_ptr += row_base
+    l_lo_ptr += row_base
     state = tl.zeros([TILE_FEATURES, VALUE_BLOCK], tl.float32)  # [TILE_FEATURES, VALUE_BLOCK]
     norm = tl.zeros([TILE_FEATURES], tl.float32)  # [TILE_FEATURES]
     for chunk in range(tl.cdiv(seq_len, CHUNK)):
         tile_index = state_tile_index(
-            chunk=chunk, feature_tile=feature_tile, seq_len=seq_len, HEADS=HEADS, CHUNK=CHUNK, FEATURE_TILES=FEATURE_TILES
+            chunk=chunk,
+            feature_tile=feature_tile,
+            seq_len=seq_len,
+            HEADS=HEADS,
+            CHUNK=CHUNK,
+            FEATURE_TILES=FEATURE_TILES,
         )
         store_state_columns(
-            s_ptr=s_ptr, z_ptr=z_ptr, tile_index=tile_index, value_block=value_block, state=state, norm=norm,
-            DIM_V=DIM_V, VALUE_BLOCK=VALUE_BLOCK,
-        )  # fmt: skip
-        decay = tl.exp(chunk_end_gate(l_ptr=l_ptr, row_base=row_base, chunk=chunk, seq_len=seq_len, HEADS=HEADS, CHUNK=CHUNK))
+            s_ptr=s_ptr,
+            z_ptr=z_ptr,
+            tile_index=tile_index,
+            value_block=value_block,
+            state=state,
+            norm=norm,
+            DIM_V=DIM_V,
+            VALUE_BLOCK=VALUE_BLOCK,
+        )
+        decay = tl.exp(chunk_end_gate(l_ptr=l_ptr, chunk=chunk, seq_len=seq_len, HEADS=HEADS, CHUNK=CHUNK))
         state = state * decay
         norm = norm * decay
         for start in range(chunk * CHUNK, (chunk + 1) * CHUNK, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             root_decay = key_root_decay(
-                l_ptr=l_ptr, l_lo_ptr=l_lo_ptr, row_base=row_base, cols=cols, chunk=chunk,
-                seq_len=seq_len, HEADS=HEADS, CHUNK=CHUNK, ROOT_SCALE=ROOT_SCALE,
-            )  # fmt: skip
+                l_ptr=l_ptr,
+                l_lo_ptr=l_lo_ptr,
+                cols=cols,
+                chunk=chunk,
+                seq_len=seq_len,
+                HEADS=HEADS,
+                CHUNK=CHUNK,
+                ROOT_SCALE=ROOT_SCALE,
+            )
             k_narrow, k_wide = scaled_blocks(
-                x_ptr=k_ptr, base=qk_base, positions=cols, narrow=narrow, wide=wide, scale=root_decay[:, None],
-                seq_len=seq_len, HEADS=HEADS, DIM=DIM,
-            )  # fmt: skip
-            phi = tile_features(x_narrow=k_narrow, x_wide=k_wide, ROWS=BLOCK_N) * multiplicity  # [BLOCK_N, TILE_FEATURES]
+                x_ptr=k_ptr,
+                positions=cols,
+                narrow=narrow,
+                wide=wide,
+                scale=root_decay[:, None],
+                seq_len=seq_len,
+                HEADS=HEADS,
+                DIM=DIM,
+            )
+            phi = (
+                tile_features(x_narrow=k_narrow, x_wide=k_wide, ROWS=BLOCK_N) * multiplicity
+            )  # [BLOCK_N, TILE_FEATURES]
             v = load_columns(
-                x_ptr=v_ptr, base=v_base, positions=cols, block=value_block, seq_len=seq_len, HEADS=HEADS, DIM=DIM_V, WIDTH=VALUE_BLOCK
+                x_ptr=v_ptr,
+                positions=cols,
+                block=value_block,
+                seq_len=seq_len,
+                HEADS=HEADS,
+                DIM=DIM_V,
+                WIDTH=VALUE_BLOCK,
             )  # [BLOCK_N, VALUE_BLOCK]
             state += tl.dot(tl.trans(as_input(phi, v_ptr)), v)
             norm += tl.sum(phi, axis=0)
 
 
 @triton.jit
-def state_shares(l_ptr, log_normaliser_ptr, row_base, rows, seq_len, HEADS):
-    """exp(L_i - log normaliser_i) [rows]: how a unit of state numerator or norm weighs in y_i (0 for a row with no weight)."""
-    L = load_row(x_ptr=l_ptr, row_base=row_base, positions=rows, seq_len=seq_len, HEADS=HEADS)
-    log_normaliser = load_row(x_ptr=log_normaliser_ptr, row_base=row_base, positions=rows, seq_len=seq_len, HEADS=HEADS)
+def state_shares(l_ptr, log_normaliser_ptr, rows, seq_len, HEADS):
+    """exp(L_i - log normaliser_i) [rows]: how a unit of state numerator or norm weighs in y_i (0 for a row
+    with no weight)."""
+    L = load_row(x_ptr=l_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS)
+    log_normaliser = load_row(x_ptr=log_normaliser_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS)
     return tl.exp(L - log_normaliser)
 
 
 def power_chunk_forward(
-    q_ptr, k_ptr, v_ptr, l_ptr, l_lo_ptr, s_ptr, z_ptr, narrow_blocks_ptr, wide_blocks_ptr, y_ptr, log_normaliser_ptr,
-    seq_len, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr,
-    FEATURE_TILES: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    l_ptr,
+    l_lo_ptr,
+    s_ptr,
+    z_ptr,
+    narrow_blocks_ptr,
+    wide_blocks_ptr,
+    y_ptr,
+    log_normaliser_ptr,
+    seq_len,
+    HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+    DIM_V: tl.constexpr,
+    CHUNK: tl.constexpr,
+    FEATURE_TILES: tl.constexpr,
+    SCALE: tl.constexpr,
+    ROOT_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """y for one query block: the state entering its chunk, queried, is the first term of the
     running row max and sums; the chunk's keys up to the diagonal follow as in flash attention."""
     block_m = tl.program_id(0)
     qk_base, v_base, row_base = head_bases(seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V)
+    # Every pointer below moves to this program's (batch, head).
+    q_ptr += qk_base
+    k_ptr += qk_base
+    v_ptr += v_base
+    y_ptr += v_base
+    l_ptr += row_base
+    l_lo_ptr += row_base
+    log_normaliser_ptr += row_base
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     chunk = block_m * BLOCK_M // CHUNK
-    row_hi, row_lo = load_gates(g_ptr=l_ptr, g_lo_ptr=l_lo_ptr, row_base=row_base, positions=rows, seq_len=seq_len, HEADS=HEADS)
+    row_hi, row_lo = load_gates(g_ptr=l_ptr, g_lo_ptr=l_lo_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS)
 
     numerator = tl.zeros([BLOCK_M, DIM_V], tl.float32)  # [BLOCK_M, DIM_V]
     denominator = tl.zeros([BLOCK_M], tl.float32)  # [BLOCK_M]
     for feature_tile in range(FEATURE_TILES):
-        narrow, wide, _ = tile_blocks(narrow_blocks_ptr=narrow_blocks_ptr, wide_blocks_ptr=wide_blocks_ptr, feature_tile=feature_tile)
+        narrow, wide, _ = tile_blocks(
+            narrow_blocks_ptr=narrow_blocks_ptr, wide_blocks_ptr=wide_blocks_ptr, feature_tile=feature_tile
+        )
         q_narrow, q_wide = scaled_blocks(
-            x_ptr=q_ptr, base=qk_base, positions=rows, narrow=narrow, wide=wide, scale=ROOT_SCALE, seq_len=seq_len, HEADS=HEADS, DIM=DIM
+            x_ptr=q_ptr,
+            positions=rows,
+            narrow=narrow,
+            wide=wide,
+            scale=ROOT_SCALE,
+            seq_len=seq_len,
+            HEADS=HEADS,
+            DIM=DIM,
         )
         phi = tile_features(x_narrow=q_narrow, x_wide=q_wide, ROWS=BLOCK_M)  # [BLOCK_M, TILE_FEATURES]
         tile_index = state_tile_index(
-            chunk=chunk, feature_tile=feature_tile, seq_len=seq_len, HEADS=HEADS, CHUNK=CHUNK, FEATURE_TILES=FEATURE_TILES
+            chunk=chunk,
+            feature_tile=feature_tile,
+            seq_len=seq_len,
+            HEADS=HEADS,
+            CHUNK=CHUNK,
+            FEATURE_TILES=FEATURE_TILES,
         )
         state, norm = load_state(s_ptr=s_ptr, z_ptr=z_ptr, tile_index=tile_index, DIM_V=DIM_V)
         numerator += tl.dot(as_input(phi, q_ptr), as_input(state, q_ptr))
@@ -278,77 +382,200 @@ def power_chunk_forward(
     row_max = tl.where(has_state, row_hi + tl.log(safe_denominator), float("-inf"))  # [BLOCK_M]
     row_sum = tl.where(has_state, 1.0, 0.0)  # [BLOCK_M]
     acc = tl.where(has_state[:, None], numerator / safe_denominator[:, None], 0.0)  # [BLOCK_M, DIM_V]
-    q = load_tile(x_ptr=q_ptr, base=qk_base, positions=rows, seq_len=seq_len, HEADS=HEADS, DIM=DIM)  # [BLOCK_M, DIM]
+    q = load_tile(x_ptr=q_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS, DIM=DIM)  # [BLOCK_M, DIM]
     row_max, row_sum, acc = accumulate_keys(
-        q=q, row_hi=row_hi, row_lo=row_lo, rows=rows, row_max=row_max, row_sum=row_sum, acc=acc,
-        k_ptr=k_ptr, v_ptr=v_ptr, g_ptr=l_ptr, g_lo_ptr=l_lo_ptr, qk_base=qk_base, v_base=v_base, row_base=row_base,
-        key_start=chunk * CHUNK, key_end=(block_m + 1) * BLOCK_M,
-        seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V, SCALE=SCALE, POWER=2, GATED=True, BLOCK_N=BLOCK_N,
-    )  # fmt: skip
+        q=q,
+        row_hi=row_hi,
+        row_lo=row_lo,
+        rows=rows,
+        row_max=row_max,
+        row_sum=row_sum,
+        acc=acc,
+        k_ptr=k_ptr,
+        v_ptr=v_ptr,
+        g_ptr=l_ptr,
+        g_lo_ptr=l_lo_ptr,
+        key_start=chunk * CHUNK,
+        key_end=(block_m + 1) * BLOCK_M,
+        seq_len=seq_len,
+        HEADS=HEADS,
+        DIM=DIM,
+        DIM_V=DIM_V,
+        SCALE=SCALE,
+        POWER=2,
+        GATED=True,
+        BLOCK_N=BLOCK_N,
+    )
     store_outputs(
-        y_ptr=y_ptr, log_normaliser_ptr=log_normaliser_ptr, v_base=v_base, row_base=row_base, rows=rows,
-        row_max=row_max, row_sum=row_sum, acc=acc, seq_len=seq_len, HEADS=HEADS, DIM_V=DIM_V,
-    )  # fmt: skip
+        y_ptr=y_ptr,
+        log_normaliser_ptr=log_normaliser_ptr,
+        rows=rows,
+        row_max=row_max,
+        row_sum=row_sum,
+        acc=acc,
+        seq_len=seq_len,
+        HEADS=HEADS,
+        DIM_V=DIM_V,
+    )
 
 
 def power_chunk_backward_queries(
-    q_ptr, k_ptr, v_ptr, l_ptr, l_lo_ptr, dy_ptr, delta_ptr, log_normaliser_ptr, s_ptr, z_ptr, narrow_blocks_ptr, wide_blocks_ptr,
-    dq_ptr, dl_rows_ptr,
-    seq_len, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr,
-    FEATURE_TILES: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    l_ptr,
+    l_lo_ptr,
+    dy_ptr,
+    delta_ptr,
+    log_normaliser_ptr,
+    s_ptr,
+    z_ptr,
+    narrow_blocks_ptr,
+    wide_blocks_ptr,
+    dq_ptr,
+    dl_rows_ptr,
+    seq_len,
+    HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+    DIM_V: tl.constexpr,
+    CHUNK: tl.constexpr,
+    FEATURE_TILES: tl.constexpr,
+    SCALE: tl.constexpr,
+    ROOT_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dq and the row part of dL for one query block: the intra-chunk part as in flash attention,
     plus the state part d phi(r q_i) = share_i (S_m dy_i - delta_i z_m), which gives L_i
     phi(r q_i) . d phi(r q_i). (The row part is 0 in exact arithmetic; see power_attention_backward_queries.)"""
     block_m = tl.program_id(0)
     qk_base, v_base, row_base = head_bases(seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V)
+    # Every pointer below moves to this program's (batch, head).
+    q_ptr += qk_base
+    k_ptr += qk_base
+    dq_ptr += qk_base
+    v_ptr += v_base
+    dy_ptr += v_base
+    l_ptr += row_base
+    l_lo_ptr += row_base
+    delta_ptr += row_base
+    log_normaliser_ptr += row_base
+    dl_rows_ptr += row_base
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     chunk = block_m * BLOCK_M // CHUNK
     q, dy, delta, log_normaliser, row_hi, row_lo = load_query_gradients(
-        q_ptr=q_ptr, dy_ptr=dy_ptr, delta_ptr=delta_ptr, log_normaliser_ptr=log_normaliser_ptr, g_ptr=l_ptr, g_lo_ptr=l_lo_ptr,
-        qk_base=qk_base, v_base=v_base, row_base=row_base, rows=rows, seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V,
+        q_ptr=q_ptr,
+        dy_ptr=dy_ptr,
+        delta_ptr=delta_ptr,
+        log_normaliser_ptr=log_normaliser_ptr,
+        g_ptr=l_ptr,
+        g_lo_ptr=l_lo_ptr,
+        rows=rows,
+        seq_len=seq_len,
+        HEADS=HEADS,
+        DIM=DIM,
+        DIM_V=DIM_V,
     )
     dq = tl.zeros([BLOCK_M, DIM], tl.float32)  # [BLOCK_M, DIM]
     dl = tl.zeros([BLOCK_M], tl.float32)  # [BLOCK_M]
     dq, dl = accumulate_query_gradients(
-        q=q, dy=dy, delta=delta, log_normaliser=log_normaliser, row_hi=row_hi, row_lo=row_lo, rows=rows, dq=dq, dg=dl,
-        k_ptr=k_ptr, v_ptr=v_ptr, g_ptr=l_ptr, g_lo_ptr=l_lo_ptr, qk_base=qk_base, v_base=v_base, row_base=row_base,
-        key_start=chunk * CHUNK, key_end=(block_m + 1) * BLOCK_M,
-        seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V, SCALE=SCALE, POWER=2, GATED=True, BLOCK_N=BLOCK_N,
-    )  # fmt: skip
+        q=q,
+        dy=dy,
+        delta=delta,
+        log_normaliser=log_normaliser,
+        row_hi=row_hi,
+        row_lo=row_lo,
+        rows=rows,
+        dq=dq,
+        dg=dl,
+        k_ptr=k_ptr,
+        v_ptr=v_ptr,
+        g_ptr=l_ptr,
+        g_lo_ptr=l_lo_ptr,
+        key_start=chunk * CHUNK,
+        key_end=(block_m + 1) * BLOCK_M,
+        seq_len=seq_len,
+        HEADS=HEADS,
+        DIM=DIM,
+        DIM_V=DIM_V,
+        SCALE=SCALE,
+        POWER=2,
+        GATED=True,
+        BLOCK_N=BLOCK_N,
+    )
 
-    share = state_shares(l_ptr=l_ptr, log_normaliser_ptr=log_normaliser_ptr, row_base=row_base, rows=rows, seq_len=seq_len, HEADS=HEADS)
+    share = state_shares(l_ptr=l_ptr, log_normaliser_ptr=log_normaliser_ptr, rows=rows, seq_len=seq_len, HEADS=HEADS)
     d_numerator = as_input(dy * share[:, None], dy_ptr)  # [BLOCK_M, DIM_V]
     d_norm = -delta * share  # [BLOCK_M]
     d_narrow_blocks = tl.zeros([BLOCK_M, DIM // NARROW, NARROW], tl.float32)  # [BLOCK_M, DIM / NARROW, NARROW]
     d_wide_blocks = tl.zeros([BLOCK_M, DIM // WIDE, WIDE], tl.float32)  # [BLOCK_M, DIM / WIDE, WIDE]
     for feature_tile in range(FEATURE_TILES):
-        narrow, wide, _ = tile_blocks(narrow_blocks_ptr=narrow_blocks_ptr, wide_blocks_ptr=wide_blocks_ptr, feature_tile=feature_tile)
+        narrow, wide, _ = tile_blocks(
+            narrow_blocks_ptr=narrow_blocks_ptr, wide_blocks_ptr=wide_blocks_ptr, feature_tile=feature_tile
+        )
         q_narrow, q_wide = scaled_blocks(
-            x_ptr=q_ptr, base=qk_base, positions=rows, narrow=narrow, wide=wide, scale=ROOT_SCALE, seq_len=seq_len, HEADS=HEADS, DIM=DIM
+            x_ptr=q_ptr,
+            positions=rows,
+            narrow=narrow,
+            wide=wide,
+            scale=ROOT_SCALE,
+            seq_len=seq_len,
+            HEADS=HEADS,
+            DIM=DIM,
         )
         tile_index = state_tile_index(
-            chunk=chunk, feature_tile=feature_tile, seq_len=seq_len, HEADS=HEADS, CHUNK=CHUNK, FEATURE_TILES=FEATURE_TILES
+            chunk=chunk,
+            feature_tile=feature_tile,
+            seq_len=seq_len,
+            HEADS=HEADS,
+            CHUNK=CHUNK,
+            FEATURE_TILES=FEATURE_TILES,
         )
         state, norm = load_state(s_ptr=s_ptr, z_ptr=z_ptr, tile_index=tile_index, DIM_V=DIM_V)
-        d_phi = tl.dot(d_numerator, tl.trans(as_input(state, dy_ptr))) + d_norm[:, None] * norm[None, :]  # [BLOCK_M, TILE_FEATURES]
+        d_phi = (
+            tl.dot(d_numerator, tl.trans(as_input(state, dy_ptr))) + d_norm[:, None] * norm[None, :]
+        )  # [BLOCK_M, TILE_FEATURES]
         dl += tl.sum(tile_features(x_narrow=q_narrow, x_wide=q_wide, ROWS=BLOCK_M) * d_phi, axis=1)
         d_narrow_blocks, d_wide_blocks = add_tile_gradient(
-            d_narrow_blocks=d_narrow_blocks, d_wide_blocks=d_wide_blocks, d_features=d_phi,
-            x_narrow=q_narrow, x_wide=q_wide, narrow=narrow, wide=wide, ROWS=BLOCK_M, DIM=DIM,
-        )  # fmt: skip
+            d_narrow_blocks=d_narrow_blocks,
+            d_wide_blocks=d_wide_blocks,
+            d_features=d_phi,
+            x_narrow=q_narrow,
+            x_wide=q_wide,
+            narrow=narrow,
+            wide=wide,
+            ROWS=BLOCK_M,
+            DIM=DIM,
+        )
     d_q_state = joined_gradient(d_narrow_blocks=d_narrow_blocks, d_wide_blocks=d_wide_blocks, ROWS=BLOCK_M, DIM=DIM)
-    store_tile(x_ptr=dq_ptr, base=qk_base, positions=rows, tile=dq + d_q_state * ROOT_SCALE, seq_len=seq_len, HEADS=HEADS, DIM=DIM)
-    store_row(x_ptr=dl_rows_ptr, row_base=row_base, positions=rows, row=dl, seq_len=seq_len, HEADS=HEADS)
+    store_tile(x_ptr=dq_ptr, positions=rows, tile=dq + d_q_state * ROOT_SCALE, seq_len=seq_len, HEADS=HEADS, DIM=DIM)
+    store_row(x_ptr=dl_rows_ptr, positions=rows, row=dl, seq_len=seq_len, HEADS=HEADS)
 
 
 def power_state_scan_backward(
-    q_ptr, l_ptr, dy_ptr, delta_ptr, log_normaliser_ptr, s_ptr, z_ptr, narrow_blocks_ptr, wide_blocks_ptr,
-    ds_ptr, dz_ptr, d_end_gate_ptr,
-    seq_len, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr,
-    FEATURE_TILES: tl.constexpr, ROOT_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
-    VALUE_BLOCK: tl.constexpr, VALUE_BLOCKS: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    l_ptr,
+    dy_ptr,
+    delta_ptr,
+    log_normaliser_ptr,
+    s_ptr,
+    z_ptr,
+    narrow_blocks_ptr,
+    wide_blocks_ptr,
+    ds_ptr,
+    dz_ptr,
+    d_end_gate_ptr,
+    seq_len,
+    HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+    DIM_V: tl.constexpr,
+    CHUNK: tl.constexpr,
+    FEATURE_TILES: tl.constexpr,
+    ROOT_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    VALUE_BLOCK: tl.constexpr,
+    VALUE_BLOCKS: tl.constexpr,
+):
     """The scan run backwards, for one feature tile and one block of value columns. With dS_m the
     gradient of the state entering chunk m: dS_m = exp(E_m) dS_{m+1} + sum_{i in m} phi(r q_i)
     share_i dy_i^T (the norm likewise with -share_i delta_i), dS_{last + 1} = 0. Stores, per
@@ -358,72 +585,172 @@ def power_state_scan_backward(
         narrow_blocks_ptr=narrow_blocks_ptr, wide_blocks_ptr=wide_blocks_ptr, VALUE_BLOCKS=VALUE_BLOCKS
     )
     qk_base, v_base, row_base = head_bases(seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V)
+    # Every pointer below moves to this program's (batch, head).
+    q_ptr += qk_base
+    dy_ptr += v_base
+    l_ptr += row_base
+    delta_ptr += row_base
+    log_normaliser_ptr += row_base
     d_state = tl.zeros([TILE_FEATURES, VALUE_BLOCK], tl.float32)  # [TILE_FEATURES, VALUE_BLOCK]
     d_norm = tl.zeros([TILE_FEATURES], tl.float32)  # [TILE_FEATURES]
     chunks = tl.cdiv(seq_len, CHUNK)
     for step in range(chunks):
         chunk = chunks - 1 - step
         tile_index = state_tile_index(
-            chunk=chunk, feature_tile=feature_tile, seq_len=seq_len, HEADS=HEADS, CHUNK=CHUNK, FEATURE_TILES=FEATURE_TILES
+            chunk=chunk,
+            feature_tile=feature_tile,
+            seq_len=seq_len,
+            HEADS=HEADS,
+            CHUNK=CHUNK,
+            FEATURE_TILES=FEATURE_TILES,
         )
         store_state_columns(
-            s_ptr=ds_ptr, z_ptr=dz_ptr, tile_index=tile_index, value_block=value_block, state=d_state, norm=d_norm,
-            DIM_V=DIM_V, VALUE_BLOCK=VALUE_BLOCK,
-        )  # fmt: skip
-        decay = tl.exp(chunk_end_gate(l_ptr=l_ptr, row_base=row_base, chunk=chunk, seq_len=seq_len, HEADS=HEADS, CHUNK=CHUNK))
-        state = tl.load(s_ptr + state_offsets(tile_index=tile_index, value_block=value_block, DIM_V=DIM_V, WIDTH=VALUE_BLOCK))
+            s_ptr=ds_ptr,
+            z_ptr=dz_ptr,
+            tile_index=tile_index,
+            value_block=value_block,
+            state=d_state,
+            norm=d_norm,
+            DIM_V=DIM_V,
+            VALUE_BLOCK=VALUE_BLOCK,
+        )
+        decay = tl.exp(chunk_end_gate(l_ptr=l_ptr, chunk=chunk, seq_len=seq_len, HEADS=HEADS, CHUNK=CHUNK))
+        state = tl.load(
+            s_ptr + state_offsets(tile_index=tile_index, value_block=value_block, DIM_V=DIM_V, WIDTH=VALUE_BLOCK)
+        )
         through_norm = tl.where(value_block == 0, tl.sum(load_norm(z_ptr=z_ptr, tile_index=tile_index) * d_norm), 0.0)
-        tl.store(d_end_gate_ptr + tile_index * VALUE_BLOCKS + value_block, decay * (tl.sum(state * d_state) + through_norm))
+        tl.store(
+            d_end_gate_ptr + tile_index * VALUE_BLOCKS + value_block, decay * (tl.sum(state * d_state) + through_norm)
+        )
         d_state = d_state * decay
         d_norm = d_norm * decay
         for start in range(chunk * CHUNK, (chunk + 1) * CHUNK, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             q_narrow, q_wide = scaled_blocks(
-                x_ptr=q_ptr, base=qk_base, positions=rows, narrow=narrow, wide=wide, scale=ROOT_SCALE,
-                seq_len=seq_len, HEADS=HEADS, DIM=DIM,
-            )  # fmt: skip
+                x_ptr=q_ptr,
+                positions=rows,
+                narrow=narrow,
+                wide=wide,
+                scale=ROOT_SCALE,
+                seq_len=seq_len,
+                HEADS=HEADS,
+                DIM=DIM,
+            )
             phi = tile_features(x_narrow=q_narrow, x_wide=q_wide, ROWS=BLOCK_M)  # [BLOCK_M, TILE_FEATURES]
             share = state_shares(
-                l_ptr=l_ptr, log_normaliser_ptr=log_normaliser_ptr, row_base=row_base, rows=rows, seq_len=seq_len, HEADS=HEADS
+                l_ptr=l_ptr, log_normaliser_ptr=log_normaliser_ptr, rows=rows, seq_len=seq_len, HEADS=HEADS
             )  # [BLOCK_M]
             dy = load_columns(
-                x_ptr=dy_ptr, base=v_base, positions=rows, block=value_block, seq_len=seq_len, HEADS=HEADS, DIM=DIM_V, WIDTH=VALUE_BLOCK
+                x_ptr=dy_ptr,
+                positions=rows,
+                block=value_block,
+                seq_len=seq_len,
+                HEADS=HEADS,
+                DIM=DIM_V,
+                WIDTH=VALUE_BLOCK,
             )  # [BLOCK_M, VALUE_BLOCK]
-            delta = load_row(x_ptr=delta_ptr, row_base=row_base, positions=rows, seq_len=seq_len, HEADS=HEADS)  # [BLOCK_M]
+            delta = load_row(x_ptr=delta_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS)  # [BLOCK_M]
             d_state += tl.dot(tl.trans(as_input(phi, dy_ptr)), as_input(dy * share[:, None], dy_ptr))
             d_norm -= tl.sum(phi * (delta * share)[:, None], axis=0)
 
 
 def power_chunk_backward_keys(
-    q_ptr, k_ptr, v_ptr, l_ptr, l_lo_ptr, dy_ptr, delta_ptr, log_normaliser_ptr, ds_ptr, dz_ptr, narrow_blocks_ptr, wide_blocks_ptr,
-    dk_ptr, dv_ptr, dl_ptr, through_state_ptr,
-    seq_len, HEADS: tl.constexpr, DIM: tl.constexpr, DIM_V: tl.constexpr, CHUNK: tl.constexpr,
-    FEATURE_TILES: tl.constexpr, SCALE: tl.constexpr, ROOT_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    l_ptr,
+    l_lo_ptr,
+    dy_ptr,
+    delta_ptr,
+    log_normaliser_ptr,
+    ds_ptr,
+    dz_ptr,
+    narrow_blocks_ptr,
+    wide_blocks_ptr,
+    dk_ptr,
+    dv_ptr,
+    dl_ptr,
+    through_state_ptr,
+    seq_len,
+    HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+    DIM_V: tl.constexpr,
+    CHUNK: tl.constexpr,
+    FEATURE_TILES: tl.constexpr,
+    SCALE: tl.constexpr,
+    ROOT_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dk, dv and dL for one key block: from the chunk's queries as in flash attention, and from
     the key's share in the state after its chunk, c phi(x_j) v_j^T with x_j = r exp((E_m - L_j)/2) k_j.
     through_state_j = sum c phi(x_j) . (dS v_j + dz) is what that term gives dE_m; it takes as much from L_j."""
     block_n = tl.program_id(0)
     qk_base, v_base, row_base = head_bases(seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V)
+    # Every pointer below moves to this program's (batch, head).
+    q_ptr += qk_base
+    k_ptr += qk_base
+    dk_ptr += qk_base
+    v_ptr += v_base
+    dy_ptr += v_base
+    dv_ptr += v_base
+    l_ptr += row_base
+    l_lo_ptr += row_base
+    delta_ptr += row_base
+    log_normaliser_ptr += row_base
+    dl_ptr += row_base
+    through_state_ptr += row_base
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     chunk = block_n * BLOCK_N // CHUNK
     k, v, col_hi, col_lo = load_keys(
-        k_ptr=k_ptr, v_ptr=v_ptr, g_ptr=l_ptr, g_lo_ptr=l_lo_ptr, qk_base=qk_base, v_base=v_base, row_base=row_base,
-        cols=cols, seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V,
+        k_ptr=k_ptr,
+        v_ptr=v_ptr,
+        g_ptr=l_ptr,
+        g_lo_ptr=l_lo_ptr,
+        cols=cols,
+        seq_len=seq_len,
+        HEADS=HEADS,
+        DIM=DIM,
+        DIM_V=DIM_V,
     )
     dk = tl.zeros([BLOCK_N, DIM], tl.float32)  # [BLOCK_N, DIM]
     dv = tl.zeros([BLOCK_N, DIM_V], tl.float32)  # [BLOCK_N, DIM_V]
     dl = tl.zeros([BLOCK_N], tl.float32)  # [BLOCK_N]
     dk, dv, dl = accumulate_key_gradients(
-        k=k, v=v, col_hi=col_hi, col_lo=col_lo, cols=cols, dk=dk, dv=dv, dg=dl,
-        q_ptr=q_ptr, dy_ptr=dy_ptr, delta_ptr=delta_ptr, log_normaliser_ptr=log_normaliser_ptr, g_ptr=l_ptr, g_lo_ptr=l_lo_ptr,
-        qk_base=qk_base, v_base=v_base, row_base=row_base,
-        query_start=(block_n * BLOCK_N // BLOCK_M) * BLOCK_M, query_end=tl.minimum((chunk + 1) * CHUNK, seq_len),
-        seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V, SCALE=SCALE, POWER=2, GATED=True, BLOCK_M=BLOCK_M,
-    )  # fmt: skip
+        k=k,
+        v=v,
+        col_hi=col_hi,
+        col_lo=col_lo,
+        cols=cols,
+        dk=dk,
+        dv=dv,
+        dg=dl,
+        q_ptr=q_ptr,
+        dy_ptr=dy_ptr,
+        delta_ptr=delta_ptr,
+        log_normaliser_ptr=log_normaliser_ptr,
+        g_ptr=l_ptr,
+        g_lo_ptr=l_lo_ptr,
+        query_start=(block_n * BLOCK_N // BLOCK_M) * BLOCK_M,
+        query_end=tl.minimum((chunk + 1) * CHUNK, seq_len),
+        seq_len=seq_len,
+        HEADS=HEADS,
+        DIM=DIM,
+        DIM_V=DIM_V,
+        SCALE=SCALE,
+        POWER=2,
+        GATED=True,
+        BLOCK_M=BLOCK_M,
+    )
 
     root_decay = key_root_decay(
-        l_ptr=l_ptr, l_lo_ptr=l_lo_ptr, row_base=row_base, cols=cols, chunk=chunk, seq_len=seq_len, HEADS=HEADS, CHUNK=CHUNK,
+        l_ptr=l_ptr,
+        l_lo_ptr=l_lo_ptr,
+        cols=cols,
+        chunk=chunk,
+        seq_len=seq_len,
+        HEADS=HEADS,
+        CHUNK=CHUNK,
         ROOT_SCALE=ROOT_SCALE,
     )  # [BLOCK_N]
     d_narrow_blocks = tl.zeros([BLOCK_N, DIM // NARROW, NARROW], tl.float32)  # [BLOCK_N, DIM / NARROW, NARROW]
@@ -434,27 +761,45 @@ def power_chunk_backward_keys(
             narrow_blocks_ptr=narrow_blocks_ptr, wide_blocks_ptr=wide_blocks_ptr, feature_tile=feature_tile
         )
         k_narrow, k_wide = scaled_blocks(
-            x_ptr=k_ptr, base=qk_base, positions=cols, narrow=narrow, wide=wide, scale=root_decay[:, None],
-            seq_len=seq_len, HEADS=HEADS, DIM=DIM,
-        )  # fmt: skip
+            x_ptr=k_ptr,
+            positions=cols,
+            narrow=narrow,
+            wide=wide,
+            scale=root_decay[:, None],
+            seq_len=seq_len,
+            HEADS=HEADS,
+            DIM=DIM,
+        )
         phi = tile_features(x_narrow=k_narrow, x_wide=k_wide, ROWS=BLOCK_N) * multiplicity  # [BLOCK_N, TILE_FEATURES]
         tile_index = state_tile_index(
-            chunk=chunk, feature_tile=feature_tile, seq_len=seq_len, HEADS=HEADS, CHUNK=CHUNK, FEATURE_TILES=FEATURE_TILES
+            chunk=chunk,
+            feature_tile=feature_tile,
+            seq_len=seq_len,
+            HEADS=HEADS,
+            CHUNK=CHUNK,
+            FEATURE_TILES=FEATURE_TILES,
         )
         d_state, d_norm = load_state(s_ptr=ds_ptr, z_ptr=dz_ptr, tile_index=tile_index, DIM_V=DIM_V)
         dv += tl.dot(as_input(phi, v_ptr), d_state)
         d_phi = tl.dot(v, tl.trans(d_state)) + d_norm[None, :]  # [BLOCK_N, TILE_FEATURES]
         through_state += tl.sum(phi * d_phi, axis=1)
         d_narrow_blocks, d_wide_blocks = add_tile_gradient(
-            d_narrow_blocks=d_narrow_blocks, d_wide_blocks=d_wide_blocks, d_features=d_phi * multiplicity,
-            x_narrow=k_narrow, x_wide=k_wide, narrow=narrow, wide=wide, ROWS=BLOCK_N, DIM=DIM,
-        )  # fmt: skip
+            d_narrow_blocks=d_narrow_blocks,
+            d_wide_blocks=d_wide_blocks,
+            d_features=d_phi * multiplicity,
+            x_narrow=k_narrow,
+            x_wide=k_wide,
+            narrow=narrow,
+            wide=wide,
+            ROWS=BLOCK_N,
+            DIM=DIM,
+        )
     d_k_state = joined_gradient(d_narrow_blocks=d_narrow_blocks, d_wide_blocks=d_wide_blocks, ROWS=BLOCK_N, DIM=DIM)
     dk += d_k_state * root_decay[:, None]
-    store_tile(x_ptr=dk_ptr, base=qk_base, positions=cols, tile=dk, seq_len=seq_len, HEADS=HEADS, DIM=DIM)
-    store_tile(x_ptr=dv_ptr, base=v_base, positions=cols, tile=dv, seq_len=seq_len, HEADS=HEADS, DIM=DIM_V)
-    store_row(x_ptr=dl_ptr, row_base=row_base, positions=cols, row=dl - through_state, seq_len=seq_len, HEADS=HEADS)
-    store_row(x_ptr=through_state_ptr, row_base=row_base, positions=cols, row=through_state, seq_len=seq_len, HEADS=HEADS)
+    store_tile(x_ptr=dk_ptr, positions=cols, tile=dk, seq_len=seq_len, HEADS=HEADS, DIM=DIM)
+    store_tile(x_ptr=dv_ptr, positions=cols, tile=dv, seq_len=seq_len, HEADS=HEADS, DIM=DIM_V)
+    store_row(x_ptr=dl_ptr, positions=cols, row=dl - through_state, seq_len=seq_len, HEADS=HEADS)
+    store_row(x_ptr=through_state_ptr, positions=cols, row=through_state, seq_len=seq_len, HEADS=HEADS)
 
 
 @functools.cache
@@ -462,7 +807,12 @@ def tile_tables(dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Blocks (A, B) of every feature tile, in the order of the state's feature tile axis: for
     each pair of wide blocks P <= B, the narrow blocks A inside P (A in units of NARROW dims)."""
     narrow_per_wide, wide_blocks = WIDE_BLOCK // NARROW_BLOCK, dim // WIDE_BLOCK
-    tiles = [(p * narrow_per_wide + part, b) for p in range(wide_blocks) for b in range(p, wide_blocks) for part in range(narrow_per_wide)]
+    tiles = [
+        (p * narrow_per_wide + part, b)
+        for p in range(wide_blocks)
+        for b in range(p, wide_blocks)
+        for part in range(narrow_per_wide)
+    ]
     return np.array([a for a, _ in tiles], np.int32), np.array([b for _, b in tiles], np.int32)
 
 
@@ -511,9 +861,17 @@ def chunked_plan(q, v, scale: float, chunk_size: int, options: LaunchOptions) ->
     tables = tile_tables(dim)
     value_block = min(dim_v, options.scan_value_columns)
     scalars = dict(
-        seq_len=seq, HEADS=heads, DIM=dim, DIM_V=dim_v, CHUNK=chunk_size, FEATURE_TILES=len(tables[0]),
-        SCALE=scale, ROOT_SCALE=math.sqrt(scale), VALUE_BLOCK=value_block, VALUE_BLOCKS=dim_v // value_block,
-    )  # fmt: skip
+        seq_len=seq,
+        HEADS=heads,
+        DIM=dim,
+        DIM_V=dim_v,
+        CHUNK=chunk_size,
+        FEATURE_TILES=len(tables[0]),
+        SCALE=scale,
+        ROOT_SCALE=math.sqrt(scale),
+        VALUE_BLOCK=value_block,
+        VALUE_BLOCKS=dim_v // value_block,
+    )
     scan_grid = (len(tables[0]) * scalars["VALUE_BLOCKS"], batch * heads)
     row_blocks = {
         power_chunk_forward: tilings[power_chunk_forward].query_rows,
@@ -522,7 +880,9 @@ def chunked_plan(q, v, scale: float, chunk_size: int, options: LaunchOptions) ->
     }
     grids = {power_state_scan: scan_grid, power_state_scan_backward: scan_grid}
     grids |= {kernel: (math.ceil(seq / rows), batch * heads) for kernel, rows in row_blocks.items()}
-    state = jax.ShapeDtypeStruct((batch, math.ceil(seq / chunk_size), heads, len(tables[0]), NARROW_BLOCK * WIDE_BLOCK, dim_v), jnp.float32)
+    state = jax.ShapeDtypeStruct(
+        (batch, math.ceil(seq / chunk_size), heads, len(tables[0]), NARROW_BLOCK * WIDE_BLOCK, dim_v), jnp.float32
+    )
     return ChunkedPlan(
         launches=Plan(options.runs_compiled(), tilings, grids, scalars),
         state=state,
@@ -546,14 +906,27 @@ def chunked_forward(q, k, v, L, scale: float, chunk_size: int, options: LaunchOp
     plan = chunked_plan(q, v, scale, chunk_size, options)
     S, z = plan.launches.launch(power_state_scan, [k, v, *L, *plan.tables], [plan.state, plan.norm])
     y_shape = jax.ShapeDtypeStruct(v.shape, v.dtype)
-    y, log_normaliser = plan.launches.launch(power_chunk_forward, [q, k, v, *L, S, z, *plan.tables], [y_shape, plan.rows])
+    y, log_normaliser = plan.launches.launch(
+        power_chunk_forward, [q, k, v, *L, S, z, *plan.tables], [y_shape, plan.rows]
+    )
     return y, log_normaliser, S, z
 
 
 def chunked_backward(
-    q, k, v, L, y, log_normaliser, S, z, dy, scale: float, chunk_size: int,
-    options: LaunchOptions = LaunchOptions(), d_log_normaliser=None,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    L,
+    y,
+    log_normaliser,
+    S,
+    z,
+    dy,
+    scale: float,
+    chunk_size: int,
+    options: LaunchOptions = LaunchOptions(),
+    d_log_normaliser=None,
+):
     """(dq, dk, dv, dL) through the three backward kernels; dL is the gradient of the chunk-local
     gates. d_log_normaliser: a gradient in the log-normaliser too (see `log_weight_delta`)."""
     plan = chunked_plan(q, v, scale, chunk_size, options)
@@ -574,7 +947,9 @@ def chunked_backward(
         power_chunk_backward_keys, [*rows, d_state, d_norm, *plan.tables], [like[1], like[2], plan.rows, plan.rows]
     )
     # E_m is L at chunk m's last position: it collects the scan's part and the keys' parts.
-    d_end = jnp.sum(d_end_gate, axis=(3, 4)) + jnp.sum(split_chunks(through_state, chunk_size), axis=2)  # [batch, chunks, heads]
+    d_end = jnp.sum(d_end_gate, axis=(3, 4)) + jnp.sum(
+        split_chunks(through_state, chunk_size), axis=2
+    )  # [batch, chunks, heads]
     dL = split_chunks(dL_rows + dL_columns, chunk_size).at[:, :, -1].add(d_end)
     return dq, dk, dv, dL
 
@@ -624,6 +999,9 @@ def chunked(q, k, v, log_g, scale: float, chunk_size: int, options: LaunchOption
     check_dims(q, v)
     multiple = chunk_multiple(q, options)
     if chunk_size % multiple:
-        raise ValueError(f"impl='triton' needs chunk_size a multiple of {multiple} here (tiles do not straddle chunks); got {chunk_size}")
+        raise ValueError(
+            f"impl='triton' needs chunk_size a multiple of {multiple} here (tiles do not straddle chunks); "
+            f"got {chunk_size}"
+        )
     log_g = jnp.zeros(q.shape[:3], jnp.float32) if log_g is None else log_g.astype(jnp.float32)
     return triton_chunked(q, k, v, log_g, scale, chunk_size, options)

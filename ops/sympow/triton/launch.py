@@ -201,7 +201,9 @@ def compile_for(kernel, pointer_types: dict[str, str], scalars: dict, tiles: Til
     signature = {**pointer_types, **{name: "i32" if name in runtime else "constexpr" for name in scalars}}
     hinted = [*pointer_types, *(name for name in runtime if scalars[name] % 16 == 0)]
     source = triton.compiler.ASTSource(
-        fn=function, signature=signature, constexprs={name: value for name, value in scalars.items() if name not in runtime},
+        fn=function,
+        signature=signature,
+        constexprs={name: value for name, value in scalars.items() if name not in runtime},
         attrs={(function.arg_names.index(name),): DIVISIBLE_BY_16 for name in hinted},
     )
     options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
@@ -236,8 +238,13 @@ def launch(
     if compiled_on_gpu:
         return list(
             jax_triton().triton_call(
-                *inputs, kernel=compiled(kernel), out_type=out_shapes, grid=grid,
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages, **scalars,
+                *inputs,
+                kernel=compiled(kernel),
+                out_type=out_shapes,
+                grid=grid,
+                num_warps=tiles.num_warps,
+                num_stages=tiles.num_stages,
+                **scalars,
             )
         )
 
