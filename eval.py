@@ -7,6 +7,9 @@ loss_by_position.csv (binned), loss_by_position.png (one curve per run, each run
 context marked), training_loss.png (the runs' logged training losses) and, when the runs
 were trained at several contexts,
 loss_by_training_context.png (mean loss over 1..N against training context, one line per variant).
+
+On several processes (the flags of sympow/distributed.py, as train.py) each process evaluates
+its share of every batch of windows and process 0 sums them and writes the results.
 """
 
 import argparse
@@ -15,13 +18,15 @@ import json
 from pathlib import Path
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from sympow import checkpoint, data
+from sympow import checkpoint, data, distributed
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
@@ -41,9 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="heldout windows of N tokens to average over, taken column by column "
         "(every document's first window, then every second one, ...)",
     )
-    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="windows per forward pass (of all processes together)"
+    )
     parser.add_argument("--bins", type=int, default=64, help="position bins in the CSV and the plot")
     parser.add_argument("--data", default=None, help="token store (default: the one each run trained on)")
+    distributed.add_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -54,12 +62,15 @@ def position_losses(model, inputs, targets):
 
 
 def evaluate(model, stream: data.WindowStream, windows: int) -> np.ndarray:
-    """Mean loss at each position over `windows` windows, summed in float64."""
+    """Mean loss at each position over `windows` windows, summed in float64 (over every
+    process's share of each batch)."""
     total = np.zeros(stream.context, np.float64)
     batches = -(-windows // stream.batch_size)
-    for _ in tqdm(range(batches), desc="eval", leave=False):
+    for _ in tqdm(range(batches), desc="eval", leave=False, disable=not distributed.is_main()):
         inputs, targets = stream.next_batch()
         total += np.asarray(position_losses(model, jnp.asarray(inputs), jnp.asarray(targets)), np.float64).sum(axis=0)
+    if jax.process_count() > 1:
+        total = np.sum(multihost_utils.process_allgather(total), axis=0)
     return total / (batches * stream.batch_size)
 
 
@@ -135,12 +146,13 @@ def write_csv(results: list[dict], bins: int, path: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    distributed.initialize(args)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for run in args.runs:
         model, meta = checkpoint.load_model(run)
         heldout = data.open_split(data.resolve(args.data or meta["args"]["data"]), "heldout")
-        stream = data.WindowStream(heldout, args.context, args.batch_size)
+        stream = data.WindowStream(heldout, args.context, args.batch_size, 0, jax.process_index(), jax.process_count())
         windows = -(-min(args.windows, stream.examples) // args.batch_size) * args.batch_size  # whole batches
         losses = evaluate(model, stream, windows)
         results.append(
@@ -156,8 +168,14 @@ def main(argv=None) -> None:
                 loss_by_position=losses.tolist(),
             )
         )
-        print(f"{run}: mean loss {losses.mean():.4f} over positions 1..{args.context} ({windows} windows)")
+        if distributed.is_main():
+            print(f"{run}: mean loss {losses.mean():.4f} over positions 1..{args.context} ({windows} windows)")
+    if distributed.is_main():
+        write_results(args, results)
 
+
+def write_results(args, results: list[dict]) -> None:
+    """results.json, the CSV and the plots, and a table on stdout."""
     (args.out / "results.json").write_text(json.dumps(results))
     write_csv(results, args.bins, args.out / "loss_by_position.csv")
     plot_by_position(results, args.bins, args.out / "loss_by_position.png")

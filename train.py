@@ -3,11 +3,14 @@
     python train.py                         # tiny conformal model on the embedded corpus, CPU, a few minutes
     python train.py --attention sympow --context 1024 --preset 124m --data gs://longcrawl64 --out runs/x
 
-Running the same command again resumes from the last checkpoint in --out, exactly.
+Running the same command again resumes from the last checkpoint in --out, exactly. On several
+processes (hosts, or `python -m sympow.launch` on one machine) every process runs this same
+script with --coordinator, --num-processes and --process-id (sympow/distributed.py).
 
 Read it in order: the flags; the optimizer and the loss; `make_train_step`, one jitted update;
 `set_up`, a new run or the last checkpoint's; `data_parallel`, the run placed on every device;
-and `main`'s loop: a step, the NaN stop, the metrics, the checkpoint.
+`Reporter`, which reads a step's loss (one step late), stops on a NaN and writes the metrics;
+and `main`'s loop: a batch read ahead, a step, the report, the checkpoint.
 """
 
 import argparse
@@ -26,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import sympow
-from sympow import checkpoint, data
+from sympow import checkpoint, data, distributed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    distributed.add_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -137,12 +140,12 @@ class Run(NamedTuple):
     model: sympow.Transformer
     opt_state: optax.OptState
     step: int  # updates done
-    stream: data.WindowStream  # where the data stands
+    position: int  # examples consumed: where the data stream resumes
 
 
-def set_up(args) -> tuple[Run, optax.GradientTransformation]:
+def set_up(args) -> tuple[Run, optax.GradientTransformation, data.WindowStream]:
     """A new model and optimizer state, or the last checkpoint in --out (an exact resume:
-    weights, optimizer moments, step and data position)."""
+    weights, optimizer moments, step and data position), and the data stream from there."""
     model = sympow.Transformer(model_config(args), key=jax.random.key(args.seed))
     opt = optimizer(args)
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
@@ -153,19 +156,20 @@ def set_up(args) -> tuple[Run, optax.GradientTransformation]:
             model, opt_state, step, position = checkpoint.resume(saved, model, opt_state)
         except ValueError as error:
             sys.exit(f"{error}: use another --out")
-        print(f"resuming from {saved} (step {step})")
+        if distributed.is_main():
+            print(f"resuming from {saved} (step {step})")
     examples, _ = batch_sizes(args)
     # Each process reads its own share of every update's examples, from the saved position on.
     train_split = data.open_split(data.resolve(args.data), "train")
     stream = data.WindowStream(train_split, args.context, examples, position, jax.process_index(), jax.process_count())
-    return Run(model, opt_state, step, stream), opt
+    return Run(model, opt_state, step, position), opt, stream
 
 
 def data_parallel(run: Run) -> tuple[Run, NamedSharding]:
     """Parameters and optimizer state replicated on every device of every process; the sharding
     that splits a batch's examples over them."""
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    model, opt_state = jax.device_put((run.model, run.opt_state), NamedSharding(mesh, PartitionSpec()))
+    model, opt_state = distributed.replicated((run.model, run.opt_state), NamedSharding(mesh, PartitionSpec()))
     return run._replace(model=model, opt_state=opt_state), NamedSharding(mesh, PartitionSpec("data"))
 
 
@@ -176,61 +180,109 @@ def describe(args, run: Run, dtype) -> str:
         f"{args.attention} p={args.p} {args.preset} ({parameters / 1e6:.1f}M parameters), context {args.context}, "
         f"{examples} examples x {accumulation} micro-batches per update, "
         f"{dtype.name} on {jax.device_count()} {jax.default_backend()} device(s)"
+        + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
     )
 
 
 class Throughput:
-    """Tokens per second since the last reading."""
+    """Tokens per second, and seconds waited for data per step, since the last reading."""
 
-    def __init__(self, step: int, tokens_per_update: int):
-        self.clock, self.step, self.tokens_per_update = time.perf_counter(), step, tokens_per_update
+    def __init__(self, step: int, tokens_per_update: int, prefetcher: data.Prefetcher):
+        self.tokens_per_update, self.prefetcher = tokens_per_update, prefetcher
+        self.clock, self.step, self.waited = time.perf_counter(), step, prefetcher.waited
 
-    def read(self, step: int) -> float:
-        now = time.perf_counter()
-        tokens_per_second = (step - self.step) * self.tokens_per_update / (now - self.clock)
-        self.clock, self.step = now, step
-        return tokens_per_second
+    def read(self, step: int) -> dict:
+        now, waited = time.perf_counter(), self.prefetcher.waited
+        steps = step - self.step
+        reading = dict(
+            tokens_per_second=steps * self.tokens_per_update / (now - self.clock),
+            data_wait_per_step=(waited - self.waited) / steps,
+        )
+        self.clock, self.step, self.waited = now, step, waited
+        return reading
+
+
+class Step(NamedTuple):
+    """A step dispatched to the devices, its results not yet read."""
+
+    step: int
+    loss: jax.Array
+    grad_norm: jax.Array
+
+
+class Reporter:
+    """Reads a step's loss on the host, one step late (the next step is queued on the devices by
+    then, so they never wait for the host); stops the run on a NaN; writes the metrics
+    (process 0) and the progress bar."""
+
+    def __init__(self, args, run: Run, prefetcher: data.Prefetcher):
+        self.args, self.last_good = args, checkpoint.latest(args.out)
+        self.metrics = metrics_up_to(args.out / "metrics.jsonl", run.step) if distributed.is_main() else None
+        self.throughput = Throughput(run.step, args.tokens_per_update, prefetcher)
+        self.progress = tqdm(total=args.steps, initial=run.step, desc="train", disable=not distributed.is_main())
+
+    def report(self, done: Step) -> None:
+        loss = float(distributed.local_copy(done.loss))
+        if not math.isfinite(loss):
+            # Nothing from this step or later has been saved: the last checkpoint stays good.
+            sys.exit(
+                f"loss is {loss} at step {done.step}; stopping. "
+                f"The last good checkpoint is {checkpoint.latest(self.args.out) or 'none (no checkpoint yet)'}."
+            )
+        self.progress.update(done.step - self.progress.n)
+        self.progress.set_postfix(loss=f"{loss:.3f}")
+        if self.metrics and (done.step % self.args.log_every == 0 or done.step == self.args.steps):
+            grad_norm = float(distributed.local_copy(done.grad_norm))
+            record = dict(
+                step=done.step, loss=loss, grad_norm=grad_norm, tokens=done.step * self.args.tokens_per_update
+            )
+            self.metrics.write(json.dumps(record | self.throughput.read(done.step)) + "\n")
+            self.metrics.flush()
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.metrics:
+            self.metrics.close()
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.distributed:
-        jax.distributed.initialize()
+    distributed.initialize(args)
     dtype = jnp.dtype(args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32"))
-    run, opt = set_up(args)
+    run, opt, stream = set_up(args)
     run, batch_sharding = data_parallel(run)
     train_step = make_train_step(opt, dtype, accumulation=batch_sizes(args)[1])
-    print(describe(args, run, dtype))
+    if distributed.is_main():
+        print(describe(args, run, dtype))
 
-    metrics = metrics_up_to(args.out / "metrics.jsonl", run.step)
-    progress = tqdm(
-        range(run.step, args.steps), initial=run.step, total=args.steps, desc="train", disable=jax.process_index() != 0
-    )
-    throughput = Throughput(run.step, args.tokens_per_update)
-    for step in progress:
-        inputs, targets = (jax.make_array_from_process_local_data(batch_sharding, a) for a in run.stream.next_batch())
-        model, opt_state, loss, grad_norm = train_step(run.model, run.opt_state, inputs, targets)
-        run = run._replace(model=model, opt_state=opt_state, step=step + 1)
-        # A NaN ends the run before anything is saved from it: the last checkpoint stays good.
-        loss = float(loss)
-        if not math.isfinite(loss):
-            last = checkpoint.latest(args.out)
-            sys.exit(
-                f"loss is {loss} at step {run.step}; stopping. "
-                f"The last good checkpoint is {last or 'none (no checkpoint yet)'}."
-            )
-        progress.set_postfix(loss=f"{loss:.3f}")
-
-        last_step = run.step == args.steps
-        if run.step % args.log_every == 0 or last_step:
-            record = dict(
-                step=run.step, loss=loss, grad_norm=float(grad_norm), tokens=run.step * args.tokens_per_update
-            )
-            metrics.write(json.dumps(record | dict(tokens_per_second=throughput.read(run.step))) + "\n")
-            metrics.flush()
-        if run.step % args.checkpoint_every == 0 or last_step:
-            checkpoint.save(args.out, run.step, run.model, run.opt_state, run.stream.position, vars(args))
-    metrics.close()
+    prefetcher = data.Prefetcher(stream, count=args.steps - run.step)
+    reporter = Reporter(args, run, prefetcher)
+    dispatched = None
+    try:
+        while run.step < args.steps:
+            batch = prefetcher.next()
+            inputs, targets = (jax.make_array_from_process_local_data(batch_sharding, a) for a in batch[:2])
+            model, opt_state, loss, grad_norm = train_step(run.model, run.opt_state, inputs, targets)
+            run = Run(model, opt_state, run.step + 1, batch.position)
+            # The previous step's loss is read only now, with this one queued behind it.
+            if dispatched:
+                reporter.report(dispatched)
+            dispatched = Step(run.step, loss, grad_norm)
+            if run.step % args.checkpoint_every == 0 or run.step == args.steps:
+                reporter.report(dispatched)  # a model is saved only once its loss is known to be finite
+                dispatched = None
+                if distributed.is_main():
+                    model, opt_state = distributed.local_copy((run.model, run.opt_state))
+                    checkpoint.save(args.out, run.step, model, opt_state, run.position, vars(args))
+    except (jax.errors.JaxRuntimeError, ValueError) as error:
+        if jax.process_count() == 1 or isinstance(error, data.CorruptData):
+            raise
+        distributed.stop_after_lost_peer(error)
+    finally:
+        prefetcher.close()
+        reporter.close()
+    if jax.process_count() > 1:
+        print(f"process {jax.process_index()} of {jax.process_count()}: read {stream.windows_read} windows")
 
 
 if __name__ == "__main__":

@@ -51,8 +51,10 @@ def test_stream_resumes_from_its_position_and_wraps(store):
 def test_each_process_reads_its_own_share(store):
     array = data.open_split(store, "train")
     whole = data.WindowStream(array, context=32, batch_size=4).next_batch()[1]
-    shares = [data.WindowStream(array, 32, 4, process_index=i, process_count=2).next_batch()[1] for i in range(2)]
+    streams = [data.WindowStream(array, 32, 4, process_index=i, process_count=2) for i in range(2)]
+    shares = [stream.next_batch()[1] for stream in streams]
     np.testing.assert_array_equal(np.concatenate(shares), whole)
+    assert [stream.windows_read for stream in streams] == [2, 2]  # its half of the batch, nothing more
 
 
 def test_missing_chunk_and_bad_ids_are_caught(tmp_path):

@@ -1,8 +1,10 @@
-"""Data: LongCrawl64-layout token stores, the paper's batching, and the embedded default corpus."""
+"""Data: LongCrawl64-layout token stores, the paper's batching (read ahead on a thread), and the
+embedded default corpus."""
 
 from sympow.data.batches import WindowStream
 from sympow.data.embedded import embedded_corpus
 from sympow.data.hf import hf_store, pack_records
+from sympow.data.prefetch import Batch, Prefetcher
 from sympow.data.store import CorruptData, check_tokens, open_split, write_split
 from sympow.data.tokenizer import END_OF_TEXT, VOCAB_SIZE, gpt2_encoding
 
@@ -19,6 +21,8 @@ def resolve(data: str) -> str:
 
 __all__ = [
     "END_OF_TEXT",
+    "Batch",
+    "Prefetcher",
     "VOCAB_SIZE",
     "CorruptData",
     "WindowStream",

@@ -26,6 +26,7 @@ class WindowStream:
     position: int = 0
     process_index: int = 0
     process_count: int = 1
+    windows_read: int = 0  # windows this process has read: its own share of each batch, nothing more
 
     def __post_init__(self):
         documents, row_length = self.tokens.shape
@@ -58,6 +59,7 @@ class WindowStream:
                 check_tokens(np.asarray(block), f"documents {document}..{document + run - 1}, columns {column}..")
             )
             example += run
+        self.windows_read += count
         return np.concatenate(rows).astype(np.int32)
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
