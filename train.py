@@ -216,7 +216,7 @@ class Reporter:
     (process 0) and the progress bar."""
 
     def __init__(self, args, run: Run, prefetcher: data.Prefetcher):
-        self.args, self.last_good = args, checkpoint.latest(args.out)
+        self.args = args
         self.metrics = metrics_up_to(args.out / "metrics.jsonl", run.step) if distributed.is_main() else None
         self.throughput = Throughput(run.step, args.tokens_per_update, prefetcher)
         self.progress = tqdm(total=args.steps, initial=run.step, desc="train", disable=not distributed.is_main())
@@ -261,7 +261,9 @@ def main(argv=None) -> None:
     try:
         while run.step < args.steps:
             batch = prefetcher.next()
-            inputs, targets = (jax.make_array_from_process_local_data(batch_sharding, a) for a in batch[:2])
+            inputs, targets = (
+                jax.make_array_from_process_local_data(batch_sharding, a) for a in (batch.inputs, batch.targets)
+            )
             model, opt_state, loss, grad_norm = train_step(run.model, run.opt_state, inputs, targets)
             run = Run(model, opt_state, run.step + 1, batch.position)
             # The previous step's loss is read only now, with this one queued behind it.

@@ -42,6 +42,8 @@ def initialize(args) -> None:
         sys.exit("--coordinator, --num-processes and --process-id go together (or none, to detect the cluster)")
     if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
         sys.exit(f"--process-id must be in 0..{args.num_processes - 1}; got {args.process_id}")
+    if args.heartbeat_timeout < 1:
+        sys.exit(f"--heartbeat-timeout must be at least 1 second; got {args.heartbeat_timeout}")
     jax.distributed.initialize(
         coordinator_address=args.coordinator,
         num_processes=args.num_processes,

@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if args.num_processes < 1 or not args.command:
         parser.error("give --num-processes of at least 1 and a script after --")
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        parser.error(f"--cpu-devices must be at least 1; got {args.cpu_devices}")
     return args
 
 

@@ -155,3 +155,30 @@ def test_a_read_error_comes_out_of_the_step_loop(store):
     with pytest.raises(data.CorruptData, match="all-zero row"):
         prefetcher.next()
     prefetcher.close()
+
+
+def test_bad_process_flags_are_refused_before_anything_starts():
+    from types import SimpleNamespace
+
+    from sympow import distributed, launch
+
+    def flags(**given):
+        defaults = dict(distributed=False, coordinator=None, num_processes=None, process_id=None, heartbeat_timeout=60)
+        return SimpleNamespace(**(defaults | given))
+
+    distributed.initialize(flags())  # one process: nothing to join
+    cases = [
+        (flags(coordinator="127.0.0.1:1234"), "go together"),
+        (flags(coordinator="127.0.0.1:1234", num_processes=2, process_id=2), "--process-id must be in 0..1"),
+        (flags(distributed=True, heartbeat_timeout=0), "--heartbeat-timeout must be at least 1"),
+    ]
+    for given, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            distributed.initialize(given)
+    for argv in (
+        ["--num-processes", "0", "--", "train.py"],
+        ["--num-processes", "2"],
+        ["--num-processes", "2", "--cpu-devices", "0", "--", "x.py"],
+    ):
+        with pytest.raises(SystemExit):
+            launch.parse_args(argv)

@@ -20,40 +20,13 @@ def make_run(folder, attention, context=16):
 
 def test_sample_prints_the_prompt_then_new_text_and_the_rate(tmp_path, capsys):
     run = make_run(tmp_path / "conformal", "conformal")
-    main(
-        [
-            str(run),
-            "--prompt",
-            "def main(",
-            "--max-new-tokens",
-            "12",
-            "--temperature",
-            "0.8",
-            "--top-k",
-            "40",
-            "--seed",
-            "1",
-        ]
-    )
+    sampling = [str(run), "--prompt", "def main(", "--max-new-tokens", "12", "--temperature", "0.8", "--top-k", "40"]
+    main([*sampling, "--seed", "1"])
     out, err = capsys.readouterr()
     assert out.startswith("def main(") and len(out) > len("def main(")
     assert "12 new tokens from a conformal model" in err and "tokens/s" in err
     # The same seed, the same text; greedy through --temperature 0 works too.
-    main(
-        [
-            str(run),
-            "--prompt",
-            "def main(",
-            "--max-new-tokens",
-            "12",
-            "--temperature",
-            "0.8",
-            "--top-k",
-            "40",
-            "--seed",
-            "1",
-        ]
-    )
+    main([*sampling, "--seed", "1"])
     assert capsys.readouterr().out == out
     main([str(run), "--prompt", "x", "--max-new-tokens", "3", "--temperature", "0"])
 
