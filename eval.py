@@ -15,6 +15,7 @@ its share of every batch of windows and process 0 sums them and writes the resul
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 import equinox as eqx
@@ -26,33 +27,45 @@ import optax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from sympow import checkpoint, data, distributed
+from sympow import checkpoint, cli, data, distributed, run_folder
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "runs", nargs="+", type=Path, help="run folders (their latest checkpoint) or checkpoint folders"
     )
-    parser.add_argument("--context", type=int, required=True, help="evaluate positions 1..N of each document")
+    parser.add_argument(
+        "--context", type=cli.positive(int), required=True, help="evaluate positions 1..N of each document"
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
         "--windows",
-        type=int,
+        type=cli.positive(int),
         default=16,
         help="heldout windows of N tokens to average over, taken column by column "
         "(every document's first window, then every second one, ...)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=1, help="windows per forward pass (of all processes together)"
+        "--batch-size",
+        type=cli.positive(int),
+        default=None,
+        help="windows per forward pass, of all processes together (default: one per process)",
     )
-    parser.add_argument("--bins", type=int, default=64, help="position bins in the CSV and the plot")
+    parser.add_argument("--bins", type=cli.positive(int), default=64, help="position bins in the CSV and the plot")
     parser.add_argument("--data", default=None, help="token store (default: the one each run trained on)")
     distributed.add_flags(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    distributed.check_flags(parser, args)
+    for run in args.runs:
+        if not run.is_dir():
+            parser.refuse(f"run {run} is not a folder")
+    if args.out.exists() and not args.out.is_dir():
+        parser.refuse(f"--out {args.out} is a file, not a folder")
+    return args
 
 
 @eqx.filter_jit
@@ -127,9 +140,8 @@ def plot_training_curves(results: list[dict], path: Path) -> None:
     """Each run's logged training loss (metrics.jsonl) against tokens seen."""
     figure, axes = plt.subplots(figsize=(8, 5))
     for result in results:
-        metrics = Path(result["run"]) / "metrics.jsonl"
-        if metrics.exists():
-            records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        records = [r for r in run_folder.read_metrics(Path(result["run"]) / "metrics.jsonl") if "loss" in r]
+        if records:
             axes.plot([r["tokens"] for r in records], [r["loss"] for r in records], label=label(result))
     axes.set(xlabel="training tokens", ylabel="training loss (nats)", yscale="log", title="Training loss")
     save(figure, axes, path)
@@ -147,31 +159,51 @@ def write_csv(results: list[dict], bins: int, path: Path) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     distributed.initialize(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for run in args.runs:
-        model, meta = checkpoint.load_model(run)
-        heldout = data.open_split(data.resolve(args.data or meta["args"]["data"]), "heldout")
-        stream = data.WindowStream(heldout, args.context, args.batch_size, 0, jax.process_index(), jax.process_count())
-        windows = -(-min(args.windows, stream.examples) // args.batch_size) * args.batch_size  # whole batches
-        losses = evaluate(model, stream, windows)
-        results.append(
-            dict(
-                run=str(run),
-                attention=meta["config"]["attention"],
-                p=meta["config"]["p"],
-                step=meta["step"],
-                train_context=int(meta["args"]["context"]),
-                eval_context=args.context,
-                windows=windows,
-                mean_loss=float(losses.mean()),
-                loss_by_position=losses.tolist(),
-            )
-        )
-        if distributed.is_main():
-            print(f"{run}: mean loss {losses.mean():.4f} over positions 1..{args.context} ({windows} windows)")
+    batch_size = args.batch_size or jax.process_count()
+    if batch_size % jax.process_count():
+        cli.refuse(f"--batch-size {batch_size} must be a multiple of the {jax.process_count()} processes")
+    try:
+        results = [evaluate_run(args, run, batch_size) for run in args.runs]
+    except (FileNotFoundError, checkpoint.DamagedCheckpoint, data.CorruptData) as error:
+        sys.exit(f"eval.py: {error}")
     if distributed.is_main():
+        args.out.mkdir(parents=True, exist_ok=True)
         write_results(args, results)
+
+
+def evaluate_run(args, run: Path, batch_size: int) -> dict:
+    """The loss at each position of a run's newest complete checkpoint, and what it was trained as."""
+    model, meta = checkpoint.load_model(run)
+    heldout = data.open_split(data.resolve(args.data or meta["args"]["data"]), "heldout")
+    try:
+        stream = data.WindowStream(
+            heldout,
+            args.context,
+            batch_size,
+            0,
+            jax.process_index(),
+            jax.process_count(),
+            vocab_size=model.config.vocab_size,
+        )
+    except ValueError as error:
+        cli.refuse(f"--context {args.context}: {error}")
+    windows = -(-min(args.windows, stream.examples) // batch_size) * batch_size  # whole batches
+    losses = evaluate(model, stream, windows)
+    if not np.all(np.isfinite(losses)):
+        raise data.CorruptData(f"{run}: the loss is not finite at {np.sum(~np.isfinite(losses))} positions")
+    if distributed.is_main():
+        print(f"{run}: mean loss {losses.mean():.4f} over positions 1..{args.context} ({windows} windows)")
+    return dict(
+        run=str(run),
+        attention=meta["config"]["attention"],
+        p=meta["config"]["p"],
+        step=meta["step"],
+        train_context=int(meta["args"]["context"]),
+        eval_context=args.context,
+        windows=windows,
+        mean_loss=float(losses.mean()),
+        loss_by_position=losses.tolist(),
+    )
 
 
 def write_results(args, results: list[dict]) -> None:

@@ -7,15 +7,22 @@ Running the same command again resumes from the last checkpoint in --out, exactl
 processes (hosts, or `python -m sympow.launch` on one machine) every process runs this same
 script with --coordinator, --num-processes and --process-id (sympow/distributed.py).
 
-Read it in order: the flags; the optimizer and the loss; `make_train_step`, one jitted update;
-`set_up`, a new run or the last checkpoint's; `data_parallel`, the run placed on every device;
-`Reporter`, which reads a step's loss (one step late), stops on a NaN and writes the metrics;
-and `main`'s loop: a batch read ahead, a step, the report, the checkpoint.
+The run folder (--out) is the program's: one train.py writes it at a time (a lock), checkpoints
+are complete or skipped, a resume that would change what the saved state means is refused, and
+SIGTERM or Ctrl-C saves at the next step and stops (README, "The run folder").
+
+Read it in order: the flags, each checked before anything runs; the optimizer and the loss;
+`make_train_step`, one jitted update; `open_stream` and `find_checkpoint`, the data and the
+checkpoint to resume, both checked; `set_up`, a new run or the checkpoint's; `data_parallel`,
+the run placed on every device; `Reporter`, which reads a step's results, stops on a NaN and
+writes the metrics; `train`, the step loop (a batch read ahead, a step, the previous step's
+report, a checkpoint); and `main`, which holds the folder while it all runs.
 """
 
 import argparse
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,32 +31,42 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import sympow
-from sympow import checkpoint, data, distributed
+from sympow import checkpoint, cli, data, distributed, run_folder
+from sympow.stopping import StopRequest
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The flags, each checked against its domain, and the checks across them that need no JAX
+    and no data: a bad value is refused here, exit status 2, before anything is computed."""
+    parser = cli.Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    positive_int, positive_float = cli.positive(int), cli.positive(float)
     parser.add_argument("--attention", default="conformal", choices=sympow.ATTENTIONS)
-    parser.add_argument("--p", type=int, default=2, help="power of the symmetric power attention")
-    parser.add_argument("--context", type=int, default=256, help="training context (tokens per example)")
+    parser.add_argument("--p", type=positive_int, default=2, help="power of the symmetric power attention (even)")
+    parser.add_argument("--context", type=positive_int, default=256, help="training context (tokens per example)")
     parser.add_argument("--preset", default="tiny", choices=tuple(sympow.PRESETS))
-    parser.add_argument("--steps", type=int, default=200, help="optimizer updates")
-    parser.add_argument("--tokens-per-update", type=int, default=4096, help="held fixed across contexts (paper: 2^19)")
+    parser.add_argument("--steps", type=positive_int, default=200, help="optimizer updates")
     parser.add_argument(
-        "--micro-batch", type=int, default=None, help="examples per forward pass (default: the whole update)"
+        "--tokens-per-update", type=positive_int, default=4096, help="held fixed across contexts (paper: 2^19)"
     )
-    parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument(
-        "--warmup", type=int, default=None, help="linear warmup steps (default: 10 for tiny, 200 otherwise)"
+        "--micro-batch", type=positive_int, default=None, help="examples per forward pass (default: the whole update)"
     )
-    parser.add_argument("--clip", type=float, default=1.0, help="global gradient norm clip")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--chunk-size", type=int, default=None, help="chunk size of the sympow chunked form")
+    parser.add_argument("--lr", type=positive_float, default=6e-4)
+    parser.add_argument(
+        "--warmup",
+        type=cli.non_negative(int),
+        default=None,
+        help="linear warmup steps (default: 10 for tiny, 200 otherwise)",
+    )
+    parser.add_argument("--clip", type=positive_float, default=1.0, help="global gradient norm clip")
+    parser.add_argument("--weight-decay", type=cli.non_negative(float), default=0.0)
+    parser.add_argument("--chunk-size", type=positive_int, default=None, help="chunk size of the sympow chunked form")
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
@@ -60,11 +77,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--data", default="embedded", help='"embedded", or a folder / fsspec URL holding train.zarr and heldout.zarr'
     )
     parser.add_argument("--out", type=Path, default=Path("runs/default"))
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--checkpoint-every", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=positive_int, default=10)
+    parser.add_argument("--checkpoint-every", type=positive_int, default=100)
+    parser.add_argument("--keep", type=positive_int, default=2, help="checkpoints kept: the newest K")
+    parser.add_argument(
+        "--keep-every", type=positive_int, default=None, help="also keep every N-th step's checkpoint forever"
+    )
+    parser.add_argument("--seed", type=cli.non_negative(int), default=0)
     distributed.add_flags(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    distributed.check_flags(parser, args)
+    if args.p % 2:
+        parser.refuse(f"argument --p: must be an even power (odd powers give negative weights); got {args.p}")
+    try:
+        model_config(args)
+    except ValueError as error:
+        parser.refuse(str(error))
+    if args.tokens_per_update % args.context:
+        parser.refuse(f"--tokens-per-update {args.tokens_per_update} must be a multiple of --context {args.context}")
+    examples = args.tokens_per_update // args.context
+    if args.micro_batch is not None and examples % args.micro_batch:
+        parser.refuse(f"--micro-batch {args.micro_batch} must divide the {examples} examples of an update")
+    if args.out.exists() and not args.out.is_dir():
+        parser.refuse(f"--out {args.out} is a file, not a folder")
+    return args
 
 
 def model_config(args) -> sympow.ModelConfig:
@@ -94,10 +130,12 @@ def cross_entropy(model, inputs, targets, dtype) -> jax.Array:
 
 
 def make_train_step(opt, dtype, accumulation: int):
-    """One jitted update: gradients averaged over `accumulation` micro-batches, then AdamW."""
+    """One jitted update: gradients averaged over `accumulation` micro-batches, then AdamW. `stop`
+    holds, per device, the signal its process was asked to stop by (0: none); the step returns
+    its maximum over every device, so all processes read the same request at the same step."""
 
     @eqx.filter_jit
-    def step(model, opt_state, inputs, targets):
+    def step(model, opt_state, inputs, targets, stop):
         def micro_step(grad_sum, batch):
             loss, grads = eqx.filter_value_and_grad(cross_entropy)(model, *batch, dtype)
             return jax.tree.map(jnp.add, grad_sum, grads), loss
@@ -107,30 +145,19 @@ def make_train_step(opt, dtype, accumulation: int):
         grad_sum, losses = jax.lax.scan(micro_step, zeros, micro_batches)
         grads = jax.tree.map(lambda g: g / accumulation, grad_sum)
         updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
-        return eqx.apply_updates(model, updates), opt_state, jnp.mean(losses), optax.global_norm(grads)
+        grad_norm = optax.global_norm(grads)
+        return eqx.apply_updates(model, updates), opt_state, jnp.mean(losses), grad_norm, jnp.max(stop)
 
     return step
 
 
-def metrics_up_to(path: Path, step: int):
-    """Open the JSONL metrics for appending, after dropping records past `step` (a resumed run replays them)."""
-    if path.exists():
-        records = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in records))
-    return path.open("a")
-
-
 def batch_sizes(args) -> tuple[int, int]:
-    """(examples per update, micro-batches per update), with tokens per update fixed."""
-    if args.tokens_per_update % args.context:
-        raise SystemExit(f"--tokens-per-update {args.tokens_per_update} must be a multiple of --context {args.context}")
+    """(examples per update, micro-batches per update), with tokens per update fixed; refuses a
+    micro-batch that does not split over the devices."""
     examples = args.tokens_per_update // args.context
     micro = args.micro_batch or examples
-    if examples % micro or micro % jax.device_count():
-        raise SystemExit(
-            f"--micro-batch {micro} must divide {examples} examples per update and be a multiple of "
-            f"{jax.device_count()} devices"
-        )
+    if micro % jax.device_count():
+        cli.refuse(f"--micro-batch {micro} must be a multiple of the {jax.device_count()} devices")
     return examples, examples // micro
 
 
@@ -143,26 +170,59 @@ class Run(NamedTuple):
     position: int  # examples consumed: where the data stream resumes
 
 
-def set_up(args) -> tuple[Run, optax.GradientTransformation, data.WindowStream]:
-    """A new model and optimizer state, or the last checkpoint in --out (an exact resume:
-    weights, optimizer moments, step and data position), and the data stream from there."""
+def open_stream(args, position: int, vocab_size: int) -> data.WindowStream:
+    """The training windows from `position` on, this process's share of each update; refuses a
+    context or update the store cannot give, and says so when the run passes over it again."""
+    examples, _ = batch_sizes(args)
+    split = data.open_split(data.resolve(args.data), "train")
+    try:
+        stream = data.WindowStream(
+            split, args.context, examples, position, jax.process_index(), jax.process_count(), vocab_size=vocab_size
+        )
+    except ValueError as error:
+        cli.refuse(f"--context {args.context}: {error}")
+    if examples > stream.examples:
+        cli.refuse(
+            f"an update takes {examples} windows of {args.context} tokens and the store holds only {stream.examples}: "
+            "lower --tokens-per-update"
+        )
+    if (needed := (args.steps * examples)) > stream.examples and distributed.is_main():
+        print(f"note: the run reads {needed} windows and the store holds {stream.examples}: it will read them again")
+    return stream
+
+
+def find_checkpoint(args, config: sympow.ModelConfig) -> tuple[Path | None, dict]:
+    """The newest complete checkpoint in --out and what this run changes of its settings; refuses
+    a resume that changes what the saved state means. Damaged checkpoints newer than it are
+    renamed *.damaged (out of the way of this run's saves, kept for a look)."""
+    saved = checkpoint.latest(args.out, warn=checkpoint.warn_to_stderr if distributed.is_main() else lambda _: None)
+    meta = checkpoint.meta(saved) if saved else None
+    if distributed.is_main():
+        checkpoint.set_aside_newer(args.out, meta["step"] if meta else 0)
+    if saved is None:
+        return None, {}
+    refused, changed = run_folder.resume_differences(meta["args"], vars(args))
+    if (saved_config := sympow.ModelConfig(**meta["config"])) != config:  # a field added since: its default
+        refused.append(f"model config: saved {saved_config}, now {config}")
+    if refused:
+        cli.refuse(
+            f"{saved} cannot be resumed with these settings, which give it its meaning: "
+            + "; ".join(refused)
+            + ". Give the saved values, or another --out"
+        )
+    return saved, changed
+
+
+def set_up(args, saved: Path | None) -> tuple[Run, optax.GradientTransformation]:
+    """A new model and optimizer state, or the checkpoint's (an exact resume: weights, optimizer
+    moments, step and data position)."""
     model = sympow.Transformer(model_config(args), key=jax.random.key(args.seed))
     opt = optimizer(args)
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
-    step, position = 0, 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    if saved := checkpoint.latest(args.out):
-        try:
-            model, opt_state, step, position = checkpoint.resume(saved, model, opt_state)
-        except ValueError as error:
-            sys.exit(f"{error}: use another --out")
-        if distributed.is_main():
-            print(f"resuming from {saved} (step {step})")
-    examples, _ = batch_sizes(args)
-    # Each process reads its own share of every update's examples, from the saved position on.
-    train_split = data.open_split(data.resolve(args.data), "train")
-    stream = data.WindowStream(train_split, args.context, examples, position, jax.process_index(), jax.process_count())
-    return Run(model, opt_state, step, position), opt, stream
+    if saved is None:
+        return Run(model, opt_state, 0, 0), opt
+    model, opt_state, step, position = checkpoint.resume(saved, model, opt_state)
+    return Run(model, opt_state, step, position), opt
 
 
 def data_parallel(run: Run) -> tuple[Run, NamedSharding]:
@@ -185,59 +245,72 @@ def describe(args, run: Run, dtype) -> str:
 
 
 class Throughput:
-    """Tokens per second, and seconds waited for data per step, since the last reading."""
+    """Tokens per second, and seconds waited for data per step, since the last reading.
+
+    Time is read when a step's dispatch returns, the one event that every step has at the same
+    place in the loop: on a GPU, dispatch returns as soon as the step is queued, which is once
+    the step two before it has finished (the loop waits on each step's loss one step late); on a
+    CPU, once the step itself has run. Either way the time between two steps' dispatches is
+    that of as many steps' work, the final step's and a checkpoint's neighbours' included (a
+    save counts in the interval it falls in)."""
 
     def __init__(self, step: int, tokens_per_update: int, prefetcher: data.Prefetcher):
         self.tokens_per_update, self.prefetcher = tokens_per_update, prefetcher
         self.clock, self.step, self.waited = time.perf_counter(), step, prefetcher.waited
 
-    def read(self, step: int) -> dict:
-        now, waited = time.perf_counter(), self.prefetcher.waited
+    def read(self, step: int, dispatched: float) -> dict:
+        waited = self.prefetcher.waited
         steps = step - self.step
         reading = dict(
-            tokens_per_second=steps * self.tokens_per_update / (now - self.clock),
+            tokens_per_second=steps * self.tokens_per_update / (dispatched - self.clock),
             data_wait_per_step=(waited - self.waited) / steps,
         )
-        self.clock, self.step, self.waited = now, step, waited
+        self.clock, self.step, self.waited = dispatched, step, waited
         return reading
 
 
 class Step(NamedTuple):
     """A step dispatched to the devices, its results not yet read."""
 
-    step: int
+    run: Run  # the run after it
     loss: jax.Array
     grad_norm: jax.Array
+    stop: jax.Array  # the signal any process was asked to stop by, 0 for none
+    dispatched: float  # when its dispatch returned (time.perf_counter)
 
 
 class Reporter:
-    """Reads a step's loss on the host, one step late (the next step is queued on the devices by
-    then, so they never wait for the host); stops the run on a NaN; writes the metrics
-    (process 0) and the progress bar."""
+    """Reads a step's results on the host; stops the run on a NaN; writes the metrics (process 0,
+    the run folder's lock holder) and the progress bar."""
 
     def __init__(self, args, run: Run, prefetcher: data.Prefetcher):
         self.args = args
-        self.metrics = metrics_up_to(args.out / "metrics.jsonl", run.step) if distributed.is_main() else None
+        self.metrics = run_folder.open_metrics(args.out / "metrics.jsonl", run.step) if distributed.is_main() else None
         self.throughput = Throughput(run.step, args.tokens_per_update, prefetcher)
         self.progress = tqdm(total=args.steps, initial=run.step, desc="train", disable=not distributed.is_main())
 
-    def report(self, done: Step) -> None:
-        loss = float(distributed.local_copy(done.loss))
-        if not math.isfinite(loss):
-            # Nothing from this step or later has been saved: the last checkpoint stays good.
-            sys.exit(
-                f"loss is {loss} at step {done.step}; stopping. "
-                f"The last good checkpoint is {checkpoint.latest(self.args.out) or 'none (no checkpoint yet)'}."
-            )
-        self.progress.update(done.step - self.progress.n)
-        self.progress.set_postfix(loss=f"{loss:.3f}")
-        if self.metrics and (done.step % self.args.log_every == 0 or done.step == self.args.steps):
-            grad_norm = float(distributed.local_copy(done.grad_norm))
-            record = dict(
-                step=done.step, loss=loss, grad_norm=grad_norm, tokens=done.step * self.args.tokens_per_update
-            )
-            self.metrics.write(json.dumps(record | self.throughput.read(done.step)) + "\n")
+    def write(self, record: dict) -> None:
+        if self.metrics:
+            self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
+
+    def report(self, done: Step) -> int:
+        """Read a step's results; returns the stop signal asked for by then (0: none)."""
+        step = done.run.step
+        loss, grad_norm, stop = (float(distributed.local_copy(x)) for x in (done.loss, done.grad_norm, done.stop))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # Nothing from this step or later has been saved: the last checkpoint stays good.
+            good = checkpoint.latest(self.args.out)
+            sys.exit(
+                f"loss is {loss} (gradient norm {grad_norm}) at step {step}; stopping. "
+                f"The last good checkpoint is {good or 'none (no checkpoint yet)'}."
+            )
+        self.progress.update(step - self.progress.n)
+        self.progress.set_postfix(loss=f"{loss:.3f}")
+        if step % self.args.log_every == 0 or step == self.args.steps:
+            reading = dict(step=step, loss=loss, grad_norm=grad_norm, tokens=step * self.args.tokens_per_update)
+            self.write(reading | self.throughput.read(step, done.dispatched))
+        return int(stop)
 
     def close(self) -> None:
         self.progress.close()
@@ -245,37 +318,81 @@ class Reporter:
             self.metrics.close()
 
 
+def save(args, run: Run) -> Path | None:
+    """Process 0 writes the checkpoint (every process holds the same replicated state)."""
+    if not distributed.is_main():
+        return None
+    model, opt_state = distributed.local_copy((run.model, run.opt_state))
+    saved_args = run_folder.as_saved(vars(args))
+    return checkpoint.save(
+        args.out, run.step, model, opt_state, run.position, saved_args, keep=args.keep, keep_every=args.keep_every
+    )
+
+
+def train(args, run: Run, train_step, prefetcher, reporter: Reporter, batch_sharding, stop: StopRequest):
+    """The step loop, to --steps or to a stop asked for by a signal; returns (the run after its
+    last step, the signal that stopped it or 0). Each step's results are read only once the next
+    step is queued behind it, so the devices never wait for the host; a checkpoint is written
+    only after its step's loss and gradient norm are read as finite."""
+    stopping = 0  # the signal a stop was asked by, on any process, as the last step read says
+    pending = None  # the step dispatched last time round
+    while True:
+        launched = None
+        if run.step < args.steps and not stopping:
+            batch = prefetcher.next()
+            asked = np.full(jax.local_device_count(), stop.signal or 0, np.int32)
+            inputs, targets, asked = (
+                jax.make_array_from_process_local_data(batch_sharding, a) for a in (batch.inputs, batch.targets, asked)
+            )
+            model, opt_state, loss, grad_norm, stop_asked = train_step(run.model, run.opt_state, inputs, targets, asked)
+            run = Run(model, opt_state, run.step + 1, batch.position)
+            launched = Step(run, loss, grad_norm, stop_asked, time.perf_counter())
+        if pending:
+            stopping = reporter.report(pending) or stopping
+            if pending.run.step % args.checkpoint_every == 0 or launched is None:
+                save(args, pending.run)
+        if launched is None:
+            return run, stopping
+        pending = launched
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    stop = StopRequest()
     distributed.initialize(args)
+    batch_sizes(args)  # refuses a micro-batch the devices cannot split, before any work
+    lock = None
+    try:
+        if distributed.is_main():
+            args.out.mkdir(parents=True, exist_ok=True)
+            lock = take_folder(args.out)
+        saved, changed = find_checkpoint(args, model_config(args))
+        stream = open_stream(args, checkpoint.meta(saved)["position"] if saved else 0, model_config(args).vocab_size)
+        run, opt = set_up(args, saved)
+        run_steps(args, run, opt, stream, saved, changed, stop)
+    except (FileNotFoundError, data.CorruptData, checkpoint.DamagedCheckpoint, checkpoint.SaveFailed) as error:
+        sys.exit(f"stopping: {error}")
+    finally:
+        if lock:
+            lock.release()
+
+
+def run_steps(args, run: Run, opt, stream: data.WindowStream, saved: Path | None, changed: dict, stop) -> None:
+    """Place the run on the devices, train, and end as a signal asked (status 128 + its number)."""
     dtype = jnp.dtype(args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32"))
-    run, opt, stream = set_up(args)
     run, batch_sharding = data_parallel(run)
     train_step = make_train_step(opt, dtype, accumulation=batch_sizes(args)[1])
     if distributed.is_main():
+        if saved:
+            changes = "".join(f"; --{name.replace('_', '-')} {old} -> {new}" for name, (old, new) in changed.items())
+            print(f"resuming from {saved} (step {run.step}){changes}")
         print(describe(args, run, dtype))
-
     prefetcher = data.Prefetcher(stream, count=args.steps - run.step)
     reporter = Reporter(args, run, prefetcher)
-    dispatched = None
+    if changed:
+        reporter.write(dict(step=run.step, resumed_from=saved.name, changed=changed))
     try:
-        while run.step < args.steps:
-            batch = prefetcher.next()
-            inputs, targets = (
-                jax.make_array_from_process_local_data(batch_sharding, a) for a in (batch.inputs, batch.targets)
-            )
-            model, opt_state, loss, grad_norm = train_step(run.model, run.opt_state, inputs, targets)
-            run = Run(model, opt_state, run.step + 1, batch.position)
-            # The previous step's loss is read only now, with this one queued behind it.
-            if dispatched:
-                reporter.report(dispatched)
-            dispatched = Step(run.step, loss, grad_norm)
-            if run.step % args.checkpoint_every == 0 or run.step == args.steps:
-                reporter.report(dispatched)  # a model is saved only once its loss is known to be finite
-                dispatched = None
-                if distributed.is_main():
-                    model, opt_state = distributed.local_copy((run.model, run.opt_state))
-                    checkpoint.save(args.out, run.step, model, opt_state, run.position, vars(args))
+        run, stopping = train(args, run, train_step, prefetcher, reporter, batch_sharding, stop)
     except (jax.errors.JaxRuntimeError, ValueError) as error:
         if jax.process_count() == 1 or isinstance(error, data.CorruptData):
             raise
@@ -285,6 +402,26 @@ def main(argv=None) -> None:
         reporter.close()
     if jax.process_count() > 1:
         print(f"process {jax.process_index()} of {jax.process_count()}: read {stream.windows_read} windows")
+    if stopping:
+        if distributed.is_main():
+            print(
+                f"stopped by {signal.Signals(stopping).name} at step {run.step}, saved as "
+                f"{checkpoint.folder(args.out, run.step)}: run the same command to resume",
+                file=sys.stderr,
+            )
+        sys.exit(128 + stopping)
+
+
+def take_folder(out: Path) -> run_folder.RunLock:
+    """The run folder's lock, and the folder cleared of what interrupted saves left."""
+    try:
+        lock = run_folder.RunLock(out)
+    except run_folder.FolderInUse as error:
+        sys.exit(str(error))
+    if lock.stale_holder:
+        print(f"note: taking over {out}/.lock from a process that ended without releasing it ({lock.stale_holder})")
+    checkpoint.remove_partials(out)
+    return lock
 
 
 if __name__ == "__main__":

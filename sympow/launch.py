@@ -12,27 +12,37 @@ first failure's.
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 
+from sympow import cli
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-processes", type=int, required=True)
-    parser.add_argument("--port", type=int, default=None, help="the coordinator's port (default: a free one)")
-    parser.add_argument(
-        "--cpu-devices", type=int, default=None, help="run on the CPU with this many devices per process"
+    parser = cli.Parser(
+        prog="python -m sympow.launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--grace", type=float, default=60.0, help="seconds the others get after a process fails")
+    parser.add_argument("--num-processes", type=cli.positive(int), required=True)
+    parser.add_argument(
+        "--port",
+        type=cli.number(int, 1, maximum=65535),
+        default=None,
+        help="the coordinator's port (default: a free one)",
+    )
+    parser.add_argument(
+        "--cpu-devices", type=cli.positive(int), default=None, help="run on the CPU with this many devices per process"
+    )
+    parser.add_argument(
+        "--grace", type=cli.non_negative(float), default=60.0, help="seconds the others get after a process fails"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- SCRIPT [ARGS]")
     args = parser.parse_args(argv)
     args.command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if args.num_processes < 1 or not args.command:
-        parser.error("give --num-processes of at least 1 and a script after --")
-    if args.cpu_devices is not None and args.cpu_devices < 1:
-        parser.error(f"--cpu-devices must be at least 1; got {args.cpu_devices}")
+    if not args.command:
+        parser.refuse("give the script to run after --, e.g. -- train.py --out runs/two")
     return args
 
 
@@ -81,12 +91,27 @@ def main(argv=None) -> None:
         )
         for index in range(args.num_processes)
     ]
-    try:
-        sys.exit(wait_for_all(processes, args.grace))
-    except KeyboardInterrupt:
+    forward_stop_signals(processes)
+    sys.exit(wait_for_all(processes, args.grace))
+
+
+def forward_stop_signals(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM or SIGINT to the launcher becomes SIGTERM to every process (train.py then saves and
+    stops, all at the same step); a second SIGINT ends them at once."""
+    stops = []
+
+    def handle(number, frame):
+        stops.append(number)
+        if len(stops) > 1 and number == signal.SIGINT:
+            for process in processes:
+                process.kill()
+            sys.exit(130)
         for process in processes:
-            process.kill()
-        sys.exit(130)
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, handle)
 
 
 if __name__ == "__main__":

@@ -20,51 +20,45 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from sympow import checkpoint
+from sympow import checkpoint, cli
 from sympow.data.tokenizer import END_OF_TEXT, gpt2_encoding
-from sympow.generate import check_sampling, sample_token
+from sympow.generate import sample_token
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         prog="python -m sympow.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("run", type=Path, help="a run folder (its latest checkpoint) or a checkpoint folder")
     parser.add_argument("--prompt", help="the text to continue")
-    parser.add_argument("--prompt-file", type=Path, help="read the prompt from this file instead")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-file", type=Path, help="read the prompt (UTF-8) from this file instead")
+    parser.add_argument("--max-new-tokens", type=cli.non_negative(int), default=100)
+    parser.add_argument("--temperature", type=cli.non_negative(float), default=1.0, help="0 is greedy")
+    parser.add_argument("--top-k", type=cli.positive(int), default=None)
+    parser.add_argument("--top-p", type=cli.number(float, 0, strict=True, maximum=1), default=None)
+    parser.add_argument("--seed", type=cli.non_negative(int), default=0)
     parser.add_argument(
         "--max-length",
-        type=int,
+        type=cli.positive(int),
         default=None,
         help="a softmax model's key/value cache, in tokens (default: its training context)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.prompt is None) == (args.prompt_file is None):
+        parser.refuse("give the prompt as --prompt TEXT or --prompt-file FILE (one of the two)")
+    return args
 
 
 def read_prompt(args) -> str:
-    if (args.prompt is None) == (args.prompt_file is None):
-        raise SystemExit("give the prompt as --prompt TEXT or --prompt-file FILE (one of the two)")
-    prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
-    if not prompt:
-        raise SystemExit("the prompt is empty: generation needs at least one token to continue")
-    return prompt
-
-
-def check_args(args) -> None:
-    if args.max_new_tokens < 0:
-        raise SystemExit(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
-    if args.max_length is not None and args.max_length < 1:
-        raise SystemExit(f"--max-length must be a positive number of tokens; got {args.max_length}")
     try:
-        check_sampling(args.temperature, args.top_k, args.top_p)
-    except ValueError as error:
-        message = str(error).replace("temperature", "--temperature").replace("top_k", "--top-k")
-        raise SystemExit(message.replace("top_p", "--top-p")) from None
+        prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        cli.refuse(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {error.start}: {error.reason})")
+    except OSError as error:
+        cli.refuse(f"--prompt-file {args.prompt_file} cannot be read ({error.strerror})")
+    if not prompt:
+        cli.refuse("the prompt is empty: generation needs at least one token to continue")
+    return prompt
 
 
 def cache_length(model, saved: dict, args, needed: int) -> int:
@@ -83,10 +77,10 @@ def cache_length(model, saved: dict, args, needed: int) -> int:
 def load(run: Path):
     try:
         return checkpoint.load_model(run)
-    except FileNotFoundError:
-        raise SystemExit(
-            f"{run} holds no checkpoint (step_*/ with meta.json): train one first, e.g. python train.py --out {run}"
-        ) from None
+    except FileNotFoundError as error:
+        raise SystemExit(f"{error}: train one first, e.g. python train.py --out {run}") from None
+    except checkpoint.DamagedCheckpoint as error:
+        raise SystemExit(str(error)) from None
 
 
 class Printer:
@@ -107,7 +101,6 @@ class Printer:
 def main(argv=None) -> None:
     args = parse_args(argv)
     prompt = read_prompt(args)
-    check_args(args)
     model, saved = load(args.run)
     encoding = gpt2_encoding()
     # Training inputs start with end-of-text (a window shifted right), so the prompt does too.

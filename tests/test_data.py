@@ -64,8 +64,28 @@ def test_missing_chunk_and_bad_ids_are_caught(tmp_path):
     stream = data.WindowStream(data.open_split(str(tmp_path), "train"), context=32, batch_size=4)
     with pytest.raises(data.CorruptData, match="all-zero row"):
         stream.next_batch()
-    with pytest.raises(data.CorruptData, match="past GPT-2's vocabulary"):
+    with pytest.raises(data.CorruptData, match="past the model's vocabulary"):
         data.check_tokens(np.array([[5, 50257]], np.uint16), "here")
+
+
+def test_a_damaged_chunk_is_reported_with_the_array_and_chunk_named(tmp_path):
+    data.write_split(str(tmp_path), "train", np.ones((4, 64)))  # one chunk: (0, 0)
+    (tmp_path / "train.zarr" / "0.0").write_bytes(b"not what blosc wrote")
+    stream = data.WindowStream(data.open_split(str(tmp_path), "train"), context=32, batch_size=2)
+    with pytest.raises(data.CorruptData, match=r"train.zarr: documents 0..1, columns 0..: zarr chunk \(0, 0\)"):
+        stream.next_batch()
+
+
+def test_ids_past_a_models_smaller_vocabulary_are_caught(store):
+    stream = data.WindowStream(data.open_split(store, "train"), context=16, batch_size=2, vocab_size=1000)
+    with pytest.raises(data.CorruptData, match=r"token id 1016 is past the model's vocabulary \(ids 0..999\)"):
+        stream.next_batch()  # documents 0 and 1: ids up to 1016
+
+
+def test_a_store_with_no_documents_is_refused_when_opened(tmp_path):
+    data.write_split(str(tmp_path), "heldout", np.ones((0, 64)))
+    with pytest.raises(data.CorruptData, match="holds no tokens"):
+        data.open_split(str(tmp_path), "heldout")
 
 
 def test_bad_arguments(store, tmp_path):
@@ -111,3 +131,5 @@ def test_hugging_face_dataset_is_streamed_tokenised_and_packed_offline(tmp_path,
     assert (train.shape, heldout.shape) == ((2, 2048), (1, 2048))
     assert "hello to the world" in data.gpt2_encoding().decode(train[0].tolist())
     assert data.hf_store(str(folder), max_rows=3, row_length=2048) == root  # cached: built once
+    with pytest.raises(FileNotFoundError, match="could not read the Hugging Face dataset 'no-such/dataset'.*offline"):
+        data.hf_store("no-such/dataset")

@@ -71,7 +71,7 @@ def test_two_processes_train_as_one_and_resume_exactly(store, tmp_path):
     assert losses(tmp_path / "stopped") == by_processes
 
     # eval.py: each process evaluates its share of the windows; process 0 sums them.
-    evaluation = ["--context", "64", "--windows", "4", "--batch-size", "2", "--bins", "4"]
+    evaluation = ["--context", "64", "--windows", "4", "--bins", "4"]  # the default batch: one window a process
     launch("eval.py", str(tmp_path / "stopped"), *evaluation, "--out", str(tmp_path / "eval_two"))
     alone_command = [sys.executable, str(ROOT / "eval.py"), str(tmp_path / "stopped"), *evaluation]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -157,28 +157,34 @@ def test_a_read_error_comes_out_of_the_step_loop(store):
     prefetcher.close()
 
 
-def test_bad_process_flags_are_refused_before_anything_starts():
-    from types import SimpleNamespace
+def test_a_peer_that_never_starts_ends_process_0_within_the_deadline_naming_it(store, tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    flags = [*SMALL_RUN, "--data", store, "--out", str(tmp_path), "--init-timeout", "3"]
+    command = [sys.executable, str(ROOT / "train.py"), *flags, "--coordinator", address, "--num-processes", "3"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    started = time.monotonic()
+    process_2 = subprocess.Popen([*command, "--process-id", "2"], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    process_0 = subprocess.run(
+        [*command, "--process-id", "0"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    print(f"process 0 ended {time.monotonic() - started:.1f} s after it started, imports included")
+    assert process_0.returncode == 1
+    assert "process(es) 1 of 3 did not join within 3 s (--init-timeout)" in process_0.stderr, process_0.stderr[-2000:]
+    _, stderr_2 = process_2.communicate(timeout=60)
+    assert process_2.returncode == 1 and "did not gather the run within 3 s" in stderr_2, stderr_2[-2000:]
+    assert not (tmp_path / "metrics.jsonl").exists()
 
-    from sympow import distributed, launch
 
-    def flags(**given):
-        defaults = dict(distributed=False, coordinator=None, num_processes=None, process_id=None, heartbeat_timeout=60)
-        return SimpleNamespace(**(defaults | given))
+def test_bad_launch_flags_are_refused_before_anything_starts(capsys):
+    from sympow import launch
 
-    distributed.initialize(flags())  # one process: nothing to join
-    cases = [
-        (flags(coordinator="127.0.0.1:1234"), "go together"),
-        (flags(coordinator="127.0.0.1:1234", num_processes=2, process_id=2), "--process-id must be in 0..1"),
-        (flags(distributed=True, heartbeat_timeout=0), "--heartbeat-timeout must be at least 1"),
-    ]
-    for given, message in cases:
-        with pytest.raises(SystemExit, match=message):
-            distributed.initialize(given)
-    for argv in (
-        ["--num-processes", "0", "--", "train.py"],
-        ["--num-processes", "2"],
-        ["--num-processes", "2", "--cpu-devices", "0", "--", "x.py"],
+    for argv, message in (
+        (["--num-processes", "0", "--", "train.py"], "argument --num-processes: must be >= 1; got 0"),
+        (["--num-processes", "2"], "give the script to run after --"),
+        (["--num-processes", "2", "--cpu-devices", "0", "--", "x.py"], "argument --cpu-devices: must be >= 1"),
+        (["--num-processes", "2", "--port", "70000", "--", "x.py"], "argument --port: must be <= 65535"),
+        (["--num-processes", "2", "--grace", "-1", "--", "x.py"], "argument --grace: must be >= 0"),
     ):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as stopped:
             launch.parse_args(argv)
+        assert stopped.value.code == 2 and message in capsys.readouterr().err

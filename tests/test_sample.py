@@ -31,20 +31,29 @@ def test_sample_prints_the_prompt_then_new_text_and_the_rate(tmp_path, capsys):
     main([str(run), "--prompt", "x", "--max-new-tokens", "3", "--temperature", "0"])
 
 
-def test_sample_refuses_bad_requests(tmp_path):
+def test_sample_refuses_bad_requests(tmp_path, capsys):
     run = make_run(tmp_path / "softmax", "softmax", context=16)
-    cases = [
-        ([str(run), "--prompt", ""], "the prompt is empty"),
-        ([str(tmp_path / "nothing"), "--prompt", "hi"], "holds no checkpoint"),
-        ([str(run), "--prompt", "hi", "--temperature", "-1"], "--temperature must be"),
-        ([str(run), "--prompt", "hi", "--top-p", "0"], "--top-p must be"),
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    cases = [  # (arguments, exit status: 2 for a bad value, 1 for a request that cannot be served, message)
+        ([str(run), "--prompt", ""], 2, "the prompt is empty"),
+        ([str(tmp_path / "nothing"), "--prompt", "hi"], 1, "does not exist"),
+        ([str(tmp_path), "--prompt", "hi"], 1, "holds no complete checkpoint"),
+        ([str(run), "--prompt", "hi", "--temperature", "-1"], 2, "argument --temperature: must be >= 0"),
+        ([str(run), "--prompt", "hi", "--top-p", "0"], 2, "argument --top-p: must be > 0"),
+        ([str(run), "--prompt", "hi", "--top-k", "0"], 2, "argument --top-k: must be >= 1"),
+        ([str(run), "--prompt-file", str(tmp_path / "latin1.txt")], 2, "is not UTF-8 text"),
+        ([str(run), "--prompt-file", str(tmp_path / "missing.txt")], 2, "cannot be read"),
         (
             [str(run), "--prompt", "word " * 20, "--max-new-tokens", "2"],
+            1,
             "do not fit this softmax model's key/value cache of 16 tokens",
         ),
-        ([str(run)], "give the prompt"),
-        ([str(run), "--prompt", "hi", "--max-length", "0"], "--max-length must be"),
+        ([str(run)], 2, "give the prompt"),
+        ([str(run), "--prompt", "hi", "--max-length", "0"], 2, "argument --max-length: must be >= 1"),
     ]
-    for argv, message in cases:
-        with pytest.raises(SystemExit, match=message):
+    for argv, status, message in cases:
+        with pytest.raises(SystemExit) as stopped:
             main(argv)
+        said = capsys.readouterr().err + (stopped.value.code if isinstance(stopped.value.code, str) else "")
+        assert (1 if isinstance(stopped.value.code, str) else stopped.value.code) == status, argv
+        assert message in said, (argv, said)

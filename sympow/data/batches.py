@@ -10,15 +10,16 @@ import dataclasses
 import numpy as np
 import zarr
 
-from sympow.data.store import check_tokens
-from sympow.data.tokenizer import END_OF_TEXT
+from sympow.data.store import CorruptData, check_tokens
+from sympow.data.tokenizer import END_OF_TEXT, VOCAB_SIZE
 
 
 @dataclasses.dataclass
 class WindowStream:
     """Batches of windows from one split, from a given position; each process reads its own rows.
 
-    `batch_size` is the global batch; process i of n gets examples [i*b/n, (i+1)*b/n) of each batch."""
+    `batch_size` is the global batch; process i of n gets examples [i*b/n, (i+1)*b/n) of each batch.
+    Every window read is checked (`check_tokens`) against `vocab_size`, the model's vocabulary."""
 
     tokens: zarr.Array
     context: int
@@ -27,6 +28,7 @@ class WindowStream:
     process_index: int = 0
     process_count: int = 1
     windows_read: int = 0  # windows this process has read: its own share of each batch, nothing more
+    vocab_size: int = VOCAB_SIZE
 
     def __post_init__(self):
         documents, row_length = self.tokens.shape
@@ -54,13 +56,20 @@ class WindowStream:
         while example < first + count:
             document, column = self.window(example)
             run = min(first + count - example, self.tokens.shape[0] - document)
-            block = self.tokens[document : document + run, column : column + self.context]
-            rows.append(
-                check_tokens(np.asarray(block), f"documents {document}..{document + run - 1}, columns {column}..")
-            )
+            where = f"{self.tokens.store_path}: documents {document}..{document + run - 1}, columns {column}.."
+            rows.append(check_tokens(self.block(document, run, column, where), where, self.vocab_size))
             example += run
         self.windows_read += count
         return np.concatenate(rows).astype(np.int32)
+
+    def block(self, document: int, run: int, column: int, where: str) -> np.ndarray:
+        try:
+            return np.asarray(self.tokens[document : document + run, column : column + self.context])
+        except Exception as error:  # the codec's or the file system's: either way that chunk is unreadable
+            rows, columns = self.tokens.chunks
+            raise CorruptData(
+                f"{where}: zarr chunk ({document // rows}, {column // columns}) cannot be read: {error}"
+            ) from error
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, targets) for this process, each [batch_size / process_count, context]; advances the position."""

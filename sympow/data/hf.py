@@ -50,7 +50,13 @@ def hf_store(spec: str, *, max_rows=DEFAULT_MAX_ROWS, row_length=ROW_LENGTH) -> 
     key = hashlib.sha1(f"{spec}|{max_rows}|{row_length}".encode()).hexdigest()[:12]
     root = cache_dir() / "hf" / f"{Path(name).name}-{key}"
     if not root.exists():
-        records = datasets.load_dataset(name, config or None, split="train", streaming=True)
         root.parent.mkdir(parents=True, exist_ok=True)
-        pack_records(records, root, row_length=row_length, max_rows=max_rows)
+        try:
+            records = datasets.load_dataset(name, config or None, split="train", streaming=True)
+            pack_records(records, root, row_length=row_length, max_rows=max_rows)
+        except Exception as error:  # the hub's, the network's or the records': all stop the run the same way
+            raise FileNotFoundError(
+                f"could not read the Hugging Face dataset {spec!r} ({type(error).__name__}: {error}); "
+                "is this machine offline, or the name wrong?"
+            ) from error
     return str(root)

@@ -31,12 +31,14 @@ def open_split(root: str, split: str) -> zarr.Array:
         raise FileNotFoundError(f"no token array at {url}: {error}") from error
     if array.ndim != 2 or array.dtype != np.uint16:
         raise CorruptData(f"{url} must be a 2-d uint16 array of token ids; got {array.ndim}-d {array.dtype}")
+    if array.size == 0:
+        raise CorruptData(f"{url} holds no tokens (shape {array.shape}): it needs at least one document")
     return array
 
 
 def write_split(root: str, split: str, tokens: np.ndarray) -> zarr.Array:
     """Write a [documents, row_length] array of token ids in LongCrawl64's layout."""
-    chunks = tuple(min(c, s) for c, s in zip(CHUNKS, tokens.shape))
+    chunks = tuple(max(1, min(c, s)) for c, s in zip(CHUNKS, tokens.shape))
     array = zarr.create_array(
         f"{root}/{split}.zarr",
         shape=tokens.shape,
@@ -50,13 +52,15 @@ def write_split(root: str, split: str, tokens: np.ndarray) -> zarr.Array:
     return array
 
 
-def check_tokens(tokens: np.ndarray, where: str) -> np.ndarray:
-    """Raise CorruptData on an all-zero row or an id > 50256; return the tokens otherwise."""
+def check_tokens(tokens: np.ndarray, where: str, vocab_size: int = END_OF_TEXT + 1) -> np.ndarray:
+    """Raise CorruptData on an all-zero row or an id past the vocabulary; return the tokens otherwise."""
     zero_rows = np.flatnonzero(~np.any(tokens, axis=-1))
     if zero_rows.size:
         raise CorruptData(
             f"{where}: {zero_rows.size} all-zero row(s) (first: {zero_rows[0]}); a zarr chunk is probably missing"
         )
-    if tokens.max(initial=0) > END_OF_TEXT:
-        raise CorruptData(f"{where}: token id {int(tokens.max())} is past GPT-2's vocabulary (max {END_OF_TEXT})")
+    if tokens.max(initial=0) >= vocab_size:
+        raise CorruptData(
+            f"{where}: token id {int(tokens.max())} is past the model's vocabulary (ids 0..{vocab_size - 1})"
+        )
     return tokens
