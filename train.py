@@ -360,6 +360,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     stop = StopRequest()
     distributed.initialize(args)
+    stop.install_again()
     batch_sizes(args)  # refuses a micro-batch the devices cannot split, before any work
     lock = None
     try:

@@ -19,6 +19,12 @@ class StopRequest:
         self.signal: int | None = None
         self.previous = {number: signal.signal(number, self.handle) for number in SIGNALS}
 
+    def install_again(self) -> None:
+        """Take the signals back from whoever installed a handler since (jax.distributed.initialize
+        installs its preemption notifier's, which notes SIGTERM and lets the run go on)."""
+        for number in SIGNALS:
+            signal.signal(number, self.handle)
+
     def handle(self, number, frame) -> None:
         # os.write, not print: a handler can interrupt a print in progress, and a buffered
         # stream written again from inside its own write raises.

@@ -19,12 +19,12 @@ from sympow.launch import free_port
 STEPS = ["--steps", "20", "--checkpoint-every", "10"]
 
 
-def launch(script, *flags, processes=2):
-    """A script on `processes` processes of one CPU device each, through sympow.launch."""
-    command = [sys.executable, "-m", "sympow.launch", "--num-processes", str(processes), "--cpu-devices", "1"]
-    result = subprocess.run(
-        [*command, "--grace", "30", "--", str(ROOT / script), *flags], capture_output=True, text=True, cwd=ROOT
-    )
+LAUNCH = [sys.executable, "-m", "sympow.launch", "--num-processes", "2", "--cpu-devices", "1", "--grace", "30"]
+
+
+def launch(script, *flags):
+    """A script on 2 processes of one CPU device each, through sympow.launch."""
+    result = subprocess.run([*LAUNCH, "--", str(ROOT / script), *flags], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -65,10 +65,32 @@ def test_two_processes_train_as_one_and_resume_exactly(store, tmp_path):
         ("1", str(20 * local_batch)),
     ]
 
-    launch_training(store, tmp_path / "stopped", "--steps", "10", "--checkpoint-every", "10")
-    resumed = launch_training(store, tmp_path / "stopped", *STEPS)
+    # SIGTERM to the launcher: it passes it on, and both processes stop at the same step (the
+    # request travels through the step), process 0 having saved there; the resume is exact.
+    stopped = tmp_path / "stopped"
+    launcher = subprocess.Popen(
+        [*LAUNCH, "--", str(ROOT / "train.py"), *SMALL_RUN, "--data", store, "--out", str(stopped), *STEPS],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},  # each line as it is printed
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in launcher.stdout:  # the run's description: both processes hold their signal handlers
+            if "in 2 processes" in line:
+                break
+        launcher.send_signal(signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=180)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    stopped_at = max(losses(stopped))
+    assert stopped_at < 20 and (stopped / f"step_{stopped_at:07d}").is_dir()
+    assert f"stopped by SIGTERM at step {stopped_at}" in stderr
+    resumed = launch_training(store, stopped, *STEPS)
     assert "resuming from" in resumed.stdout
-    assert losses(tmp_path / "stopped") == by_processes
+    assert losses(stopped) == by_processes
 
     # eval.py: each process evaluates its share of the windows; process 0 sums them.
     evaluation = ["--context", "64", "--windows", "4", "--bins", "4"]  # the default batch: one window a process
