@@ -69,28 +69,43 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @eqx.filter_jit
-def position_losses(model, inputs, targets):
-    """Next-token loss at every position, [batch, seq], float32."""
-    return optax.softmax_cross_entropy_with_integer_labels(model(inputs).astype(jnp.float32), targets)
+def position_losses(model, inputs, targets) -> tuple[jax.Array, jax.Array]:
+    """Next-token loss and whether the argmax is the target, at every position, [batch, seq] each."""
+    logits = model(inputs).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets), jnp.argmax(logits, -1) == targets
 
 
-def evaluate(model, stream: data.WindowStream, windows: int) -> np.ndarray:
-    """Mean loss at each position over `windows` windows, summed in float64 (over every
-    process's share of each batch)."""
-    total = np.zeros(stream.context, np.float64)
+def evaluate(model, stream, windows: int) -> np.ndarray:
+    """[3, context]: at each position the summed loss, the number of targets predicted and the
+    number of targets, over `windows` windows and the targets their masks count (every one for
+    text, the answers of a recall task), summed in float64 over every process's share."""
+    totals = np.zeros((3, stream.context), np.float64)
     batches = -(-windows // stream.batch_size)
     for _ in tqdm(range(batches), desc="eval", leave=False, disable=not distributed.is_main()):
-        inputs, targets = stream.next_batch()
-        total += np.asarray(position_losses(model, jnp.asarray(inputs), jnp.asarray(targets)), np.float64).sum(axis=0)
+        inputs, targets, mask = stream.next_batch()
+        losses, correct = position_losses(model, jnp.asarray(inputs), jnp.asarray(targets))
+        counted = np.stack([np.asarray(losses, np.float64), np.asarray(correct, np.float64), np.ones(mask.shape)])
+        totals += np.where(mask, counted, 0.0).sum(axis=1)
     if jax.process_count() > 1:
-        total = np.sum(multihost_utils.process_allgather(total), axis=0)
-    return total / (batches * stream.batch_size)
+        totals = np.sum(multihost_utils.process_allgather(totals), axis=0)
+    return totals
 
 
-def binned(losses: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """(last position of each bin, mean loss in it): bins of equal width over positions 1..N."""
-    edges = np.linspace(0, len(losses), min(bins, len(losses)) + 1).astype(int)
-    return edges[1:], np.array([losses[a:b].mean() for a, b in zip(edges[:-1], edges[1:])])
+def per_position(totals: np.ndarray, which: int) -> list:
+    """Mean loss (which = 0) or accuracy (1) at each position; None where no target counts."""
+    return [float(s / n) if n else None for s, n in zip(totals[which], totals[2])]
+
+
+def binned(result: dict, bins: int, which: str = "loss") -> tuple[np.ndarray, np.ndarray]:
+    """(last position of each bin, mean loss or accuracy over the targets in it): bins of equal
+    width over positions 1..N, each target weighted alike."""
+    means = np.array([np.nan if m is None else m for m in result[f"{which}_by_position"]])
+    counts = np.asarray(result["targets_by_position"], np.float64)
+    edges = np.linspace(0, len(means), min(bins, len(means)) + 1).astype(int)
+    sums, ns = np.nan_to_num(means) * counts, counts
+    return edges[1:], np.array(
+        [sums[a:b].sum() / ns[a:b].sum() if ns[a:b].sum() else np.nan for a, b in zip(edges[:-1], edges[1:])]
+    )
 
 
 def label(result: dict) -> str:
@@ -111,7 +126,7 @@ def save(figure, axes, path: Path) -> None:
 def plot_by_position(results: list[dict], bins: int, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(8, 5))
     for result in results:
-        ends, means = binned(np.asarray(result["loss_by_position"]), bins)
+        ends, means = binned(result, bins)
         (line,) = axes.plot(ends, means, label=label(result))
         axes.axvline(result["train_context"], color=line.get_color(), linestyle=":", alpha=0.7)
     axes.set(
@@ -148,7 +163,7 @@ def plot_training_curves(results: list[dict], path: Path) -> None:
 
 
 def write_csv(results: list[dict], bins: int, path: Path) -> None:
-    columns = [binned(np.asarray(r["loss_by_position"]), bins) for r in results]
+    columns = [binned(r, bins) for r in results]
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["bin_end_position"] + [str(r["run"]) for r in results])
@@ -172,28 +187,25 @@ def main(argv=None) -> None:
 
 
 def evaluate_run(args, run: Path, batch_size: int) -> dict:
-    """The loss at each position of a run's newest complete checkpoint, and what it was trained as."""
+    """The loss and accuracy at each position of a run's newest complete checkpoint, and what it
+    was trained as."""
     model, meta = checkpoint.load_model(run)
-    heldout = data.open_split(data.resolve(args.data or meta["args"]["data"]), "heldout")
+    process = (jax.process_index(), jax.process_count())
+    spec = args.data or meta["args"]["data"]
     try:
-        stream = data.WindowStream(
-            heldout,
-            args.context,
-            batch_size,
-            0,
-            jax.process_index(),
-            jax.process_count(),
-            vocab_size=model.config.vocab_size,
+        stream = data.open_stream(
+            spec, "heldout", args.context, batch_size, 0, *process, vocab_size=model.config.vocab_size
         )
+    except data.CorruptData:
+        raise
     except ValueError as error:
         cli.refuse(f"--context {args.context}: {error}")
     windows = -(-min(args.windows, stream.examples) // batch_size) * batch_size  # whole batches
-    losses = evaluate(model, stream, windows)
-    if not np.all(np.isfinite(losses)):
-        raise data.CorruptData(f"{run}: the loss is not finite at {np.sum(~np.isfinite(losses))} positions")
-    if distributed.is_main():
-        print(f"{run}: mean loss {losses.mean():.4f} over positions 1..{args.context} ({windows} windows)")
-    return dict(
+    totals = evaluate(model, stream, windows)
+    if not np.all(np.isfinite(totals)):
+        raise data.CorruptData(f"{run}: the loss is not finite at {np.sum(~np.isfinite(totals[0]))} positions")
+    targets = totals[2].sum()
+    result = dict(
         run=str(run),
         attention=meta["config"]["attention"],
         p=meta["config"]["p"],
@@ -201,9 +213,26 @@ def evaluate_run(args, run: Path, batch_size: int) -> dict:
         train_context=int(meta["args"]["context"]),
         eval_context=args.context,
         windows=windows,
-        mean_loss=float(losses.mean()),
-        loss_by_position=losses.tolist(),
+        mean_loss=float(totals[0].sum() / targets),
+        mean_accuracy=float(totals[1].sum() / targets),
+        loss_by_position=per_position(totals, 0),
+        accuracy_by_position=per_position(totals, 1),
+        targets_by_position=totals[2].astype(int).tolist(),
     )
+    if distributed.is_main():
+        print(
+            f"{run}: mean loss {result['mean_loss']:.4f}, accuracy {result['mean_accuracy']:.2%} over positions "
+            f"1..{args.context} ({windows} windows)"
+        )
+    return result
+
+
+def mean_over(result: dict, first: int, last: int, which: str = "loss") -> float | None:
+    """Mean loss or accuracy over the targets at positions first+1..last."""
+    means = result[f"{which}_by_position"][first:last]
+    counts = result["targets_by_position"][first:last]
+    total = sum(n for n in counts)
+    return sum(m * n for m, n in zip(means, counts) if n) / total if total else None
 
 
 def write_results(args, results: list[dict]) -> None:
@@ -215,16 +244,17 @@ def write_results(args, results: list[dict]) -> None:
     if len({r["train_context"] for r in results}) > 1:
         plot_by_training_context(results, args.out / "loss_by_training_context.png")
     print(
-        f"\n| run | attention | trained at | loss, positions 1..{results[0]['train_context']} "
-        f"| loss past training context | mean over 1..{args.context} |"
+        "\n| run | attention | trained at | loss within training context | loss past it "
+        f"| mean over 1..{args.context} | accuracy |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        losses, trained = np.asarray(r["loss_by_position"]), r["train_context"]
-        beyond = f"{losses[trained:].mean():.4f}" if trained < len(losses) else "-"
+        trained = r["train_context"]
+        within, beyond = mean_over(r, 0, trained), mean_over(r, trained, args.context)
+        show = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
         print(
-            f"| {r['run']} | {r['attention']} | {trained} | {losses[:trained].mean():.4f} | {beyond}"
-            f" | {r['mean_loss']:.4f} |"
+            f"| {r['run']} | {r['attention']} | {trained} | {show(within)} | {show(beyond)}"
+            f" | {r['mean_loss']:.4f} | {r['mean_accuracy']:.2%} |"
         )
 
 

@@ -67,6 +67,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clip", type=positive_float, default=1.0, help="global gradient norm clip")
     parser.add_argument("--weight-decay", type=cli.non_negative(float), default=0.0)
     parser.add_argument("--chunk-size", type=positive_int, default=None, help="chunk size of the sympow chunked form")
+    parser.add_argument("--layers", type=positive_int, default=None, help="blocks (default: the preset's)")
+    parser.add_argument(
+        "--mlp-ratio", type=cli.non_negative(int), default=None, help="MLP width / d_model, 0 for none (preset's)"
+    )
+    parser.add_argument(
+        "--token-shift",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add an embedding of the previous token (default: the preset's; on for recall)",
+    )
+    parser.add_argument(
+        "--gate-init", type=cli.number(float, 0, strict=True), default=None, help="the gate's initial gamma (0.999)"
+    )
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
@@ -74,7 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="compute dtype (default: bfloat16 on GPU, float32 on CPU)",
     )
     parser.add_argument(
-        "--data", default="embedded", help='"embedded", or a folder / fsspec URL holding train.zarr and heldout.zarr'
+        "--data",
+        default="embedded",
+        help='"embedded", a folder / fsspec URL holding train.zarr and heldout.zarr, hf:NAME, or a recall task '
+        "(mqar:pairs=N,keys=K,values=V or recall-stream:pairs=P,keys=K,values=V,fresh=0|1)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/default"))
     parser.add_argument("--log-every", type=positive_int, default=10)
@@ -91,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.refuse(f"argument --p: must be an even power (odd powers give negative weights); got {args.p}")
     try:
         model_config(args)
-    except ValueError as error:
+    except ValueError as error:  # a bad recall task, or a model the flags cannot make
         parser.refuse(str(error))
     if args.tokens_per_update % args.context:
         parser.refuse(f"--tokens-per-update {args.tokens_per_update} must be a multiple of --context {args.context}")
@@ -104,10 +120,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_config(args) -> sympow.ModelConfig:
-    overrides = dict(attention=args.attention, p=args.p)
-    if args.chunk_size:
-        overrides["chunk_size"] = args.chunk_size
-    return sympow.preset(args.preset, **overrides)
+    """The preset with the flags that override it, over the vocabulary of the data."""
+    overrides = dict(attention=args.attention, p=args.p, vocab_size=data.vocab_size(args.data))
+    flags = dict(
+        chunk_size=args.chunk_size,
+        n_layers=args.layers,
+        mlp_ratio=args.mlp_ratio,
+        token_shift=args.token_shift,
+        gate_init=args.gate_init,
+    )
+    return sympow.preset(
+        args.preset, **overrides, **{name: value for name, value in flags.items() if value is not None}
+    )
 
 
 def optimizer(args) -> optax.GradientTransformation:
@@ -122,11 +146,26 @@ def optimizer(args) -> optax.GradientTransformation:
     )
 
 
-def cross_entropy(model, inputs, targets, dtype) -> jax.Array:
-    """Mean next-token loss, computed in `dtype` with float32 master weights."""
+def cross_entropy(model, inputs, targets, mask, dtype) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token loss over the targets the mask counts (all of them for text; the answers
+    of a recall task), computed in `dtype` with float32 master weights; and, beside it, the
+    fraction of those targets predicted (argmax)."""
     compute_model = jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, model)
     logits = compute_model(inputs).astype(jnp.float32)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    weights = mask.astype(jnp.float32)
+    counted = jnp.maximum(jnp.sum(weights), 1.0)
+    accuracy = jnp.sum(weights * (jnp.argmax(logits, axis=-1) == targets)) / counted
+    return jnp.sum(weights * losses) / counted, accuracy
+
+
+class StepResults(NamedTuple):
+    """What the host reads of a step, one step late."""
+
+    loss: jax.Array
+    accuracy: jax.Array  # of the targets the mask counts
+    grad_norm: jax.Array
+    stop: jax.Array  # the signal any process was asked to stop by, 0 for none
 
 
 def make_train_step(opt, dtype, accumulation: int):
@@ -135,18 +174,18 @@ def make_train_step(opt, dtype, accumulation: int):
     its maximum over every device, so all processes read the same request at the same step."""
 
     @eqx.filter_jit
-    def step(model, opt_state, inputs, targets, stop):
+    def step(model, opt_state, inputs, targets, mask, stop):
         def micro_step(grad_sum, batch):
-            loss, grads = eqx.filter_value_and_grad(cross_entropy)(model, *batch, dtype)
-            return jax.tree.map(jnp.add, grad_sum, grads), loss
+            (loss, accuracy), grads = eqx.filter_value_and_grad(cross_entropy, has_aux=True)(model, *batch, dtype)
+            return jax.tree.map(jnp.add, grad_sum, grads), (loss, accuracy)
 
-        micro_batches = jax.tree.map(lambda x: x.reshape(accumulation, -1, *x.shape[1:]), (inputs, targets))
+        micro_batches = jax.tree.map(lambda x: x.reshape(accumulation, -1, *x.shape[1:]), (inputs, targets, mask))
         zeros = jax.tree.map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
-        grad_sum, losses = jax.lax.scan(micro_step, zeros, micro_batches)
+        grad_sum, (losses, accuracies) = jax.lax.scan(micro_step, zeros, micro_batches)
         grads = jax.tree.map(lambda g: g / accumulation, grad_sum)
         updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
-        grad_norm = optax.global_norm(grads)
-        return eqx.apply_updates(model, updates), opt_state, jnp.mean(losses), grad_norm, jnp.max(stop)
+        results = StepResults(jnp.mean(losses), jnp.mean(accuracies), optax.global_norm(grads), jnp.max(stop))
+        return eqx.apply_updates(model, updates), opt_state, results
 
     return step
 
@@ -170,16 +209,18 @@ class Run(NamedTuple):
     position: int  # examples consumed: where the data stream resumes
 
 
-def open_stream(args, position: int, vocab_size: int) -> data.WindowStream:
-    """The training windows from `position` on, this process's share of each update; refuses a
-    context or update the store cannot give, and says so when the run passes over it again."""
+def open_stream(args, position: int, vocab_size: int) -> data.WindowStream | data.RecallStream:
+    """The training batches from `position` on, this process's share of each update; refuses a
+    context or update the data cannot give, and says so when the run passes over a store again."""
     examples, _ = batch_sizes(args)
-    split = data.open_split(data.resolve(args.data), "train")
+    process = (jax.process_index(), jax.process_count())
     try:
-        stream = data.WindowStream(
-            split, args.context, examples, position, jax.process_index(), jax.process_count(), vocab_size=vocab_size
+        stream = data.open_stream(
+            args.data, "train", args.context, examples, position, *process, seed=args.seed, vocab_size=vocab_size
         )
-    except ValueError as error:
+    except data.CorruptData:
+        raise
+    except ValueError as error:  # a context the store's rows or the task's episodes cannot hold
         cli.refuse(f"--context {args.context}: {error}")
     if examples > stream.examples:
         cli.refuse(
@@ -273,9 +314,7 @@ class Step(NamedTuple):
     """A step dispatched to the devices, its results not yet read."""
 
     run: Run  # the run after it
-    loss: jax.Array
-    grad_norm: jax.Array
-    stop: jax.Array  # the signal any process was asked to stop by, 0 for none
+    results: StepResults
     dispatched: float  # when its dispatch returned (time.perf_counter)
 
 
@@ -297,7 +336,7 @@ class Reporter:
     def report(self, done: Step) -> int:
         """Read a step's results; returns the stop signal asked for by then (0: none)."""
         step = done.run.step
-        loss, grad_norm, stop = (float(distributed.local_copy(x)) for x in (done.loss, done.grad_norm, done.stop))
+        loss, accuracy, grad_norm, stop = (float(x) for x in distributed.local_copy(done.results))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             # Nothing from this step or later has been saved: the last checkpoint stays good.
             good = checkpoint.latest(self.args.out)
@@ -308,7 +347,9 @@ class Reporter:
         self.progress.update(step - self.progress.n)
         self.progress.set_postfix(loss=f"{loss:.3f}")
         if step % self.args.log_every == 0 or step == self.args.steps:
-            reading = dict(step=step, loss=loss, grad_norm=grad_norm, tokens=step * self.args.tokens_per_update)
+            reading = dict(
+                step=step, loss=loss, accuracy=accuracy, grad_norm=grad_norm, tokens=step * self.args.tokens_per_update
+            )
             self.write(reading | self.throughput.read(step, done.dispatched))
         return int(stop)
 
@@ -341,12 +382,12 @@ def train(args, run: Run, train_step, prefetcher, reporter: Reporter, batch_shar
         if run.step < args.steps and not stopping:
             batch = prefetcher.next()
             asked = np.full(jax.local_device_count(), stop.signal or 0, np.int32)
-            inputs, targets, asked = (
-                jax.make_array_from_process_local_data(batch_sharding, a) for a in (batch.inputs, batch.targets, asked)
+            arrays = (batch.inputs, batch.targets, batch.mask, asked)
+            model, opt_state, results = train_step(
+                run.model, run.opt_state, *(jax.make_array_from_process_local_data(batch_sharding, a) for a in arrays)
             )
-            model, opt_state, loss, grad_norm, stop_asked = train_step(run.model, run.opt_state, inputs, targets, asked)
             run = Run(model, opt_state, run.step + 1, batch.position)
-            launched = Step(run, loss, grad_norm, stop_asked, time.perf_counter())
+            launched = Step(run, results, time.perf_counter())
         if pending:
             stopping = reporter.report(pending) or stopping
             if pending.run.step % args.checkpoint_every == 0 or launched is None:

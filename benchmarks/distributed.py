@@ -63,7 +63,7 @@ def step_loop(stream, step, state, read_ahead: bool, steps: int = 30) -> float:
     start = time.perf_counter()
     loss = None
     for _ in range(steps):
-        inputs, targets = prefetcher.next()[:2] if read_ahead else stream.next_batch()
+        inputs, targets = prefetcher.next()[:2] if read_ahead else stream.next_batch()[:2]
         *state, loss, _ = step(*state, inputs, targets)
     jax.block_until_ready(loss)
     return steps / (time.perf_counter() - start)

@@ -85,7 +85,7 @@ class Attention(eqx.Module):
         self.qkv = Dense(config.d_model, 3 * config.d_model, key=qkv_key)
         # GPT-2 scales residual projections by 1/sqrt(2 n_layers).
         self.out = Dense(config.d_model, config.d_model, key=out_key, std=INIT_STD / (2 * config.n_layers) ** 0.5)
-        self.gate = Gate(config.d_model, config.n_heads, key=gate_key) if config.gated else None
+        self.gate = Gate(config.d_model, config.n_heads, key=gate_key, gamma=config.gate_init) if config.gated else None
         self.learned_rotary = LearnedRotary(config.d_model, config.n_heads) if config.learned_rotary else None
 
     @property

@@ -26,7 +26,13 @@ class ModelConfig:
     p: int = 2
     chunk_size: int | None = None
     impl: str = "auto"
-    mlp_ratio: int = 4
+    mlp_ratio: int = 4  # 0: no MLP (attention-only models, as for the recall probes)
+    # Each position also adds an embedding of the previous token (off by default): with it one
+    # attention layer can answer associative recall (Zoology's and Based's models use a short
+    # convolution for the same reason).
+    token_shift: bool = False
+    # The gate's initial gamma = sigmoid(bias) for every token; the authors start near 0.999.
+    gate_init: float = 0.999
     # N of the rotary frequencies theta_k = 2 pi / N^(2k/d): the longest document, never the
     # current sequence length, so a model evaluates at any length.
     rotary_length: int = 65536
@@ -37,9 +43,13 @@ class ModelConfig:
         if self.impl not in IMPLS:
             raise ValueError(f"unknown impl {self.impl!r}; choose one of {IMPLS}")
         check_power(self.p)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio", "rotary_length"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "rotary_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.mlp_ratio < 0:
+            raise ValueError(f"mlp_ratio must be >= 0 (0: no MLP); got {self.mlp_ratio}")
+        if not 0 < self.gate_init < 1:
+            raise ValueError(f"gate_init is the initial gamma, in (0, 1); got {self.gate_init}")
         if self.d_model % self.n_heads or self.head_dim % 2:
             raise ValueError(f"d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of even size")
 
@@ -61,6 +71,9 @@ PRESETS = {
     "tiny": dict(d_model=128, n_layers=2, n_heads=4, chunk_size=64),
     # The paper's 124M-class model: 12 layers, d_model 768, 12 heads of 64.
     "124m": dict(d_model=768, n_layers=12, n_heads=12, chunk_size=1024),
+    # The recall probes (docs/experiments.md): heads of 16 (D = 136 at p = 2, 3876 at p = 4), one
+    # layer with the token shift, the vocabulary of the task.
+    "recall": dict(d_model=64, n_layers=1, n_heads=4, chunk_size=64, token_shift=True),
 }
 
 

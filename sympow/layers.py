@@ -1,5 +1,7 @@
 """Small building blocks with an explicit batch axis: dense layer, LayerNorm, gate."""
 
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -7,8 +9,6 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 # GPT-2's initialisation scale.
 INIT_STD = 0.02
-# gamma = sigmoid(6.906768) = 0.999: the gate starts almost open.
-GATE_BIAS_INIT = 6.906768
 
 
 class Dense(eqx.Module):
@@ -44,9 +44,10 @@ class Gate(eqx.Module):
 
     projection: Dense
 
-    def __init__(self, d_model: int, heads: int, *, key: PRNGKeyArray):
-        # w_g small, so the gate starts near gamma = 0.999 for every token.
-        self.projection = Dense(d_model, heads, key=key, std=INIT_STD / 10, bias=GATE_BIAS_INIT)
+    def __init__(self, d_model: int, heads: int, *, key: PRNGKeyArray, gamma: float = 0.999):
+        # w_g small and b_g = logit(gamma), so every token's gate starts near gamma.
+        bias = math.log(gamma / (1 - gamma))
+        self.projection = Dense(d_model, heads, key=key, std=INIT_STD / 10, bias=bias)
 
     def __call__(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq heads"]:
         return jax.nn.log_sigmoid(self.projection(x))

@@ -20,7 +20,10 @@ from pathlib import Path
 # A saved data position counts windows of `context` tokens in `data`, `tokens_per_update` of
 # them a step, so these three give it its meaning; the model's settings give the saved weights
 # theirs; the seed names the run (its initialisation, and so every later step).
-FIXED = ("data", "context", "tokens_per_update", "seed", "attention", "p", "preset", "chunk_size")
+FIXED = (
+    *("data", "context", "tokens_per_update", "seed"),
+    *("attention", "p", "preset", "chunk_size", "layers", "mlp_ratio", "token_shift", "gate_init"),
+)
 # Where the run is, and how its processes meet, say nothing about what it computes.
 NOT_SETTINGS = ("out", "distributed", "coordinator", "num_processes", "process_id", "heartbeat_timeout", "init_timeout")
 

@@ -30,15 +30,15 @@ class MLP(eqx.Module):
 class Block(eqx.Module):
     attention_norm: LayerNorm
     attention: Attention
-    mlp_norm: LayerNorm
-    mlp: MLP
+    mlp_norm: LayerNorm | None
+    mlp: MLP | None  # None for mlp_ratio 0: attention only
 
     def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
         attention_key, mlp_key = jax.random.split(key)
         self.attention_norm = LayerNorm(config.d_model)
         self.attention = Attention(config, key=attention_key)
-        self.mlp_norm = LayerNorm(config.d_model)
-        self.mlp = MLP(config, key=mlp_key)
+        self.mlp_norm = LayerNorm(config.d_model) if config.mlp_ratio else None
+        self.mlp = MLP(config, key=mlp_key) if config.mlp_ratio else None
 
     def __call__(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq d_model"]:
         return self.after_attention(x, self.attention(self.attention_norm(x)))
@@ -47,7 +47,7 @@ class Block(eqx.Module):
         self, x: Float[Array, "batch seq d_model"], attended: Float[Array, "batch seq d_model"]
     ) -> Float[Array, "batch seq d_model"]:
         x = x + attended
-        return x + self.mlp(self.mlp_norm(x))
+        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
     def prefill(self, x: Float[Array, "batch seq d_model"], max_length: int):
         attended, cache = self.attention.prefill(self.attention_norm(x), max_length)
@@ -60,15 +60,20 @@ class Block(eqx.Module):
 
 class Transformer(eqx.Module):
     embedding: Float[Array, "vocab d_model"]
+    shift_embedding: Float[Array, "vocab d_model"] | None  # of the previous token (config.token_shift)
     embedding_norm: LayerNorm
     blocks: list[Block]
     final_norm: LayerNorm
     config: ModelConfig = eqx.field(static=True)
 
     def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
-        embedding_key, *block_keys = jax.random.split(key, config.n_layers + 1)
+        embedding_key, shift_key, *block_keys = jax.random.split(key, config.n_layers + 2)
         self.config = config
         self.embedding = INIT_STD * jax.random.normal(embedding_key, (config.vocab_size, config.d_model), jnp.float32)
+        shape = (config.vocab_size, config.d_model)
+        self.shift_embedding = (
+            INIT_STD * jax.random.normal(shift_key, shape, jnp.float32) if config.token_shift else None
+        )
         # The paper normalises the token embedding before the first block.
         self.embedding_norm = LayerNorm(config.d_model)
         self.blocks = [Block(config, key=k) for k in block_keys]
@@ -78,9 +83,15 @@ class Transformer(eqx.Module):
         return self.from_embeddings(self.lookup(tokens))
 
     def lookup(self, tokens: Int[Array, "batch seq"]) -> Float[Array, "batch seq d_model"]:
+        """Each token's embedding, plus (token shift) the previous token's shift embedding; the first
+        position has no previous token and adds nothing."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
-        return self.embedding[tokens]
+        x = self.embedding[tokens]
+        if self.shift_embedding is None:
+            return x
+        previous = self.shift_embedding[tokens[:, :-1]]
+        return x + jnp.concatenate([jnp.zeros_like(x[:, :1]), previous], axis=1)
 
     def unembed(self, x: Float[Array, "*b d_model"]) -> Float[Array, "*b vocab"]:
         return self.final_norm(x) @ self.embedding.astype(x.dtype).T
@@ -100,6 +111,8 @@ class Transformer(eqx.Module):
         a key/value cache (softmax, or a state too large to hold) will take; a state takes any number."""
         if tokens.ndim != 2 or tokens.shape[1] == 0:
             raise ValueError(f"a prompt must be [batch, tokens] with at least one token; got shape {tokens.shape}")
+        if self.config.token_shift:
+            raise NotImplementedError("decoding a model with a token shift (the recall models) is not supported yet")
         max_length = tokens.shape[-1] if max_length is None else max_length
         x = self.embedding_norm(self.lookup(tokens))
         cache = []

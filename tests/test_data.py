@@ -30,11 +30,12 @@ def test_layout_matches_longcrawl64(store):
 
 def test_windows_go_column_by_column_with_end_of_text_first(store):
     stream = data.WindowStream(data.open_split(store, "train"), context=16, batch_size=4)
-    inputs, targets = stream.next_batch()  # documents 0-3, window 0
+    inputs, targets, mask = stream.next_batch()  # documents 0-3, window 0
+    assert mask.all()  # every target of text counts
     np.testing.assert_array_equal(targets[:, 0], [1, 1001, 2001, 3001])
     np.testing.assert_array_equal(inputs[:, 0], data.END_OF_TEXT)
     np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
-    _, targets = stream.next_batch()  # documents 4, 5 of window 0, then documents 0, 1 of window 1
+    _, targets, _ = stream.next_batch()  # documents 4, 5 of window 0, then documents 0, 1 of window 1
     np.testing.assert_array_equal(targets[:, 0], [4001, 5001, 17, 1017])
     assert stream.position == 8 and stream.examples == DOCUMENTS * ROW // 16
 

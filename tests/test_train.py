@@ -329,7 +329,8 @@ def test_the_training_step_never_calls_back_to_the_host():
         tokens = jnp.zeros((2, 32), jnp.int32)
         with jax.numpy_dtype_promotion("standard"):
             opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
-            lowered = step.lower(model, opt_state, tokens, tokens, jnp.zeros(1, jnp.int32)).as_text()
+            mask, stop = jnp.ones((2, 32), bool), jnp.zeros(1, jnp.int32)
+            lowered = step.lower(model, opt_state, tokens, tokens, mask, stop).as_text()
         assert "callback" not in lowered, attention
     # The check it leaves out is one, and shows in a lowering:
     q = jnp.ones((1, 4, 1, 8), jnp.float32)

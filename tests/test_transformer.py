@@ -77,6 +77,33 @@ def test_gate_starts_near_0999():
     np.testing.assert_allclose(gamma, 0.999, atol=2e-4)
 
 
+@pytest.mark.parametrize("gamma", [0.999, 0.9, 0.5])
+def test_the_gate_starts_at_the_gamma_asked_for(gamma):
+    config = sympow.ModelConfig(**SMALL, attention="sympow_gated", gate_init=gamma)
+    x = jax.random.normal(jax.random.key(7), (1, 10, 16), jnp.float32)
+    gate = sympow.Transformer(config, key=jax.random.key(6)).blocks[0].attention.gate
+    logit = lambda g: np.log(g / (1 - g))  # noqa: E731  (the bias, before the small w_g . x)
+    np.testing.assert_allclose(logit(np.exp(gate(x))), logit(gamma), atol=0.05)
+
+
+def test_a_token_shift_adds_the_previous_tokens_embedding_and_stays_causal():
+    """Position t sees token t - 1 through the shift embedding (and no later token); a model
+    without MLPs is attention alone."""
+    config = sympow.ModelConfig(**SMALL | dict(n_layers=1), attention="sympow_gated", token_shift=True, mlp_ratio=0)
+    model = sympow.Transformer(config, key=jax.random.key(9))
+    assert model.blocks[0].mlp is None
+    tokens = jax.random.randint(jax.random.key(10), (2, 12), 0, 50)
+    x = model.lookup(tokens)
+    np.testing.assert_array_equal(x[:, 0], model.embedding[tokens[:, 0]])
+    np.testing.assert_allclose(x[:, 1:], model.embedding[tokens[:, 1:]] + model.shift_embedding[tokens[:, :-1]])
+    logits = model(tokens)
+    changed = model(tokens.at[:, 7].set((tokens[:, 7] + 1) % 50))
+    np.testing.assert_array_equal(logits[:, :7], changed[:, :7])
+    assert not np.allclose(logits[:, 8], changed[:, 8])  # position 8 reads token 7 through the shift
+    with pytest.raises(NotImplementedError, match="token shift"):
+        model.prefill(tokens)
+
+
 def test_presets():
     tiny, big = sympow.preset("tiny"), sympow.preset("124m", attention="softmax")
     assert (big.n_layers, big.d_model, big.n_heads, big.head_dim) == (12, 768, 12, 64)
@@ -84,6 +111,8 @@ def test_presets():
     model = sympow.Transformer(sympow.preset("124m"), key=jax.random.key(0))
     params = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
     assert 120e6 < params < 130e6, params
+    recall = sympow.preset("recall", vocab_size=49)
+    assert (recall.n_layers, recall.head_dim, recall.token_shift, recall.vocab_size) == (1, 16, True, 49)
 
 
 def test_model_evaluates_longer_than_it_was_built_for():

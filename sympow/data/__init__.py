@@ -1,12 +1,43 @@
 """Data: LongCrawl64-layout token stores, the paper's batching (read ahead on a thread), and the
 embedded default corpus."""
 
+from sympow.data import recall
 from sympow.data.batches import WindowStream
 from sympow.data.embedded import embedded_corpus
 from sympow.data.hf import hf_store, pack_records
 from sympow.data.prefetch import Batch, Prefetcher
+from sympow.data.recall import RecallStream
 from sympow.data.store import CorruptData, check_tokens, open_split, write_split
 from sympow.data.tokenizer import END_OF_TEXT, VOCAB_SIZE, gpt2_encoding
+
+
+def vocab_size(data: str) -> int:
+    """The vocabulary a --data value's tokens come from: a recall task's own, else GPT-2's."""
+    return recall.parse(data).vocab_size if recall.is_recall(data) else VOCAB_SIZE
+
+
+def open_stream(
+    data: str,
+    split: str,
+    context: int,
+    batch_size: int,
+    position=0,
+    process_index=0,
+    process_count=1,
+    *,
+    seed=0,
+    vocab_size=VOCAB_SIZE,
+) -> WindowStream | RecallStream:
+    """This process's batches of a --data value's split, from `position` on: generated for a
+    recall task (from `seed`), else windows of the store's split (ids checked against its
+    vocabulary, `vocab_size`)."""
+    if recall.is_recall(data):
+        task = recall.parse(data)
+        if task.vocab_size > vocab_size:
+            raise CorruptData(f"{data} has {task.vocab_size} tokens; the model's vocabulary has {vocab_size}")
+        return RecallStream(task, context, batch_size, position, process_index, process_count, split=split, seed=seed)
+    tokens = open_split(resolve(data), split)
+    return WindowStream(tokens, context, batch_size, position, process_index, process_count, vocab_size=vocab_size)
 
 
 def resolve(data: str) -> str:
@@ -23,6 +54,7 @@ __all__ = [
     "END_OF_TEXT",
     "Batch",
     "Prefetcher",
+    "RecallStream",
     "VOCAB_SIZE",
     "CorruptData",
     "WindowStream",
@@ -30,8 +62,11 @@ __all__ = [
     "embedded_corpus",
     "gpt2_encoding",
     "hf_store",
+    "open_stream",
+    "recall",
     "open_split",
     "pack_records",
     "resolve",
+    "vocab_size",
     "write_split",
 ]

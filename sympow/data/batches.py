@@ -71,10 +71,11 @@ class WindowStream:
                 f"{where}: zarr chunk ({document // rows}, {column // columns}) cannot be read: {error}"
             ) from error
 
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        """(inputs, targets) for this process, each [batch_size / process_count, context]; advances the position."""
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(inputs, targets, mask) for this process, each [batch_size / process_count, context];
+        advances the position. Every target of text counts: the mask is all True."""
         local = self.batch_size // self.process_count
         targets = self.read(self.position + self.process_index * local, local)
         self.position += self.batch_size
         inputs = np.concatenate([np.full((local, 1), END_OF_TEXT, np.int32), targets[:, :-1]], axis=1)
-        return inputs, targets
+        return inputs, targets, np.ones(targets.shape, bool)

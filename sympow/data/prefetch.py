@@ -20,11 +20,13 @@ from typing import NamedTuple
 import numpy as np
 
 from sympow.data.batches import WindowStream
+from sympow.data.recall import RecallStream
 
 
 class Batch(NamedTuple):
     inputs: np.ndarray  # [local batch, context]
     targets: np.ndarray  # [local batch, context]
+    mask: np.ndarray  # [local batch, context] bool: the targets that count in the loss
     position: int  # the stream's position after this batch: where a resume starts
 
 
@@ -33,7 +35,7 @@ class Prefetcher:
     reads nothing past the last one wanted). An error while reading comes out of `next()` in
     the step loop, with the reader's traceback."""
 
-    def __init__(self, stream: WindowStream, count: int, depth: int = 2):
+    def __init__(self, stream: WindowStream | RecallStream, count: int, depth: int = 2):
         self.stream, self.count = stream, count
         self.batches: queue.Queue = queue.Queue(maxsize=depth)
         self.stopping = threading.Event()
@@ -46,8 +48,7 @@ class Prefetcher:
             for _ in range(self.count):
                 if self.stopping.is_set():
                     return
-                inputs, targets = self.stream.next_batch()
-                self.put(Batch(inputs, targets, self.stream.position))
+                self.put(Batch(*self.stream.next_batch(), self.stream.position))
         except BaseException as error:  # handed to the step loop, which raises it
             self.put(error)
 
