@@ -2,6 +2,10 @@
 determinism from the seed."""
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import equinox as eqx
@@ -122,3 +126,22 @@ def test_eval_counts_accuracy_by_position_over_the_masked_targets_only():
     ends, means = evaluation.binned(result, 2, "accuracy")
     np.testing.assert_array_equal(ends, [2, 4])
     np.testing.assert_allclose(means, [1 / 3, 2 / 3])  # 1 of 3 targets, then 2 of 3
+
+
+def test_a_softmax_model_of_the_recall_preset_learns_plain_mqar_through_train_and_eval(tmp_path):
+    """The whole pipeline: generated data, the mask in the loss, train.py's accuracy, eval.py's
+    accuracy by position on fresh heldout sequences. Two pairs of 8 keys and 8 values; measured
+    on the 2-core machine, seed 0: 81% at step 100, 100% from step 200 (about 10 s of steps)."""
+    root = Path(__file__).resolve().parents[1]
+    task = ["--data", "mqar:pairs=2,keys=8,values=8", "--context", "16"]
+    flags = [*task, "--preset", "recall", "--attention", "softmax", "--tokens-per-update", "1024", "--lr", "1e-2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, str(root / "train.py"), *flags, "--steps", "300", "--log-every", "50"]
+    subprocess.run([*command, "--out", str(tmp_path / "run")], check=True, capture_output=True, env=env, cwd=root)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 300 and records[-1]["accuracy"] > 0.9, records
+    evaluation = [sys.executable, str(root / "eval.py"), str(tmp_path / "run"), "--context", "16", "--windows", "256"]
+    subprocess.run([*evaluation, "--out", str(tmp_path / "eval")], check=True, capture_output=True, env=env, cwd=root)
+    (result,) = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert result["mean_accuracy"] > 0.9 and sum(result["targets_by_position"]) == 256 * 2
+    assert result["accuracy_by_position"][:4] == [None] * 4  # the pairs: nothing to answer before the queries
