@@ -1,0 +1,184 @@
+"""Fig. 1 and Fig. 2 of the paper in miniature: recall accuracy against the training context, and
+by position on sequences of 4x the training context.
+
+    python experiments/recall_context.py                      # the default grid, about an hour on 2 cores
+    python experiments/recall_context.py --seeds 0 1 --lrs 1e-3 3e-3 1e-2 --out experiments/more
+
+Each (variant, training context, learning rate, seed) is one `train.py` run in OUT/runs/NAME,
+then one `eval.py` of it at 4x its context on fresh heldout sequences (their first quarter is the
+training context's distribution). Running the command again skips finished runs and resumes an
+interrupted one from its checkpoint. Writes OUT/results.json (one record per run), OUT/table.md
+(the best learning rate per point, as Zoology reports, with every seed), accuracy_by_context.png
+and accuracy_by_position.png.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from tqdm import tqdm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {  # name: (attention, p)
+    "softmax": ("softmax", 2),
+    "sympow p=2": ("sympow", 2),
+    "sympow_gated p=2": ("sympow_gated", 2),
+    "conformal p=2": ("conformal", 2),
+    "sympow p=4": ("sympow", 4),
+    "sympow_gated p=4": ("sympow_gated", 4),
+}
+# The pilot's setting (../shared notes, docs/experiments.md): 8 pairs an episode, each episode's
+# keys drawn afresh from 32, so old pairs go stale; 16 values.
+TASK = "recall-stream:pairs=8,keys=32,values=16,fresh=0"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "recall_context")
+    parser.add_argument("--task", default=TASK)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--contexts", nargs="+", type=int, default=[64, 256, 1024])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[3e-3])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--tokens-per-update", type=int, default=8192)
+    parser.add_argument("--eval-sequences", type=int, default=64, help="heldout sequences of 4x the context")
+    return parser.parse_args(argv)
+
+
+def run_name(variant: str, context: int, lr: float, seed: int) -> str:
+    return f"{variant.replace(' ', '_').replace('=', '')}-T{context}-lr{lr:g}-seed{seed}"
+
+
+def train_and_evaluate(args, variant: str, context: int, lr: float, seed: int) -> dict:
+    """One point of the grid: its train.py run (resumed if interrupted) and its evaluation at 4x."""
+    attention, p = VARIANTS[variant]
+    name = run_name(variant, context, lr, seed)
+    run, evaluation = args.out / "runs" / name, args.out / "eval" / name
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    train = [sys.executable, str(ROOT / "train.py"), "--preset", "recall", "--data", args.task]
+    train += ["--attention", attention, "--p", str(p), "--context", str(context), "--lr", str(lr)]
+    train += ["--seed", str(seed), "--steps", str(args.steps), "--tokens-per-update", str(args.tokens_per_update)]
+    train += ["--warmup", "20", "--log-every", "50", "--checkpoint-every", "250", "--out", str(run)]
+    if not (evaluation / "results.json").exists():
+        subprocess.run(train, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        evaluate = [sys.executable, str(ROOT / "eval.py"), str(run), "--context", str(4 * context)]
+        evaluate += ["--windows", str(args.eval_sequences), "--bins", "16", "--out", str(evaluation)]
+        subprocess.run(evaluate, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    (result,) = json.loads((evaluation / "results.json").read_text())
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    quarters = [accuracy(result, q * context, (q + 1) * context) for q in range(4)]
+    return dict(
+        variant=variant,
+        context=context,
+        lr=lr,
+        seed=seed,
+        steps=args.steps,
+        train_accuracy=[(r["step"], r["accuracy"]) for r in metrics if "accuracy" in r],
+        accuracy_1x=quarters[0],
+        accuracy_4x=accuracy(result, 0, 4 * context),
+        accuracy_by_quarter_at_4x=quarters,
+        accuracy_by_position_at_4x=result["accuracy_by_position"],
+        targets_by_position_at_4x=result["targets_by_position"],
+    )
+
+
+def accuracy(result: dict, first: int, last: int) -> float:
+    """The fraction of answers right at positions first+1..last."""
+    means, counts = result["accuracy_by_position"][first:last], result["targets_by_position"][first:last]
+    return sum(m * n for m, n in zip(means, counts) if n) / sum(counts)
+
+
+def best_per_point(records: list[dict]) -> dict:
+    """{(variant, context): the records of the learning rate with the best mean 1x accuracy}."""
+    best = {}
+    for key in {(r["variant"], r["context"]) for r in records}:
+        by_lr = {}
+        for r in records:
+            if (r["variant"], r["context"]) == key:
+                by_lr.setdefault(r["lr"], []).append(r)
+        best[key] = max(by_lr.values(), key=lambda rs: np.mean([r["accuracy_1x"] for r in rs]))
+    return best
+
+
+def write_table(args, best: dict) -> str:
+    lines = [
+        f"Task `{args.task}`, recall preset, {args.steps} steps of {args.tokens_per_update} tokens, "
+        f"learning rates {args.lrs} (best per point shown), seeds {args.seeds}.",
+        "",
+        "| variant | training context | lr | accuracy at 1x | at 4x | at 4x, quarters 1..4 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant in args.variants:
+        for context in args.contexts:
+            if (rs := best.get((variant, context))) is None:
+                continue
+            one, four = (", ".join(f"{r[k]:.1%}" for r in rs) for k in ("accuracy_1x", "accuracy_4x"))
+            quarters = ", ".join(f"{q:.1%}" for q in np.mean([r["accuracy_by_quarter_at_4x"] for r in rs], axis=0))
+            lines.append(f"| {variant} | {context} | {rs[0]['lr']:g} | {one} | {four} | {quarters} |")
+    table = "\n".join(lines) + "\n"
+    (args.out / "table.md").write_text(table)
+    return table
+
+
+def plot(args, best: dict) -> None:
+    figure, axes = plt.subplots(figsize=(7, 5))
+    for variant in args.variants:
+        points = sorted((c, np.mean([r["accuracy_1x"] for r in rs])) for (v, c), rs in best.items() if v == variant)
+        if points:
+            axes.plot(*zip(*points), marker="o", label=variant)
+    axes.set(xscale="log", xlabel="training context", ylabel="recall accuracy at the training context", ylim=(0, 1))
+    axes.set_title("Accuracy against training context (best lr per point)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(args.out / "accuracy_by_context.png", dpi=120)
+    plt.close(figure)
+
+    figure, panels = plt.subplots(1, len(args.contexts), figsize=(5 * len(args.contexts), 4), squeeze=False)
+    for panel, context in zip(panels[0], args.contexts):
+        for variant in args.variants:
+            if (rs := best.get((variant, context))) is None:
+                continue
+            counts = np.asarray(rs[0]["targets_by_position_at_4x"], float)
+            right = np.mean([np.nan_to_num(np.array(r["accuracy_by_position_at_4x"], float)) for r in rs], axis=0)
+            edges = np.linspace(0, len(counts), 17).astype(int)
+            bins = list(zip(edges[:-1], edges[1:]))
+            means = [
+                (right[a:b] * counts[a:b]).sum() / counts[a:b].sum() if counts[a:b].sum() else np.nan for a, b in bins
+            ]
+            answered = ~np.isnan(means)  # bins holding only pairs have nothing to answer
+            panel.plot(edges[1:][answered], np.asarray(means)[answered], marker=".", label=variant)
+        panel.axvline(context, color="grey", linestyle=":")
+        panel.set(title=f"trained at {context}", xlabel="position (bin end)", ylabel="accuracy", ylim=(0, 1))
+    panels[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(args.out / "accuracy_by_position.png", dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    grid = [(v, c, lr, s) for v in args.variants for c in args.contexts for lr in args.lrs for s in args.seeds]
+    records = []
+    for point in tqdm(grid, desc="recall runs", unit="run"):
+        try:
+            records.append(train_and_evaluate(args, *point))
+        except subprocess.CalledProcessError as error:
+            sys.exit(f"{run_name(*point)} failed:\n{error.stderr[-3000:]}")
+        (args.out / "results.json").write_text(json.dumps(records))
+    best = best_per_point(records)
+    print(write_table(args, best))
+    plot(args, best)
+
+
+if __name__ == "__main__":
+    main()
