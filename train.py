@@ -401,7 +401,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     stop = StopRequest()
     distributed.initialize(args)
-    stop.install_again()
+    stop.install()
     batch_sizes(args)  # refuses a micro-batch the devices cannot split, before any work
     lock = None
     try:

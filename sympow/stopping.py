@@ -13,15 +13,15 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:
-    """Installs the handlers for its lifetime (`restore` puts the previous ones back)."""
+    """Installs the handlers for the rest of the process; `signal` is the first one received."""
 
     def __init__(self):
         self.signal: int | None = None
-        self.previous = {number: signal.signal(number, self.handle) for number in SIGNALS}
+        self.install()
 
-    def install_again(self) -> None:
-        """Take the signals back from whoever installed a handler since (jax.distributed.initialize
-        installs its preemption notifier's, which notes SIGTERM and lets the run go on)."""
+    def install(self) -> None:
+        """Take the signals (again, after jax.distributed.initialize, which
+        installs its preemption notifier: it notes SIGTERM and lets the run go on)."""
         for number in SIGNALS:
             signal.signal(number, self.handle)
 
@@ -34,15 +34,3 @@ class StopRequest:
         self.signal = self.signal or number
         name = signal.Signals(number).name
         os.write(2, f"\n{name}: saving a checkpoint after this step, then stopping (Ctrl-C again: now)\n".encode())
-
-    @property
-    def asked(self) -> bool:
-        return self.signal is not None
-
-    @property
-    def exit_status(self) -> int:
-        return 128 + self.signal
-
-    def restore(self) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
