@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from sympow import checkpoint, cli
-from sympow.data.tokenizer import END_OF_TEXT, gpt2_encoding
+from sympow.data.tokenizer import encoding_for
 from sympow.generate import sample_token
 
 
@@ -102,9 +102,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     prompt = read_prompt(args)
     model, saved = load(args.run)
-    encoding = gpt2_encoding()
+    try:
+        encoding, end_of_text = encoding_for(model.config.vocab_size)
+    except ValueError as error:
+        raise SystemExit(f"{args.run}: {error}") from None
     # Training inputs start with end-of-text (a window shifted right), so the prompt does too.
-    tokens = [END_OF_TEXT, *encoding.encode(prompt, allowed_special="all")]
+    tokens = [end_of_text, *encoding.encode(prompt, allowed_special="all")]
     max_length = cache_length(model, saved, args, len(tokens) + args.max_new_tokens)
 
     prefill = eqx.filter_jit(lambda m, t: m.prefill(t, max_length))

@@ -134,3 +134,28 @@ def test_hugging_face_dataset_is_streamed_tokenised_and_packed_offline(tmp_path,
     assert data.hf_store(str(folder), max_rows=3, row_length=2048) == root  # cached: built once
     with pytest.raises(FileNotFoundError, match="could not read the Hugging Face dataset 'no-such/dataset'.*offline"):
         data.hf_store("no-such/dataset")
+
+
+def test_embedded_corpus_as_bytes(tmp_path):
+    sources = embedded.stdlib_sources()[:10]
+    root = embedded.build(tmp_path / "bytes", sources, row_length=1024, vocabulary="bytes")
+    train, heldout = data.open_split(str(root), "train"), data.open_split(str(root), "heldout")
+    tokens = np.concatenate([train[:], heldout[:]])
+    data.check_tokens(tokens, "embedded-bytes", vocab_size=256)
+    # Every byte of the sources is there (less the dropped tail), each file ending in byte 0.
+    stream = b"".join(p.read_bytes() + b"\0" for p in sources)
+    assert tokens.size == len(stream) // 1024 * 1024
+    assert np.sum(tokens == 0) in (len(sources), len(sources) - 1)
+    assert bytes(train[0].tolist()).decode("utf-8", errors="replace").count("def ") > 0
+    assert data.vocab_size("embedded-bytes") == 256 and data.vocab_size("embedded") == data.VOCAB_SIZE
+
+
+def test_byte_windows_start_with_byte_zero(tmp_path):
+    rows = np.arange(2 * 64).reshape(2, 64) % 255 + 1
+    data.write_split(str(tmp_path), "train", rows)
+    stream = data.WindowStream(data.open_split(str(tmp_path), "train"), 16, 2, vocab_size=256)
+    inputs, targets, _ = stream.next_batch()
+    np.testing.assert_array_equal(inputs[:, 0], [0, 0])
+    np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
+    with pytest.raises(data.CorruptData, match="past the model's vocabulary"):
+        data.WindowStream(data.open_split(str(tmp_path), "train"), 16, 2, vocab_size=64).next_batch()

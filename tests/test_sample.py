@@ -12,8 +12,8 @@ from sympow.sample import main
 TINY = dict(vocab_size=50257, d_model=16, n_layers=1, n_heads=2, chunk_size=8)
 
 
-def make_run(folder, attention, context=16):
-    model = sympow.Transformer(sympow.ModelConfig(**TINY, attention=attention), key=jax.random.key(0))
+def make_run(folder, attention, context=16, **config):
+    model = sympow.Transformer(sympow.ModelConfig(**{**TINY, **config}, attention=attention), key=jax.random.key(0))
     checkpoint.save(folder, 1, model, None, 0, dict(context=context))
     return folder
 
@@ -29,6 +29,20 @@ def test_sample_prints_the_prompt_then_new_text_and_the_rate(tmp_path, capsys):
     main([*sampling, "--seed", "1"])
     assert capsys.readouterr().out == out
     main([str(run), "--prompt", "x", "--max-new-tokens", "3", "--temperature", "0"])
+
+
+def test_a_byte_model_reads_and_writes_bytes(tmp_path, capsys):
+    run = make_run(tmp_path / "bytes", "sympow_gated", vocab_size=256)
+    main([str(run), "--prompt", "café", "--max-new-tokens", "40", "--seed", "3"])
+    out, err = capsys.readouterr()
+    assert out.startswith("café") and len(out.encode()) > len("café".encode())  # bytes, decoded as UTF-8 can be
+    assert "40 new tokens from a sympow_gated model" in err
+
+
+def test_a_model_of_a_recall_task_is_refused(tmp_path):
+    run = make_run(tmp_path / "recall", "softmax", vocab_size=49)
+    with pytest.raises(SystemExit, match="49 tokens is neither GPT-2's .* nor bytes'"):
+        main([str(run), "--prompt", "hi"])
 
 
 def test_sample_refuses_bad_requests(tmp_path, capsys):

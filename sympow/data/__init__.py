@@ -1,5 +1,5 @@
 """Data: LongCrawl64-layout token stores, the paper's batching (read ahead on a thread), and the
-embedded default corpus."""
+embedded default corpus (GPT-2 tokens or bytes)."""
 
 from sympow.data import recall
 from sympow.data.batches import WindowStream
@@ -8,12 +8,15 @@ from sympow.data.hf import hf_store, pack_records
 from sympow.data.prefetch import Batch, Prefetcher
 from sympow.data.recall import RecallStream
 from sympow.data.store import CorruptData, check_tokens, open_split, write_split
-from sympow.data.tokenizer import END_OF_TEXT, VOCAB_SIZE, gpt2_encoding
+from sympow.data.tokenizer import BYTE_VOCAB_SIZE, END_OF_TEXT, VOCAB_SIZE, gpt2_encoding
 
 
 def vocab_size(data: str) -> int:
-    """The vocabulary a --data value's tokens come from: a recall task's own, else GPT-2's."""
-    return recall.parse(data).vocab_size if recall.is_recall(data) else VOCAB_SIZE
+    """The vocabulary a --data value's tokens come from: a recall task's own, bytes' for
+    "embedded-bytes", else GPT-2's."""
+    if recall.is_recall(data):
+        return recall.parse(data).vocab_size
+    return BYTE_VOCAB_SIZE if data == "embedded-bytes" else VOCAB_SIZE
 
 
 def open_stream(
@@ -41,10 +44,11 @@ def open_stream(
 
 
 def resolve(data: str) -> str:
-    """A --data value as a store root: "embedded" (the default corpus), "hf:NAME[:CONFIG]" (a
+    """A --data value as a store root: "embedded" (the default corpus), "embedded-bytes" (the
+    same sources as bytes), "hf:NAME[:CONFIG]" (a
     Hugging Face text dataset, packed once), or a folder / fsspec URL with train.zarr and heldout.zarr."""
-    if data == "embedded":
-        return embedded_corpus()
+    if data in ("embedded", "embedded-bytes"):
+        return embedded_corpus("bytes" if data == "embedded-bytes" else "gpt2")
     if data.startswith("hf:"):
         return hf_store(data.removeprefix("hf:"))
     return data

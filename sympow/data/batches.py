@@ -2,8 +2,9 @@
 
 Windows are taken column by column: every document's window 0, then every document's window 1,
 and so on, so example e is document e % documents, window e // documents. The input is the
-window shifted right by one with end-of-text first; the target is the window itself. The data
-position is the number of examples consumed: store it and the stream resumes exactly."""
+window shifted right by one with end-of-text (the vocabulary's: GPT-2's, or byte 0) first; the
+target is the window itself. The data position is the number of examples consumed: store it and
+the stream resumes exactly."""
 
 import dataclasses
 
@@ -11,7 +12,7 @@ import numpy as np
 import zarr
 
 from sympow.data.store import CorruptData, check_tokens
-from sympow.data.tokenizer import END_OF_TEXT, VOCAB_SIZE
+from sympow.data.tokenizer import VOCAB_SIZE, end_of_text
 
 
 @dataclasses.dataclass
@@ -77,5 +78,5 @@ class WindowStream:
         local = self.batch_size // self.process_count
         targets = self.read(self.position + self.process_index * local, local)
         self.position += self.batch_size
-        inputs = np.concatenate([np.full((local, 1), END_OF_TEXT, np.int32), targets[:, :-1]], axis=1)
+        inputs = np.concatenate([np.full((local, 1), end_of_text(self.vocab_size), np.int32), targets[:, :-1]], axis=1)
         return inputs, targets, np.ones(targets.shape, bool)

@@ -1,6 +1,7 @@
-"""The embedded default corpus: the Python standard library's own sources, tokenised with
-GPT-2 BPE and packed into rows in LongCrawl64's layout. Built once on first use, with no
-network (beyond the one-time vocabulary fetch from PyPI), and cached."""
+"""The embedded default corpus: the Python standard library's own sources, as GPT-2 BPE tokens
+or as bytes (`--data embedded`, `--data embedded-bytes`), packed into rows in LongCrawl64's
+layout. Built once on first use, with no network (beyond the one-time GPT-2 vocabulary fetch
+from PyPI), and cached."""
 
 import sysconfig
 from pathlib import Path
@@ -9,10 +10,10 @@ import numpy as np
 from tqdm import tqdm
 
 from sympow.data.store import ROW_LENGTH, write_split
-from sympow.data.tokenizer import END_OF_TEXT, cache_dir, gpt2_encoding
+from sympow.data.tokenizer import BYTE_END_OF_TEXT, END_OF_TEXT, cache_dir, gpt2_encoding
 
 HELDOUT_FRACTION = 0.05
-VERSION = "stdlib-v1"
+VERSIONS = {"gpt2": "stdlib-v1", "bytes": "stdlib-bytes-v1"}
 
 
 def stdlib_sources() -> list[Path]:
@@ -22,7 +23,7 @@ def stdlib_sources() -> list[Path]:
 
 
 def tokenise_documents(paths: list[Path]) -> np.ndarray:
-    """All documents' tokens, each followed by end-of-text, as one stream."""
+    """All documents' GPT-2 tokens, each followed by end-of-text, as one stream."""
     encoding = gpt2_encoding()
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in paths]
     pieces = []
@@ -30,6 +31,12 @@ def tokenise_documents(paths: list[Path]) -> np.ndarray:
         for ids in encoding.encode_ordinary_batch(texts[batch_start : batch_start + 256]):
             pieces.append(np.asarray(ids + [END_OF_TEXT], np.uint16))
     return np.concatenate(pieces)
+
+
+def byte_documents(paths: list[Path]) -> np.ndarray:
+    """All documents' bytes, each followed by byte 0 (end-of-text; sources hold no NUL), as one stream."""
+    pieces = [np.frombuffer(p.read_bytes() + bytes([BYTE_END_OF_TEXT]), np.uint8) for p in paths]
+    return np.concatenate(pieces).astype(np.uint16)
 
 
 def pack_rows(stream: np.ndarray, row_length: int, seed: int) -> np.ndarray:
@@ -53,15 +60,16 @@ def write_store(root: Path, rows: np.ndarray, source: str) -> Path:
     return root
 
 
-def build(root: Path, paths: list[Path], row_length: int = ROW_LENGTH, seed: int = 0) -> Path:
-    """Write train.zarr and heldout.zarr under root from the given source files."""
-    return write_store(root, pack_rows(tokenise_documents(paths), row_length, seed), f"{len(paths)} files")
+def build(root: Path, paths: list[Path], row_length: int = ROW_LENGTH, seed: int = 0, vocabulary="gpt2") -> Path:
+    """Write train.zarr and heldout.zarr under root from the given source files, as GPT-2 tokens or bytes."""
+    stream = tokenise_documents(paths) if vocabulary == "gpt2" else byte_documents(paths)
+    return write_store(root, pack_rows(stream, row_length, seed), f"{len(paths)} files")
 
 
-def embedded_corpus() -> str:
-    """The path of the cached embedded corpus, building it first if needed."""
-    root = cache_dir() / VERSION
+def embedded_corpus(vocabulary: str = "gpt2") -> str:
+    """The path of the cached embedded corpus in a vocabulary ("gpt2" or "bytes"), building it first if needed."""
+    root = cache_dir() / VERSIONS[vocabulary]
     if not root.exists():
-        print(f"building the embedded corpus from the standard library's sources into {root} (once)")
-        build(root, stdlib_sources())
+        print(f"building the embedded corpus ({vocabulary}) from the standard library's sources into {root} (once)")
+        build(root, stdlib_sources(), vocabulary=vocabulary)
     return str(root)

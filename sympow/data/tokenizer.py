@@ -1,8 +1,13 @@
-"""GPT-2 BPE through tiktoken, from a vocabulary file that a PyPI package ships.
+"""The two vocabularies of text: GPT-2 BPE, and bytes.
+
+GPT-2 BPE goes through tiktoken, from a vocabulary file that a PyPI package ships.
 
 tiktoken would download GPT-2's ranks at first use; instead we take `gpt2.tiktoken` from the
 openai-whisper source archive on PyPI (fetched once with pip, without installing it or its
-dependencies) and cache it, so tokenising works on a machine that reaches only PyPI."""
+dependencies) and cache it, so tokenising works on a machine that reaches only PyPI.
+
+Bytes (vocabulary 256) are UTF-8 itself, with byte 0 as end-of-text: it never occurs in text
+sources, and a tiny model then spends its time in its layers rather than in a 50257-way softmax."""
 
 import functools
 import os
@@ -17,6 +22,8 @@ from tiktoken.load import load_tiktoken_bpe
 
 END_OF_TEXT = 50256
 VOCAB_SIZE = 50257
+BYTE_END_OF_TEXT = 0
+BYTE_VOCAB_SIZE = 256
 VOCAB_PACKAGE = "openai-whisper==20250625"
 # GPT-2's pre-tokeniser (the same pattern tiktoken's own "gpt2" encoding uses).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -69,3 +76,31 @@ def gpt2_encoding() -> tiktoken.Encoding:
         special_tokens={"<|endoftext|>": END_OF_TEXT},
         explicit_n_vocab=VOCAB_SIZE,
     )
+
+
+class ByteEncoding:
+    """Text as its UTF-8 bytes, with the two methods of tiktoken's Encoding that sampling uses."""
+
+    name = "bytes"
+
+    def encode(self, text: str, allowed_special="all") -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode_bytes(self, tokens: list[int]) -> bytes:
+        return bytes(tokens)
+
+
+def end_of_text(vocab_size: int) -> int:
+    """The token a window's input starts with: byte 0 for a byte vocabulary, GPT-2's otherwise."""
+    return BYTE_END_OF_TEXT if vocab_size == BYTE_VOCAB_SIZE else END_OF_TEXT
+
+
+def encoding_for(vocab_size: int) -> tuple[tiktoken.Encoding | ByteEncoding, int]:
+    """(encoding, end-of-text token) of a model's vocabulary: GPT-2's or bytes'."""
+    encodings = {VOCAB_SIZE: gpt2_encoding, BYTE_VOCAB_SIZE: ByteEncoding}
+    if vocab_size not in encodings:
+        raise ValueError(
+            f"a vocabulary of {vocab_size} tokens is neither GPT-2's ({VOCAB_SIZE}) nor bytes' ({BYTE_VOCAB_SIZE}): "
+            "this model was not trained on text (a recall task?)"
+        )
+    return encodings[vocab_size](), end_of_text(vocab_size)
