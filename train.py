@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=cli.non_negative(float), default=0.0)
     parser.add_argument("--chunk-size", type=positive_int, default=None, help="chunk size of the sympow chunked form")
     parser.add_argument("--layers", type=positive_int, default=None, help="blocks (default: the preset's)")
+    parser.add_argument("--d-model", type=positive_int, default=None, help="model width (default: the preset's)")
+    parser.add_argument("--heads", type=positive_int, default=None, help="attention heads (default: the preset's)")
     parser.add_argument(
         "--mlp-ratio", type=cli.non_negative(int), default=None, help="MLP width / d_model, 0 for none (preset's)"
     )
@@ -89,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--data",
         default="embedded",
-        help='"embedded", a folder / fsspec URL holding train.zarr and heldout.zarr, hf:NAME, or a recall task '
+        help='"embedded" (GPT-2 tokens), "embedded-bytes" (the same sources as bytes, vocabulary 256), a folder / '
+        "fsspec URL holding train.zarr and heldout.zarr, hf:NAME, or a recall task "
         "(mqar:pairs=N,keys=K,values=V or recall-stream:pairs=P,keys=K,values=V,fresh=0|1)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/default"))
@@ -125,6 +128,8 @@ def model_config(args) -> sympow.ModelConfig:
     flags = dict(
         chunk_size=args.chunk_size,
         n_layers=args.layers,
+        d_model=args.d_model,
+        n_heads=args.heads,
         mlp_ratio=args.mlp_ratio,
         token_shift=args.token_shift,
         gate_init=args.gate_init,

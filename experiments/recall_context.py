@@ -6,35 +6,22 @@ by position on sequences of 4x the training context.
 
 Each (variant, training context, learning rate, seed) is one `train.py` run in OUT/runs/NAME,
 then one `eval.py` of it at 4x its context on fresh heldout sequences (their first quarter is the
-training context's distribution). Running the command again skips finished runs and resumes an
-interrupted one from its checkpoint. Writes OUT/results.json (one record per run), OUT/table.md
-(the best learning rate per point, as Zoology reports, with every seed), accuracy_by_context.png
-and accuracy_by_position.png.
+training context's distribution). Running the command again skips finished runs, resumes an
+interrupted one, and continues every run to a larger --steps. Writes OUT/results.json (one
+record per run), OUT/table.md (the best learning rate per point, as Zoology reports, with every
+seed), accuracy_by_context.png and accuracy_by_position.png.
 """
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
 import numpy as np
-from tqdm import tqdm
+from runs import ROOT, VARIANTS, accuracy, run_grid, slug, train_and_evaluate, variant_flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
-ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {  # name: (attention, p)
-    "softmax": ("softmax", 2),
-    "sympow p=2": ("sympow", 2),
-    "sympow_gated p=2": ("sympow_gated", 2),
-    "conformal p=2": ("conformal", 2),
-    "sympow p=4": ("sympow", 4),
-    "sympow_gated p=4": ("sympow_gated", 4),
-}
 # The pilot's setting (../shared notes, docs/experiments.md): 8 pairs an episode, each episode's
 # keys drawn afresh from 32, so old pairs go stale; 16 values.
 TASK = "recall-stream:pairs=8,keys=32,values=16,fresh=0"
@@ -50,31 +37,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--tokens-per-update", type=int, default=8192)
+    parser.add_argument("--gate-init", type=float, help="the gated variants' initial gamma (default: the model's)")
     parser.add_argument("--eval-sequences", type=int, default=64, help="heldout sequences of 4x the context")
     return parser.parse_args(argv)
 
 
 def run_name(variant: str, context: int, lr: float, seed: int) -> str:
-    return f"{variant.replace(' ', '_').replace('=', '')}-T{context}-lr{lr:g}-seed{seed}"
+    return f"{slug(variant)}-T{context}-lr{lr:g}-seed{seed}"
 
 
-def train_and_evaluate(args, variant: str, context: int, lr: float, seed: int) -> dict:
-    """One point of the grid: its train.py run (resumed if interrupted) and its evaluation at 4x."""
-    attention, p = VARIANTS[variant]
+def train_and_evaluate_point(args, variant: str, context: int, lr: float, seed: int) -> dict:
+    """One point of the grid: its train.py run and its evaluation at 4x."""
+    train = ["--preset", "recall", "--data", args.task, *variant_flags(variant), "--context", str(context)]
+    train += ["--lr", str(lr), "--seed", str(seed), "--tokens-per-update", str(args.tokens_per_update)]
+    train += [] if args.gate_init is None else ["--gate-init", str(args.gate_init)]
+    train += ["--warmup", "20", "--log-every", "50", "--checkpoint-every", "250"]
+    evaluate = ["--context", str(4 * context), "--windows", str(args.eval_sequences), "--bins", "16"]
     name = run_name(variant, context, lr, seed)
-    run, evaluation = args.out / "runs" / name, args.out / "eval" / name
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    train = [sys.executable, str(ROOT / "train.py"), "--preset", "recall", "--data", args.task]
-    train += ["--attention", attention, "--p", str(p), "--context", str(context), "--lr", str(lr)]
-    train += ["--seed", str(seed), "--steps", str(args.steps), "--tokens-per-update", str(args.tokens_per_update)]
-    train += ["--warmup", "20", "--log-every", "50", "--checkpoint-every", "250", "--out", str(run)]
-    if not (evaluation / "results.json").exists():
-        subprocess.run(train, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        evaluate = [sys.executable, str(ROOT / "eval.py"), str(run), "--context", str(4 * context)]
-        evaluate += ["--windows", str(args.eval_sequences), "--bins", "16", "--out", str(evaluation)]
-        subprocess.run(evaluate, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    (result,) = json.loads((evaluation / "results.json").read_text())
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    result, metrics = train_and_evaluate(args.out, name, train, evaluate, args.steps)
     quarters = [accuracy(result, q * context, (q + 1) * context) for q in range(4)]
     return dict(
         variant=variant,
@@ -89,12 +69,6 @@ def train_and_evaluate(args, variant: str, context: int, lr: float, seed: int) -
         accuracy_by_position_at_4x=result["accuracy_by_position"],
         targets_by_position_at_4x=result["targets_by_position"],
     )
-
-
-def accuracy(result: dict, first: int, last: int) -> float:
-    """The fraction of answers right at positions first+1..last."""
-    means, counts = result["accuracy_by_position"][first:last], result["targets_by_position"][first:last]
-    return sum(m * n for m, n in zip(means, counts) if n) / sum(counts)
 
 
 def best_per_point(records: list[dict]) -> dict:
@@ -112,7 +86,8 @@ def best_per_point(records: list[dict]) -> dict:
 def write_table(args, best: dict) -> str:
     lines = [
         f"Task `{args.task}`, recall preset, {args.steps} steps of {args.tokens_per_update} tokens, "
-        f"learning rates {args.lrs} (best per point shown), seeds {args.seeds}.",
+        + ("" if args.gate_init is None else f"gate init {args.gate_init}, ")
+        + f"learning rates {args.lrs} (best per point shown), seeds {args.seeds}.",
         "",
         "| variant | training context | lr | accuracy at 1x | at 4x | at 4x, quarters 1..4 |",
         "|---|---|---|---|---|---|",
@@ -166,15 +141,9 @@ def plot(args, best: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     grid = [(v, c, lr, s) for v in args.variants for c in args.contexts for lr in args.lrs for s in args.seeds]
-    records = []
-    for point in tqdm(grid, desc="recall runs", unit="run"):
-        try:
-            records.append(train_and_evaluate(args, *point))
-        except subprocess.CalledProcessError as error:
-            sys.exit(f"{run_name(*point)} failed:\n{error.stderr[-3000:]}")
-        (args.out / "results.json").write_text(json.dumps(records))
+    measure = lambda *point: train_and_evaluate_point(args, *point)  # noqa: E731
+    records = run_grid(grid, measure, run_name, args.out, "recall runs")
     best = best_per_point(records)
     print(write_table(args, best))
     plot(args, best)

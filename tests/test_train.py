@@ -193,6 +193,8 @@ BAD_TRAIN_FLAGS = [
     (["--p", "3"], "argument --p: must be an even power"),
     (["--tokens-per-update", "100"], "--tokens-per-update 100 must be a multiple of --context 32"),
     (["--micro-batch", "3"], "--micro-batch 3 must divide the 8 examples of an update"),
+    (["--d-model", "60", "--heads", "8"], "d_model (60) must split into n_heads (8) heads of even size"),
+    (["--heads", "0"], "argument --heads: must be >= 1; got 0"),
     (["--coordinator", "127.0.0.1:1"], "go together"),
     (["--coordinator", "nowhere", "--num-processes", "2", "--process-id", "0"], "must be HOST:PORT"),
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "--process-id must be in 0..1"),

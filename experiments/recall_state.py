@@ -1,0 +1,162 @@
+"""Recall against state size: plain multi-query associative recall (Zoology's MQAR), one
+episode per sequence, with the attention state's bytes on the x axis (the plot of Zoology and
+Based). Every pair is needed to the end, so nothing can be forgotten: the state must hold them
+all, and a gate cannot help (sympow_gated is the control).
+
+    python experiments/recall_state.py                        # the default grid
+    python experiments/recall_state.py --pairs 8 16 32 --seeds 0 1 --out experiments/state_more
+
+Each (variant, head dim, pairs, learning rate, seed) is one `train.py` run of the recall preset
+with 4 heads of the given dim (d_model = 4 x dim) and one `eval.py` at the training context on
+fresh heldout sequences. The state of a sympow layer is S [D, dim] and z [D] per head, D =
+C(dim + p - 1, p), in float32; a softmax layer's key/value cache at the context is 2 x context x
+d_model floats. Rerunning skips finished runs, resumes interrupted ones and continues every run
+to a larger --steps. Writes OUT/results.json, OUT/table.md (the best learning rate per point)
+and accuracy_by_state.png.
+"""
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from runs import ROOT, VARIANTS, accuracy, run_grid, slug, train_and_evaluate, variant_flags
+
+from ops import embedding_size
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
+
+HEADS = 4
+FLOAT_BYTES = 4
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "recall_state")
+    parser.add_argument("--variants", nargs="+", default=["softmax", "sympow p=2", "sympow p=4", "sympow_gated p=2"])
+    parser.add_argument("--head-dims", nargs="+", type=int, default=[8, 16, 32])
+    parser.add_argument("--pairs", nargs="+", type=int, default=[16], help="key-value pairs a sequence")
+    parser.add_argument("--keys", type=int, default=64, help="keys to draw each sequence's pairs from")
+    parser.add_argument("--values", type=int, default=64)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--lrs", nargs="+", type=float, default=[3e-3])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--tokens-per-update", type=int, default=8192)
+    parser.add_argument("--eval-sequences", type=int, default=128)
+    args = parser.parse_args(argv)
+    if unknown := set(args.variants) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    if too_many := [n for n in args.pairs if 4 * n > args.context + 1 or n > args.keys]:
+        parser.error(f"pairs {too_many} do not fit --context {args.context} (4 tokens a pair) or --keys {args.keys}")
+    return args
+
+
+def state_bytes(variant: str, head_dim: int, context: int) -> int:
+    """Bytes of one layer's attention state: S and z per head, or a softmax key/value cache at the context."""
+    attention, p = VARIANTS[variant]
+    if attention == "softmax":
+        return 2 * context * HEADS * head_dim * FLOAT_BYTES
+    return HEADS * embedding_size(head_dim, p) * (head_dim + 1) * FLOAT_BYTES
+
+
+def run_name(variant: str, head_dim: int, pairs: int, lr: float, seed: int) -> str:
+    return f"{slug(variant)}-dim{head_dim}-N{pairs}-lr{lr:g}-seed{seed}"
+
+
+def train_and_evaluate_point(args, variant: str, head_dim: int, pairs: int, lr: float, seed: int) -> dict:
+    task = f"mqar:pairs={pairs},keys={args.keys},values={args.values}"
+    train = ["--preset", "recall", "--data", task, *variant_flags(variant), "--context", str(args.context)]
+    train += ["--d-model", str(HEADS * head_dim), "--heads", str(HEADS)]
+    train += ["--lr", str(lr), "--seed", str(seed), "--tokens-per-update", str(args.tokens_per_update)]
+    train += ["--warmup", "20", "--log-every", "50", "--checkpoint-every", "200"]
+    evaluate = ["--context", str(args.context), "--windows", str(args.eval_sequences), "--bins", "8"]
+    name = run_name(variant, head_dim, pairs, lr, seed)
+    result, metrics = train_and_evaluate(args.out, name, train, evaluate, args.steps)
+    return dict(
+        variant=variant,
+        head_dim=head_dim,
+        pairs=pairs,
+        lr=lr,
+        seed=seed,
+        steps=args.steps,
+        state_bytes=state_bytes(variant, head_dim, args.context),
+        train_accuracy=[(r["step"], r["accuracy"]) for r in metrics if "accuracy" in r],
+        accuracy=accuracy(result, 0, args.context),
+    )
+
+
+def best_per_point(records: list[dict]) -> dict:
+    """{(variant, head dim, pairs): the records of the learning rate with the best mean accuracy}."""
+    by_point = {}
+    for r in records:
+        by_point.setdefault((r["variant"], r["head_dim"], r["pairs"]), {}).setdefault(r["lr"], []).append(r)
+    return {
+        point: max(by_lr.values(), key=lambda rs: np.mean([r["accuracy"] for r in rs]))
+        for point, by_lr in by_point.items()
+    }
+
+
+def write_table(args, best: dict) -> str:
+    lines = [
+        f"`mqar:pairs=N,keys={args.keys},values={args.values}`, context {args.context}, recall preset with "
+        f"{HEADS} heads, {args.steps} steps of {args.tokens_per_update} tokens, learning rates {args.lrs} "
+        f"(best per point shown), seeds {args.seeds}.",
+        "",
+        "| variant | head dim | state bytes (one layer) | pairs | lr | accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (variant, head_dim, pairs), rs in sorted(
+        best.items(), key=lambda item: (item[0][2], item[1][0]["state_bytes"])
+    ):
+        accuracies = ", ".join(f"{r['accuracy']:.1%}" for r in rs)
+        lines.append(
+            f"| {variant} | {head_dim} | {rs[0]['state_bytes']:,} | {pairs} | {rs[0]['lr']:g} | {accuracies} |"
+        )
+    table = "\n".join(lines) + "\n"
+    (args.out / "table.md").write_text(table)
+    return table
+
+
+def plot(args, best: dict) -> None:
+    figure, panels = plt.subplots(1, len(args.pairs), figsize=(6 * len(args.pairs), 4.5), squeeze=False)
+    for panel, pairs in zip(panels[0], args.pairs):
+        for variant in args.variants:
+            points = sorted(
+                (rs[0]["state_bytes"], np.mean([r["accuracy"] for r in rs]), head_dim)
+                for (v, head_dim, n), rs in best.items()
+                if v == variant and n == pairs
+            )
+            if not points:
+                continue
+            x, y, dims = zip(*points)
+            panel.plot(x, y, marker="o", label=variant)
+            for xi, yi, dim in points:
+                panel.annotate(f"d={dim}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        panel.set(xscale="log", xlabel="state bytes, one layer (softmax: its key/value cache)", ylabel="accuracy")
+        panel.set(ylim=(0, 1.02), title=f"MQAR, {pairs} pairs, context {args.context}")
+    panels[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(args.out / "accuracy_by_state.png", dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    grid = [
+        (v, d, n, lr, s)
+        for v in args.variants
+        for d in args.head_dims
+        for n in args.pairs
+        for lr in args.lrs
+        for s in args.seeds
+    ]
+    measure = lambda *point: train_and_evaluate_point(args, *point)  # noqa: E731
+    best = best_per_point(run_grid(grid, measure, run_name, args.out, "MQAR runs"))
+    print(write_table(args, best))
+    plot(args, best)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""What the experiments share: the variants, and one point of a grid as a train.py run followed
+by an eval.py of it, each in its own folder under OUT, skipped when already done and resumed or
+continued (to a larger --steps) otherwise."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {  # name: (attention, p)
+    "softmax": ("softmax", 2),
+    "sympow p=2": ("sympow", 2),
+    "sympow_gated p=2": ("sympow_gated", 2),
+    "conformal p=2": ("conformal", 2),
+    "sympow p=4": ("sympow", 4),
+    "sympow_gated p=4": ("sympow_gated", 4),
+}
+
+
+def variant_flags(variant: str) -> list[str]:
+    attention, p = VARIANTS[variant]
+    return ["--attention", attention, "--p", str(p)]
+
+
+def slug(variant: str) -> str:
+    return variant.replace(" ", "_").replace("=", "")
+
+
+def evaluated_step(evaluation: Path) -> int | None:
+    """The training step of the checkpoint an earlier evaluation measured (None: not evaluated)."""
+    results = evaluation / "results.json"
+    return json.loads(results.read_text())[0]["step"] if results.exists() else None
+
+
+def train_and_evaluate(out: Path, name: str, train: list[str], evaluate: list[str], steps: int) -> tuple[dict, list]:
+    """Run `train.py TRAIN --steps STEPS` into OUT/runs/NAME and `eval.py` of it with EVALUATE into
+    OUT/eval/NAME, unless that evaluation already measured step STEPS. The learning rate is
+    constant after warmup, so a run continued from 1000 steps to 2000 equals a 2000-step run.
+    Returns eval's result and the run's metrics records."""
+    run, evaluation = out / "runs" / name, out / "eval" / name
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    if evaluated_step(evaluation) != steps:
+        commands = [
+            ["train.py", *train, "--steps", str(steps), "--out", str(run)],
+            ["eval.py", str(run), *evaluate, "--out", str(evaluation)],
+        ]
+        for script, *flags in commands:
+            command = [sys.executable, str(ROOT / script), *flags]
+            subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    (result,) = json.loads((evaluation / "results.json").read_text())
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return result, metrics
+
+
+def run_grid(points: list, measure, names, out: Path, description: str) -> list[dict]:
+    """measure(*point) for every point, with a progress bar, writing OUT/results.json after each;
+    a failed run stops the grid with its name and the end of its stderr."""
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for point in tqdm(points, desc=description, unit="run"):
+        try:
+            records.append(measure(*point))
+        except subprocess.CalledProcessError as error:
+            sys.exit(f"{names(*point)} failed:\n{error.stderr.decode(errors='replace')[-3000:]}")
+        (out / "results.json").write_text(json.dumps(records))
+    return records
+
+
+def accuracy(result: dict, first: int, last: int) -> float:
+    """The fraction of answers right at positions first+1..last of an eval result."""
+    means, counts = result["accuracy_by_position"][first:last], result["targets_by_position"][first:last]
+    return sum(m * n for m, n in zip(means, counts) if n) / sum(counts)
+
+
+def mean_loss(result: dict, first: int, last: int) -> float:
+    """The mean loss at positions first+1..last of an eval result (every position counts for text)."""
+    losses, counts = result["loss_by_position"][first:last], result["targets_by_position"][first:last]
+    return sum(m * n for m, n in zip(losses, counts) if n) / sum(counts)

@@ -1,0 +1,69 @@
+"""The experiments' commands (experiments/): the figures they compute from eval results, the
+state sizes they plot, and a grid that is skipped when done and continued to more steps."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))  # the experiments import their shared module as `runs`
+
+import recall_state  # noqa: E402
+import runs  # noqa: E402
+
+
+def test_state_bytes_of_each_variant():
+    # S [D, dim] and z [D] per head, 4 heads, float32; D = C(dim + p - 1, p): 136 at (16, 2), 3876 at (16, 4).
+    assert recall_state.state_bytes("sympow p=2", 16, 128) == 4 * 136 * 17 * 4
+    assert recall_state.state_bytes("sympow_gated p=2", 8, 128) == 4 * 36 * 9 * 4
+    assert recall_state.state_bytes("sympow p=4", 16, 128) == 4 * 3876 * 17 * 4
+    assert recall_state.state_bytes("softmax", 16, 128) == 2 * 128 * 64 * 4  # keys and values at the context
+
+
+def test_accuracy_and_loss_over_a_span_weigh_positions_by_their_targets():
+    result = dict(
+        accuracy_by_position=[None, 0.5, 1.0, 0.0],
+        targets_by_position=[0, 2, 1, 3],
+        loss_by_position=[9.0, 1.0, 2.0, 3.0],
+    )
+    assert runs.accuracy(result, 0, 4) == pytest.approx((1 + 1) / 6)
+    assert runs.accuracy(result, 1, 3) == pytest.approx(2 / 3)
+    assert runs.mean_loss(result, 1, 4) == pytest.approx((2 * 1 + 2 + 3 * 3) / 6)
+
+
+def test_a_grid_is_skipped_when_done_and_continued_to_more_steps(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, str(ROOT / "experiments" / "bytes_context.py"), "--out", str(tmp_path)]
+    command += [
+        "--variants",
+        "sympow_gated p=2",
+        "--contexts",
+        "32",
+        "--tokens-per-update",
+        "64",
+        "--eval-windows",
+        "2",
+    ]
+    name = "sympow_gated_p2-T32-lr0.003-seed0"
+    evaluation = tmp_path / "eval" / name / "results.json"
+
+    def run(steps):
+        done = subprocess.run([*command, "--steps", str(steps)], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "| sympow_gated p=2 | 32 |" in run(2)
+    measured = evaluation.stat().st_mtime_ns
+    run(2)
+    assert evaluation.stat().st_mtime_ns == measured  # nothing to do: not trained or evaluated again
+    run(3)
+    assert json.loads(evaluation.read_text())[0]["step"] == 3
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics if "loss" in r][-1] == 3
+    (record,) = json.loads((tmp_path / "results.json").read_text())
+    assert record["steps"] == 3 and record["loss_last_eighth"] > 0
+    assert (tmp_path / "table.md").exists() and (tmp_path / "loss_by_context.png").exists()
