@@ -28,13 +28,13 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interacti
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "bytes_context")
-    parser.add_argument("--preset", default="tiny", help="train.py's model preset (tiny: d_model 128, 2 layers)")
+    parser.add_argument("--preset", default="bytes", help="train.py's model preset (bytes: 2 layers, 4 heads of 16)")
     parser.add_argument("--variants", nargs="+", default=["softmax", "sympow p=2", "sympow_gated p=2"])
     parser.add_argument("--contexts", nargs="+", type=int, default=[256, 1024, 4096])
     parser.add_argument("--lrs", nargs="+", type=float, default=[3e-3])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--tokens-per-update", type=int, default=16384)
+    parser.add_argument("--tokens-per-update", type=int, default=8192)
     parser.add_argument("--eval-windows", type=int, default=32, help="heldout windows per evaluation")
     args = parser.parse_args(argv)
     if unknown := set(args.variants) - set(VARIANTS):

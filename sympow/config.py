@@ -74,6 +74,9 @@ PRESETS = {
     # The recall probes (docs/experiments.md): heads of 16 (D = 136 at p = 2, 3876 at p = 4), one
     # layer with the token shift, the vocabulary of the task.
     "recall": dict(d_model=64, n_layers=1, n_heads=4, chunk_size=64, token_shift=True),
+    # Context scaling on bytes (--data embedded-bytes): two layers of 4 heads of 16, a state small
+    # enough (D = 136 at p = 2) to fill within a few thousand bytes.
+    "bytes": dict(d_model=64, n_layers=2, n_heads=4, chunk_size=64),
 }
 
 

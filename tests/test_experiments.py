@@ -7,11 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
+
+import sympow
+from sympow import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))  # the experiments import their shared module as `runs`
 
+import gate_memory  # noqa: E402
 import recall_state  # noqa: E402
 import runs  # noqa: E402
 
@@ -67,3 +73,26 @@ def test_a_grid_is_skipped_when_done_and_continued_to_more_steps(tmp_path):
     (record,) = json.loads((tmp_path / "results.json").read_text())
     assert record["steps"] == 3 and record["loss_last_eighth"] > 0
     assert (tmp_path / "table.md").exists() and (tmp_path / "loss_by_context.png").exists()
+
+
+def test_gate_memory_reads_an_untrained_gate_as_its_initial_gamma(tmp_path):
+    task = "recall-stream:pairs=2,keys=8,values=4,fresh=0"
+    config = sympow.ModelConfig(
+        vocab_size=13, d_model=16, n_layers=2, n_heads=2, attention="sympow_gated", gate_init=0.9
+    )
+    checkpoint.save(
+        tmp_path / "run", 1, sympow.Transformer(config, key=jax.random.key(0)), None, 0, dict(data=task, context=32)
+    )
+    result = gate_memory.gate_memory(tmp_path / "run", period=8, sequences=4)
+    assert len(result["layers"]) == 2
+    for layer in result["layers"]:  # the gate's weights start small: every gamma is near 0.9
+        np.testing.assert_allclose(layer["mean_gamma"], 0.9, atol=2e-3)
+        np.testing.assert_allclose(layer["memory_tokens"], 10, rtol=0.03)
+        np.testing.assert_allclose(layer["kept_over_period"], 0.9**8, rtol=0.02)
+        assert np.shape(layer["gamma_by_offset"]) == (2, 8)
+    ungated = sympow.Transformer(
+        sympow.ModelConfig(**{**config.__dict__, "attention": "sympow"}), key=jax.random.key(0)
+    )
+    checkpoint.save(tmp_path / "ungated", 1, ungated, None, 0, dict(data=task, context=32))
+    with pytest.raises(SystemExit, match="a sympow model has no gate"):
+        gate_memory.gate_memory(tmp_path / "ungated", period=8, sequences=4)
