@@ -51,6 +51,10 @@ def train_and_evaluate(out: Path, name: str, train: list[str], evaluate: list[st
         for script, *flags in commands:
             command = [sys.executable, str(ROOT / script), *flags]
             subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if (reached := evaluated_step(evaluation)) != steps:  # a run already past --steps is not cut back
+            sys.exit(
+                f"{run} is at step {reached}, past --steps {steps}: ask for {reached} or more, or use another --out"
+            )
     (result,) = json.loads((evaluation / "results.json").read_text())
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return result, metrics
@@ -61,7 +65,9 @@ def run_grid(points: list, measure, names, out: Path, description: str) -> list[
     a failed run stops the grid with its name and the end of its stderr."""
     out.mkdir(parents=True, exist_ok=True)
     records = []
-    for point in tqdm(points, desc=description, unit="run"):
+    bar = tqdm(points, desc=description, unit="run")
+    for point in bar:
+        bar.set_postfix_str(names(*point))  # a run takes minutes: say which one is going
         try:
             records.append(measure(*point))
         except subprocess.CalledProcessError as error:

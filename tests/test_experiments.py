@@ -57,10 +57,10 @@ def test_a_grid_is_skipped_when_done_and_continued_to_more_steps(tmp_path):
     name = "sympow_gated_p2-T32-lr0.003-seed0"
     evaluation = tmp_path / "eval" / name / "results.json"
 
-    def run(steps):
+    def run(steps, status=0):
         done = subprocess.run([*command, "--steps", str(steps)], capture_output=True, text=True, env=env, cwd=ROOT)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        assert done.returncode == status, done.stderr
+        return done.stdout + done.stderr
 
     assert "| sympow_gated p=2 | 32 |" in run(2)
     measured = evaluation.stat().st_mtime_ns
@@ -73,6 +73,7 @@ def test_a_grid_is_skipped_when_done_and_continued_to_more_steps(tmp_path):
     (record,) = json.loads((tmp_path / "results.json").read_text())
     assert record["steps"] == 3 and record["loss_last_eighth"] > 0
     assert (tmp_path / "table.md").exists() and (tmp_path / "loss_by_context.png").exists()
+    assert "is at step 3, past --steps 2" in run(2, status=1)  # a finished run is not relabelled
 
 
 def test_gate_memory_reads_an_untrained_gate_as_its_initial_gamma(tmp_path):
