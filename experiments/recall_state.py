@@ -3,7 +3,7 @@ episode per sequence, with the attention state's bytes on the x axis (the plot o
 Based). Every pair is needed to the end, so nothing can be forgotten: the state must hold them
 all, and a gate cannot help (sympow_gated is the control).
 
-    python experiments/recall_state.py                        # the default grid
+    python experiments/recall_state.py                        # 12 runs, 3 to 5 minutes each on 2 cores
     python experiments/recall_state.py --pairs 8 16 32 --seeds 0 1 --out experiments/state_more
 
 Each (variant, head dim, pairs, learning rate, seed) is one `train.py` run of the recall preset
