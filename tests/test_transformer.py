@@ -113,6 +113,8 @@ def test_presets():
     assert 120e6 < params < 130e6, params
     recall = sympow.preset("recall", vocab_size=49)
     assert (recall.n_layers, recall.head_dim, recall.token_shift, recall.vocab_size) == (1, 16, True, 49)
+    byte = sympow.preset("bytes", vocab_size=256)
+    assert (byte.n_layers, byte.n_heads, byte.head_dim, byte.token_shift) == (2, 4, 16, False)
 
 
 def test_model_evaluates_longer_than_it_was_built_for():
