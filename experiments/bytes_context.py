@@ -19,7 +19,17 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-from runs import ROOT, VARIANTS, mean_loss, run_grid, slug, train_and_evaluate, variant_flags
+from runs import (
+    ROOT,
+    VARIANTS,
+    best_per_point,
+    mean_loss,
+    run_grid,
+    save_table,
+    slug,
+    train_and_evaluate,
+    variant_flags,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
@@ -67,17 +77,6 @@ def train_and_evaluate_point(args, variant: str, context: int, lr: float, seed: 
     )
 
 
-def best_per_point(records: list[dict]) -> dict:
-    """{(variant, context): the records of the learning rate with the lowest mean late loss}."""
-    by_point = {}
-    for r in records:
-        by_point.setdefault((r["variant"], r["context"]), {}).setdefault(r["lr"], []).append(r)
-    return {
-        point: min(by_lr.values(), key=lambda rs: np.mean([r["loss_last_eighth"] for r in rs]))
-        for point, by_lr in by_point.items()
-    }
-
-
 def write_table(args, best: dict) -> str:
     lines = [
         f"`--data embedded-bytes`, preset {args.preset}, {args.steps} steps of {args.tokens_per_update} tokens, "
@@ -91,9 +90,7 @@ def write_table(args, best: dict) -> str:
             if (rs := best.get((variant, context))) is not None:
                 late, whole = (", ".join(f"{r[k]:.3f}" for r in rs) for k in ("loss_last_eighth", "loss"))
                 lines.append(f"| {variant} | {context} | {rs[0]['lr']:g} | {late} | {whole} |")
-    table = "\n".join(lines) + "\n"
-    (args.out / "table.md").write_text(table)
-    return table
+    return save_table(args.out, lines)
 
 
 def plot(args, best: dict) -> None:
@@ -116,7 +113,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     grid = [(v, c, lr, s) for v in args.variants for c in args.contexts for lr in args.lrs for s in args.seeds]
     measure = lambda *point: train_and_evaluate_point(args, *point)  # noqa: E731
-    best = best_per_point(run_grid(grid, measure, run_name, args.out, "byte runs"))
+    records = run_grid(grid, measure, run_name, args.out, "byte runs")
+    best = best_per_point(records, ("variant", "context"), "loss_last_eighth", best=min)
     print(write_table(args, best))
     plot(args, best)
 

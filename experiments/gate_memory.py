@@ -37,10 +37,15 @@ def log_gates(model, tokens) -> list[np.ndarray]:
 
 
 def gate_memory(run: Path, period: int, sequences: int) -> dict:
-    model, saved = checkpoint.load_model(run)
+    try:
+        model, saved = checkpoint.load_model(run)
+    except (FileNotFoundError, checkpoint.DamagedCheckpoint) as error:
+        raise SystemExit(str(error)) from None
     if not model.config.gated:
         raise SystemExit(f"{run}: a {model.config.attention} model has no gate")
     args = saved["args"]
+    if not 1 <= period <= args["context"]:
+        raise SystemExit(f"--period {period} must be in 1..{args['context']} (the run's training context)")
     stream = data.open_stream(args["data"], "heldout", args["context"], sequences, vocab_size=model.config.vocab_size)
     inputs, _, _ = stream.next_batch()
     layers = []

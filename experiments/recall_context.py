@@ -17,7 +17,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-from runs import ROOT, VARIANTS, accuracy, run_grid, slug, train_and_evaluate, variant_flags
+from runs import ROOT, VARIANTS, accuracy, best_per_point, run_grid, save_table, slug, train_and_evaluate, variant_flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
@@ -71,18 +71,6 @@ def train_and_evaluate_point(args, variant: str, context: int, lr: float, seed: 
     )
 
 
-def best_per_point(records: list[dict]) -> dict:
-    """{(variant, context): the records of the learning rate with the best mean 1x accuracy}."""
-    best = {}
-    for key in {(r["variant"], r["context"]) for r in records}:
-        by_lr = {}
-        for r in records:
-            if (r["variant"], r["context"]) == key:
-                by_lr.setdefault(r["lr"], []).append(r)
-        best[key] = max(by_lr.values(), key=lambda rs: np.mean([r["accuracy_1x"] for r in rs]))
-    return best
-
-
 def write_table(args, best: dict) -> str:
     lines = [
         f"Task `{args.task}`, recall preset, {args.steps} steps of {args.tokens_per_update} tokens, "
@@ -99,9 +87,7 @@ def write_table(args, best: dict) -> str:
             one, four = (", ".join(f"{r[k]:.1%}" for r in rs) for k in ("accuracy_1x", "accuracy_4x"))
             quarters = ", ".join(f"{q:.1%}" for q in np.mean([r["accuracy_by_quarter_at_4x"] for r in rs], axis=0))
             lines.append(f"| {variant} | {context} | {rs[0]['lr']:g} | {one} | {four} | {quarters} |")
-    table = "\n".join(lines) + "\n"
-    (args.out / "table.md").write_text(table)
-    return table
+    return save_table(args.out, lines)
 
 
 def plot(args, best: dict) -> None:
@@ -144,7 +130,7 @@ def main(argv=None) -> None:
     grid = [(v, c, lr, s) for v in args.variants for c in args.contexts for lr in args.lrs for s in args.seeds]
     measure = lambda *point: train_and_evaluate_point(args, *point)  # noqa: E731
     records = run_grid(grid, measure, run_name, args.out, "recall runs")
-    best = best_per_point(records)
+    best = best_per_point(records, ("variant", "context"), "accuracy_1x")
     print(write_table(args, best))
     plot(args, best)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-from runs import ROOT, VARIANTS, accuracy, run_grid, slug, train_and_evaluate, variant_flags
+from runs import ROOT, VARIANTS, accuracy, best_per_point, run_grid, save_table, slug, train_and_evaluate, variant_flags
 
 from ops import embedding_size
 
@@ -94,17 +94,6 @@ def train_and_evaluate_point(args, variant: str, head_dim: int, pairs: int, lr: 
     )
 
 
-def best_per_point(records: list[dict]) -> dict:
-    """{(variant, head dim, pairs): the records of the learning rate with the best mean accuracy}."""
-    by_point = {}
-    for r in records:
-        by_point.setdefault((r["variant"], r["head_dim"], r["pairs"]), {}).setdefault(r["lr"], []).append(r)
-    return {
-        point: max(by_lr.values(), key=lambda rs: np.mean([r["accuracy"] for r in rs]))
-        for point, by_lr in by_point.items()
-    }
-
-
 def write_table(args, best: dict) -> str:
     lines = [
         f"`mqar:pairs=N,keys={args.keys},values={args.values}`, context {args.context or '4N'}, recall preset with "
@@ -121,9 +110,7 @@ def write_table(args, best: dict) -> str:
         lines.append(
             f"| {variant} | {head_dim} | {rs[0]['state_bytes']:,} | {pairs} | {rs[0]['lr']:g} | {accuracies} |"
         )
-    table = "\n".join(lines) + "\n"
-    (args.out / "table.md").write_text(table)
-    return table
+    return save_table(args.out, lines)
 
 
 def plot(args, best: dict) -> None:
@@ -160,7 +147,8 @@ def main(argv=None) -> None:
         for s in args.seeds
     ]
     measure = lambda *point: train_and_evaluate_point(args, *point)  # noqa: E731
-    best = best_per_point(run_grid(grid, measure, run_name, args.out, "MQAR runs"))
+    records = run_grid(grid, measure, run_name, args.out, "MQAR runs")
+    best = best_per_point(records, ("variant", "head_dim", "pairs"), "accuracy")
     print(write_table(args, best))
     plot(args, best)
 

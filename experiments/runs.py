@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,24 @@ def run_grid(points: list, measure, names, out: Path, description: str) -> list[
             sys.exit(f"{names(*point)} failed:\n{error.stderr.decode(errors='replace')[-3000:]}")
         (out / "results.json").write_text(json.dumps(records))
     return records
+
+
+def best_per_point(records: list[dict], point: tuple[str, ...], figure: str, best=max) -> dict:
+    """{the point's fields' values: the records of the learning rate whose mean `figure` is best}
+    (`max` for an accuracy, `min` for a loss): the best learning rate per point, as Zoology reports."""
+    by_point = {}
+    for r in records:
+        by_point.setdefault(tuple(r[f] for f in point), {}).setdefault(r["lr"], []).append(r)
+    return {
+        key: best(by_lr.values(), key=lambda rs: np.mean([r[figure] for r in rs])) for key, by_lr in by_point.items()
+    }
+
+
+def save_table(out: Path, lines: list[str]) -> str:
+    """Write the lines as OUT/table.md and return them as one string."""
+    table = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(table)
+    return table
 
 
 def accuracy(result: dict, first: int, last: int) -> float:

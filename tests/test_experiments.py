@@ -97,3 +97,21 @@ def test_gate_memory_reads_an_untrained_gate_as_its_initial_gamma(tmp_path):
     checkpoint.save(tmp_path / "ungated", 1, ungated, None, 0, dict(data=task, context=32))
     with pytest.raises(SystemExit, match="a sympow model has no gate"):
         gate_memory.gate_memory(tmp_path / "ungated", period=8, sequences=4)
+    with pytest.raises(SystemExit, match="--period 64 must be in 1..32"):
+        gate_memory.gate_memory(tmp_path / "run", period=64, sequences=4)
+    with pytest.raises(SystemExit, match="does not exist"):
+        gate_memory.gate_memory(tmp_path / "nothing", period=8, sequences=4)
+
+
+def test_best_per_point_takes_the_learning_rate_with_the_best_mean_over_seeds():
+    records = [
+        dict(variant="a", context=64, lr=1e-3, seed=0, loss=1.0),
+        dict(variant="a", context=64, lr=1e-3, seed=1, loss=3.0),  # mean 2.0
+        dict(variant="a", context=64, lr=3e-3, seed=0, loss=1.5),
+        dict(variant="a", context=64, lr=3e-3, seed=1, loss=1.9),  # mean 1.7
+        dict(variant="a", context=256, lr=1e-3, seed=0, loss=2.5),
+    ]
+    lowest = runs.best_per_point(records, ("variant", "context"), "loss", best=min)
+    assert [r["seed"] for r in lowest[("a", 64)]] == [0, 1] and lowest[("a", 64)][0]["lr"] == 3e-3
+    assert runs.best_per_point(records, ("variant", "context"), "loss")[("a", 64)][0]["lr"] == 1e-3
+    assert lowest[("a", 256)][0]["loss"] == 2.5
