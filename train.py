@@ -189,7 +189,7 @@ def make_train_step(opt, dtype, accumulation: int):
         grad_sum, (losses, accuracies) = jax.lax.scan(micro_step, zeros, micro_batches)
         grads = jax.tree.map(lambda g: g / accumulation, grad_sum)
         updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
-        results = StepResults(jnp.mean(losses), jnp.mean(accuracies), optax.global_norm(grads), jnp.max(stop))
+        results = StepResults(jnp.mean(losses), jnp.mean(accuracies), optax.tree_utils.tree_norm(grads), jnp.max(stop))
         return eqx.apply_updates(model, updates), opt_state, results
 
     return step

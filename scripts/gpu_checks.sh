@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of the Triton kernels, for the lent GPU machine (docs/gpu.md): one
-# command within a 15-minute loan, ops/gpu_check.py: no new case starts after 6 minutes ($MINUTES),
+# command within a 15-minute loan, tools/gpu_check.py: no new case starts after 6 minutes ($MINUTES),
 # so with the case running then it ends within about 7, and a second run still fits the loan.
 #
 #   bash scripts/gpu_checks.sh wheels     # here, first: the wheels that machine lacks, into .whl/
@@ -36,7 +36,7 @@ fi
 out=${OUT:-runs/gpu}
 mkdir -p "$out"
 if [ "${1:-}" = --dry-run ]; then
-    exec .venv/bin/python -m ops.gpu_check --dry-run --minutes "${MINUTES:-6}" --out "$out"
+    exec .venv/bin/python -m tools.gpu_check --dry-run --minutes "${MINUTES:-6}" --out "$out"
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl
 export PYTHONPATH=$PWD:$PWD/.site SYMPOW_CACHE=$PWD/.cache
@@ -45,7 +45,7 @@ python3 -c "import jax, triton; print('jax', jax.__version__, jax.devices(), 'tr
 case "${1:-check}" in
 check)
     # JAX must leave GPU memory for torch (the retention kernels) beside it.
-    XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m ops.gpu_check --minutes "${MINUTES:-6}" --out "$out"
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m tools.gpu_check --minutes "${MINUTES:-6}" --out "$out"
     ;;
 tests)
     # The interpreter tests are not run here: triton 3.6's interpreter fails with this machine's
@@ -55,15 +55,15 @@ tests)
 bench)
     # Longest first, so that the 65,536-token targets are measured whatever --max-minutes cuts;
     # the kernels take seq at run time, so each chunk size compiles once for all lengths.
-    python3 -m ops.benchmark --seqs 65536 32768 16384 8192 4096 2048 1024 --chunk-sizes 128 256 512 1024 --max-minutes 6 \
+    python3 -m tools.benchmark --seqs 65536 32768 16384 8192 4096 2048 1024 --chunk-sizes 128 256 512 1024 --max-minutes 6 \
         --out "$out/p2.json" | tee "$out/p2.txt"
-    python3 -m ops.benchmark --p 4 --impls softmax triton attention --seqs 16384 8192 4096 2048 1024 --max-minutes 1.5 \
+    python3 -m tools.benchmark --p 4 --impls softmax triton attention --seqs 16384 8192 4096 2048 1024 --max-minutes 1.5 \
         --out "$out/p4.json" | tee "$out/p4.txt"
     ;;
 tune)
     # The flash-style kernels' sweep is short (a few seconds a setting at 16K tokens); it goes second.
-    python3 -m ops.tune --max-minutes 6 --out "$out/tune.json" | tee "$out/tune.txt"
-    python3 -m ops.tune --kernels attention --max-minutes 2 --out "$out/tune_attention.json" | tee "$out/tune_attention.txt"
+    python3 -m tools.tune --max-minutes 6 --out "$out/tune.json" | tee "$out/tune.txt"
+    python3 -m tools.tune --kernels attention --max-minutes 2 --out "$out/tune_attention.json" | tee "$out/tune_attention.txt"
     ;;
 train)
     for attention in softmax conformal; do

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Create .venv with Python 3.12 (jax 0.11 and jax-triton 0.4 need it) and install the project
-# with its test extras. Safe to run again: it only installs what is missing.
+# with its test extras under constraints.txt, the exact tested set. Safe to run again: it only
+# installs what is missing.
+#
+#   bash scripts/setup.sh            # .venv, the tested set
+#   bash scripts/setup.sh --newest   # .venv-newest: the newest releases pyproject.toml's ranges
+#                                    # admit (jax 0.12 today), for scripts/test.sh --newest
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,11 +25,19 @@ find_python() {
     exit 1
 }
 
-if [ ! -x .venv/bin/python ] || ! is_312 .venv/bin/python; then
-    rm -rf .venv
-    "$(find_python)" -m venv .venv
+venv=.venv
+[ "${1:-}" = --newest ] && venv=.venv-newest
+if [ ! -x $venv/bin/python ] || ! is_312 $venv/bin/python; then
+    rm -rf $venv
+    "$(find_python)" -m venv $venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" -c constraints.txt
+pip="$venv/bin/python -m pip install -q --disable-pip-version-check"
+if [ $venv = .venv-newest ]; then
+    $pip --upgrade --upgrade-strategy eager -e ".[test]"
+    $venv/bin/python -c "import jax, jax_triton, triton; print('newest: jax', jax.__version__, 'jax-triton', jax_triton.__version__, 'triton', triton.__version__)"
+    exit 0
+fi
+$pip -e ".[test]" -c constraints.txt
 
 # The lent GPU machine has triton 3.6.0 (docs/gpu.md) where users get 3.7: tests/test_triton.py
 # compiles and lowers every kernel with it too, from this folder put ahead of the venv's triton.

@@ -16,7 +16,9 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import ops
 from ops.exact import add_pairs, pair_difference
-from ops.sympow.attention_form import cumulative_gate, finite_or_zero, log_abs, normalise
+from ops.sympow.attention_form import finite_or_zero, log_abs, normalise
+from ops.sympow.gate import exact_cumulative_gate
+from ops.sympow.numerics import compute_dtype
 from sympow.config import ModelConfig
 from sympow.layers import INIT_STD, Dense, Gate
 from sympow.rotary import LearnedRotary, Position, fixed_angles, positions, rotate, rotation_angles
@@ -63,7 +65,7 @@ def weighted_values(
 def softmax_attention(q, k, v):
     """Causal softmax attention in at least float32, in v's dtype (jax.nn.dot_product_attention
     computes in float32 even for float64 inputs, and its XLA path is the same O(T^2) computation)."""
-    out_dtype, dtype = v.dtype, (jnp.float64 if q.dtype == jnp.float64 else jnp.float32)
+    out_dtype, dtype = v.dtype, compute_dtype(q)
     q, k, v = (a.astype(dtype) for a in (q, k, v))
     seq = q.shape[1]
     log_w = jnp.einsum("bihd,bjhd->bhij", q * (1 / q.shape[-1] ** 0.5), k)
@@ -142,7 +144,7 @@ class Attention(eqx.Module):
         if seq > max_length:
             raise ValueError(f"a prompt of {seq} tokens does not fit a key/value cache of {max_length}")
         slots = lambda a: jnp.zeros((batch, max_length, *a.shape[2:]), a.dtype).at[:, :seq].set(a)  # noqa: E731
-        gate = None if log_g is None else tuple(slots(part) for part in cumulative_gate(log_g))
+        gate = None if log_g is None else tuple(slots(part) for part in exact_cumulative_gate(log_g))
         cache = KeyValueCache(slots(k), slots(v), gate, jnp.asarray(seq, jnp.int32), position)
         return self.output(self.attend(q, k, v, log_g)), cache
 

@@ -18,6 +18,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ops.exact import add_pairs, exact_cumsum, two_product
+from ops.sympow.numerics import compute_dtype
 
 # A position sum_{u<=t} beta_u as an exact pair (hi, lo), per batch entry and head.
 Position = tuple[Float[Array, "batch heads"], Float[Array, "batch heads"]]
@@ -32,15 +33,11 @@ def fraction(x: Array) -> Array:
     return x - jnp.floor(x)
 
 
-def angle_dtype(beta: Array):
-    return jnp.float64 if beta.dtype == jnp.float64 else jnp.float32
-
-
 def positions(
     beta: Float[Array, "batch seq heads"], start: Position | None = None
 ) -> tuple[Float[Array, "batch seq heads"], Float[Array, "batch seq heads"]]:
     """sum_{u<=t} beta_u (after the position `start` reached before these tokens) as an exact pair."""
-    beta = jax.lax.stop_gradient(beta.astype(angle_dtype(beta)))
+    beta = jax.lax.stop_gradient(beta.astype(compute_dtype(beta)))
     hi, lo = exact_cumsum(beta, axis=1)
     if start is None:
         return hi, lo
@@ -51,7 +48,7 @@ def rotation_angles(
     beta: Float[Array, "batch seq heads"], head_dim: int, rotary_length: int, start: Position | None = None
 ) -> Float[Array, "batch seq heads half"]:
     """mu_t,k = theta_k sum_{u<=t} beta_u, reduced into [0, 2 pi)."""
-    dtype = angle_dtype(beta)
+    dtype = compute_dtype(beta)
     turns_per_step = jnp.asarray(frequencies_in_turns(head_dim, rotary_length), dtype)
     hi, lo = (part[..., None] for part in positions(beta, start))
     product, error = two_product(hi, turns_per_step)

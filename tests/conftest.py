@@ -6,6 +6,7 @@ jaxtyping + beartype through the `--jaxtyping-packages` option in pyproject.toml
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -71,3 +72,55 @@ def within_kernel_rule(kernel, plain, expected) -> bool:
     return relative_error(kernel, expected, floor=1.0) <= max(
         2 * relative_error(plain, expected, floor=1.0), FLOAT32_ROUNDOFF
     )
+
+
+# The fast tier (`bash scripts/test.sh --fast`, `pytest -m fast`): one or two tests of each kind,
+# about a minute on 2 cores, for use while changing code; the whole suite runs before a commit
+# and in CI. A name without brackets takes every parameter of that test.
+FAST = (
+    "test_naive.py::test_the_oracle_imports_nothing_it_checks",
+    "test_naive.py::test_attention_form_matches_a_loop_over_positions",
+    "test_forms.py::test_forms_agree_with_the_oracle[7-2-0.5-attention]",
+    "test_forms.py::test_forms_agree_with_the_oracle[7-2-0.5-recurrent]",
+    "test_forms.py::test_forms_agree_with_the_oracle[7-2-0.5-chunked]",
+    "test_stages.py::test_state_scan_stage[True]",
+    "test_stages.py::test_chunk_outputs_stage[2-0.6]",
+    "test_state.py::test_outputs_before_p_ignore_every_later_input[attention-0.8]",
+    "test_exact.py::test_two_sum_and_two_product_are_exact",
+    "test_errors.py::test_odd_or_non_positive_power",
+    "test_errors.py::test_mismatched_shapes_or_dtypes",
+    "test_errors.py::test_states_too_large_to_hold_are_refused_at_once_naming_D",
+    "test_triton.py::test_attention_kernel_forward_matches_float64[1-16-16-2-0.9]",
+    "test_triton.py::test_chunked_kernels_compile_for_sm90[64-bf16-state_scan]",
+    "test_triton.py::test_dce_rule_is_called_as_this_jax_calls_rules",
+    "test_benchmark.py::test_import_ops_brings_only_the_operator",
+    "test_conformal.py::test_induced_map_is_orthogonal",
+    "test_rotary.py::test_angle_gradient_is_theta_times_cumulative_count",
+    "test_transformer.py::test_variant_parameters",
+    "test_transformer.py::test_the_gate_starts_at_the_gamma_asked_for",
+    "test_decode.py::test_learned_rotary_angles_after_65536_decode_steps_match_float64",
+    "test_data.py::test_windows_go_column_by_column_with_end_of_text_first",
+    "test_data.py::test_each_process_reads_its_own_share",
+    "test_recall.py::test_sequences_depend_only_on_seed_split_and_position",
+    "test_run_folder.py::test_one_writer_per_run_folder_and_a_dead_holder_is_taken_over",
+    "test_train.py::test_the_training_step_never_calls_back_to_the_host",
+    "test_sample.py::test_sample_refuses_bad_requests",
+    "test_experiments.py::test_accuracy_and_loss_over_a_span_weigh_positions_by_their_targets",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m fast` selects by the marks
+def pytest_collection_modifyitems(config, items):
+    """Mark the fast tier; a name in FAST that no collected test has is an error, so that the
+    tier cannot lose a test to a rename (checked where whole files are collected)."""
+    collected = {item.nodeid.removeprefix("tests/") for item in items}
+    collected |= {name.split("[")[0] for name in collected}
+    for item in items:
+        name = item.nodeid.removeprefix("tests/")
+        if name in FAST or name.split("[")[0] in FAST:
+            item.add_marker(pytest.mark.fast)
+    files = {name.split("::")[0] for name in collected}
+    missing = [name for name in FAST if name.split("::")[0] in files and name not in collected]
+    selected_by_name = config.option.keyword or any("::" in arg for arg in config.args)
+    if missing and not selected_by_name:
+        raise pytest.UsageError(f"tests/conftest.py FAST names tests that do not exist: {missing}")

@@ -1,13 +1,15 @@
-"""ops.benchmark end to end on a CPU at toy sizes: every impl side by side, a failing case
+"""tools.benchmark end to end on a CPU at toy sizes: every impl side by side, a failing case
 reported in its row instead of ending the sweep, JSON and PNG written, the table printed last.
-ops.tune likewise: every kernel's candidate tilings run (in the interpreter) and compute the same."""
+tools.tune likewise: every kernel's candidate tilings run (in the interpreter) and compute the same."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from ops import benchmark, tune
 from ops.sympow.triton.launch import Tiling
+from tools import benchmark, tune
 
 
 def test_benchmark_writes_json_and_plot_and_reports_failures(tmp_path, capsys):
@@ -76,3 +78,14 @@ def test_a_sweep_past_its_time_limit_reports_the_rest_as_not_run(tmp_path, capsy
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 8 and all(r["error"] == benchmark.TimeLimit.NOT_RUN for r in rows)
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith(f"{benchmark.TimeLimit.NOT_RUN} | | | |")
+
+
+def test_import_ops_brings_only_the_operator():
+    """The benchmark, tuning and GPU-check tools, and what only they need (tqdm, matplotlib),
+    stay out of a user's `import ops`."""
+    listing = "import ops, sys; print(sorted(m for m in sys.modules if m.split('.')[0] in NAMES))"
+    names = ("tools", "tqdm", "matplotlib")
+    result = subprocess.run(
+        [sys.executable, "-c", f"NAMES = {names!r}; {listing}"], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout

@@ -40,7 +40,7 @@ def test_no_stage_starts_past_the_deadline(tmp_path):
 
 
 def test_a_kernel_that_fails_to_launch_stops_the_check(tmp_path, monkeypatch, capsys):
-    from ops import gpu_check
+    from tools import gpu_check
 
     def precision_row(name, p, *args):
         if name == "chunked kernels":

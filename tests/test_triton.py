@@ -23,12 +23,12 @@ from conftest import attention_inputs, output_and_gradients, relative_error, wit
 import ops.sympow.triton.launch as launcher
 from ops.sympow import naive
 from ops.sympow.attention_form import attention_form
-from ops.sympow.chunk import chunk_local_gates, chunk_states, chunked_form, split_chunks, state_scan
+from ops.sympow.chunk import chunk_states, chunked_form, split_chunks, state_scan
+from ops.sympow.gate import chunk_local_gates, exact_cumulative_gate
 from ops.sympow.triton.attention import (
     TRITON_DIMS,
     attention_forward,
     attention_plan,
-    exact_gate,
     power_attention_backward_keys,
     power_attention_backward_queries,
     power_attention_forward,
@@ -86,7 +86,7 @@ def test_attention_kernel_forward_matches_float64(seq, dim, dim_v, p, gamma):
     scale = 1 / math.sqrt(dim)
     reference = naive.attention_form(q, k, v, log_g, p, scale)
     as32 = [None if a is None else a.astype(jnp.float32) for a in (q, k, v, log_g)]
-    gate = exact_gate(jnp.zeros(q.shape[:3], jnp.float32) if log_g is None else as32[3])
+    gate = exact_cumulative_gate(jnp.zeros(q.shape[:3], jnp.float32) if log_g is None else as32[3])
     y, log_normaliser = attention_forward(*as32[:3], gate, p, scale, log_g is not None, INTERPRETED)
     assert y.dtype == jnp.float32 and np.all(np.isfinite(y)) and np.all(np.isfinite(log_normaliser))
     jax_error = relative_error(chunked_form(*as32, p, scale, 64)[0], reference)
@@ -96,7 +96,7 @@ def test_attention_kernel_forward_matches_float64(seq, dim, dim_v, p, gamma):
 def test_attention_kernel_log_normaliser_is_log_of_the_weight_sum():
     q, k, v, log_g = attention_inputs(1, 40, 1, 16, gamma=0.8)
     q32, k32, v32, log_g32 = (a.astype(jnp.float32) for a in (q, k, v, log_g))
-    _, log_normaliser = attention_forward(q32, k32, v32, exact_gate(log_g32), 2, 0.25, True, INTERPRETED)
+    _, log_normaliser = attention_forward(q32, k32, v32, exact_cumulative_gate(log_g32), 2, 0.25, True, INTERPRETED)
     G = np.cumsum(np.asarray(log_g), axis=1)[0, :, 0]
     w = (0.25 * np.asarray(q)[0, :, 0] @ np.asarray(k)[0, :, 0].T) ** 2 * np.exp(G[:, None] - G[None, :])
     expected = np.log(np.sum(np.tril(w), axis=1))
@@ -445,6 +445,21 @@ class FakeCudaKernels:
                 return b"launch"
 
         return Call()
+
+
+def test_dce_rule_is_called_as_this_jax_calls_rules():
+    """jax-triton 0.4.1's two-argument DCE rule under jax 0.12's three arguments, and a rule of
+    three under jax 0.11's two; a rule of this jax's own convention is used as it is."""
+    eqn = type("Eqn", (), {"invars": ["a", "b"]})()
+    old_rule = lambda used_outputs, eqn: ([True] * len(eqn.invars), eqn)  # noqa: E731
+    new_rule = lambda used_outputs, live_inputs, eqn: (list(live_inputs), eqn)  # noqa: E731
+    assert launcher.dce_rule_for_jax(old_rule, jax_passes_live_inputs=True)([True], [False, True], eqn) == (
+        [True, True],
+        eqn,
+    )
+    assert launcher.dce_rule_for_jax(new_rule, jax_passes_live_inputs=False)([True], eqn) == ([True, True], eqn)
+    assert launcher.dce_rule_for_jax(old_rule, jax_passes_live_inputs=False) is old_rule
+    assert launcher.dce_rule_for_jax(new_rule, jax_passes_live_inputs=True) is new_rule
 
 
 @pytest.mark.parametrize("p", [2, 4])

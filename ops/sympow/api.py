@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ops.sympow.attention_form import add_state, attention_form, cumulative_gate
+from ops.sympow.attention_form import add_state, attention_form
 from ops.sympow.chunk import chunked_form, final_state
 from ops.sympow.embedding import embedding_size, symmetric_power_embedding
+from ops.sympow.gate import exact_cumulative_gate
+from ops.sympow.numerics import compute_dtype
 from ops.sympow.recurrent import recurrent_form, recurrent_step
 from ops.sympow.state import SympowState, empty_state
 from ops.sympow.triton.attention import attention as triton_attention
@@ -96,11 +98,6 @@ def choose_impl(impl: str, seq: int, dim: int, p: int, chunk_size: int) -> str:
     if seq <= max(chunk_size, state_size) or state_size * dim > MAX_STATE_ELEMENTS:
         return "attention"
     return "chunked"
-
-
-def compute_dtype(*arrays):
-    """float64 if any input is, else float32: bf16 and float16 inputs are computed in float32."""
-    return jnp.float64 if any(a.dtype == jnp.float64 for a in arrays) else jnp.float32
 
 
 def check_scale(scale, dim: int) -> float:
@@ -205,7 +202,7 @@ def triton_forms(impl: str, q, k, v, log_g, p: int, scale: float, chunk_size: in
         return y, None
     q, k, v, log_g, initial_state = cast(jnp.float32, q, k, v, log_g, initial_state)
     if initial_state is not None:
-        gate = None if log_g is None else cumulative_gate(log_g)
+        gate = None if log_g is None else exact_cumulative_gate(log_g)
         y = add_state(y.astype(jnp.float32), log_normaliser, q, gate, initial_state, p, scale)
     return y, final_state(k, v, log_g, initial_state, p, scale, chunk_size) if return_state else None
 

@@ -8,7 +8,8 @@ Scale s multiplies q and k; r = sqrt(s), so that phi(r q) . phi(r k) = (s q . k)
 Numerics (docs/maths.md, "Numerics"): weights are taken in log space against the row max, as
 flash attention takes softmax scores, so the denominator is >= 1 wherever a row has any weight
 and dividing by max(denominator, EPS) never changes a well-defined output; a row with no
-weight gives 0, not NaN. The cumulative gate G is an exact pair hi + lo (ops.exact).
+weight gives 0, not NaN (ops.sympow.numerics.EPS). The cumulative gate G is an exact pair
+hi + lo (ops.sympow.gate).
 
 `matmul` is the product that builds or queries a state from phi features (jnp.einsum); the
 bf16 study in benchmarks/bf16_state_operands.py passes one that rounds its operands, as the
@@ -22,13 +23,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ops.exact import exact_cumsum, pair_difference
+from ops.exact import pair_difference
 from ops.sympow.embedding import symmetric_power_embedding
+from ops.sympow.gate import GatePair, exact_cumulative_gate
+from ops.sympow.numerics import EPS
 from ops.sympow.state import SympowState, decay_and_add
-
-EPS = 1e-6
-
-GatePair = tuple[Float[Array, "batch seq heads"], Float[Array, "batch seq heads"]]
 
 
 def log_abs(x: Array) -> Array:
@@ -46,13 +45,6 @@ def finite_or_zero(stabiliser: Array) -> Array:
 def normalise(numerator: Float[Array, "*b dv"], denominator: Float[Array, "*b"]) -> Float[Array, "*b dv"]:
     """y = numerator / denominator, both already divided by a stabiliser (see module docstring)."""
     return numerator / jnp.maximum(denominator, EPS)[..., None]
-
-
-def cumulative_gate(log_g: Float[Array, "batch seq heads"]) -> GatePair:
-    """G_i = sum_{u <= i} g_u, as an exact pair hi + lo. With strong gates |G| grows as
-    T |log gamma|, and G_i - G_j of one rounded float32 G would lose the digits that near
-    neighbours' weights need (docs/decisions.md, 2026-11-21)."""
-    return exact_cumsum(log_g, axis=1)
 
 
 def log_weights(
@@ -176,6 +168,6 @@ def attention_form(
 ) -> tuple[Float[Array, "batch seq heads dv"], SympowState | None]:
     """(y, the state after the last token if return_state, else None): `attend` over all the
     tokens, G counted from the first."""
-    gate = None if log_g is None else cumulative_gate(log_g)
+    gate = None if log_g is None else exact_cumulative_gate(log_g)
     y = attend(q, k, v, gate, initial_state, p, scale)
     return y, state_after(k, v, gate, initial_state, p, scale) if return_state else None

@@ -25,13 +25,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ops.exact import exact_cumsum
 from ops.sympow.attention_form import attend, state_after
+from ops.sympow.gate import ChunkGatePair, chunk_local_gates
 from ops.sympow.state import SympowState, decay_and_add, empty_state
 
 Chunked = Float[Array, "batch chunks chunk heads dim"]
-ChunkGates = Float[Array, "batch chunks chunk heads"]
-GatePair = tuple[ChunkGates, ChunkGates]
 
 
 def split_chunks(x: Float[Array, "batch seq *rest"], chunk_size: int) -> Float[Array, "batch chunks chunk *rest"]:
@@ -43,11 +41,6 @@ def split_chunks(x: Float[Array, "batch seq *rest"], chunk_size: int) -> Float[A
     return x.reshape(x.shape[0], padded // chunk_size, chunk_size, *x.shape[2:])
 
 
-def chunk_local_gates(log_g: ChunkGates) -> GatePair:
-    """L_t = sum_{u=mc..t} g_u, the cumulative gate restarted at each chunk, as a pair (hi, lo)."""
-    return exact_cumsum(log_g, axis=2)
-
-
 def one_chunk_at_a_time(fn, *chunked_args):
     """Map fn over the chunk axis (axis 1), recomputing its insides in the backward pass."""
     outputs = jax.lax.map(jax.checkpoint(lambda args: fn(*args)), tuple(jnp.moveaxis(a, 1, 0) for a in chunked_args))
@@ -57,7 +50,7 @@ def one_chunk_at_a_time(fn, *chunked_args):
 def chunk_states(
     k: Chunked,
     v: Float[Array, "batch chunks chunk heads dv"],
-    L: GatePair,
+    L: ChunkGatePair,
     p: int,
     scale: float,
     matmul: Callable = jnp.einsum,
@@ -94,7 +87,7 @@ def chunk_outputs(
     q: Chunked,
     k: Chunked,
     v: Float[Array, "batch chunks chunk heads dv"],
-    L: GatePair,
+    L: ChunkGatePair,
     S: Float[Array, "batch chunks heads D dv"],
     z: Float[Array, "batch chunks heads D"],
     p: int,

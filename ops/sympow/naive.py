@@ -93,3 +93,62 @@ def recurrent_form(q, k, v, log_g, p: int, scale: float, initial_state=None):
     tokens = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, gamma))
     state, y = jax.lax.scan(step, tuple(initial_state), tokens)
     return jnp.moveaxis(y, 0, 1), state
+
+
+# The chunked form in three stages, as the chunked forms and kernels split the work (seq a
+# multiple of the chunk size c). L is G restarted at each chunk: L_t = sum_{u=mc..t} log gamma_u.
+
+
+def in_chunks(x, chunk: int):
+    """[batch, seq, ...] -> [batch, seq / chunk, chunk, ...]."""
+    return x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:])
+
+
+def chunk_gate(log_g, like, chunk: int):
+    """L [batch, chunks, chunk, heads], 0 without a gate."""
+    if log_g is None:
+        return jnp.zeros(in_chunks(like, chunk).shape[:4], like.dtype)
+    return jnp.cumsum(in_chunks(log_g, chunk), axis=2)
+
+
+def chunk_states(k, v, log_g, p: int, scale: float, chunk: int):
+    """What each chunk m adds to the state: sum_{j in m} exp(L_end - L_j) phi(r k_j) v_j^T, and
+    the same with 1 for v_j: [batch, chunks, heads, D, dim_v] and [batch, chunks, heads, D]."""
+    L = chunk_gate(log_g, k, chunk)
+    phi_k = phi(math.sqrt(scale) * in_chunks(k, chunk), p) * jnp.exp(L[:, :, -1:] - L)[..., None]
+    return jnp.einsum("bnjhD,bnjhv->bnhDv", phi_k, in_chunks(v, chunk)), jnp.sum(phi_k, axis=2)
+
+
+def state_scan(added_S, added_z, log_decay, initial_state=None):
+    """The state entering each chunk, S_0 (zero unless given) and S_{m+1} = exp(E_m) S_m + added_m,
+    E_m = L at chunk m's end (z likewise); and the state after the last chunk."""
+    S, z = (
+        initial_state if initial_state is not None else (jnp.zeros_like(added_S[:, 0]), jnp.zeros_like(added_z[:, 0]))
+    )
+    entering = []
+    for m in range(added_S.shape[1]):
+        entering.append((S, z))
+        decay = jnp.exp(log_decay[:, m])  # [batch, heads]
+        S, z = decay[..., None, None] * S + added_S[:, m], decay[..., None] * z + added_z[:, m]
+    return jnp.stack([s for s, _ in entering], 1), jnp.stack([z for _, z in entering], 1), (S, z)
+
+
+def chunk_outputs(q, k, v, log_g, S, z, p: int, scale: float, chunk: int):
+    """y_i = [exp(L_i) phi(r q_i)^T S_m + sum_{j in m, j <= i} (s q_i . k_j)^p exp(L_i - L_j) v_j]
+    / [the same with z_m and 1], S_m and z_m the state entering i's chunk m."""
+    L = chunk_gate(log_g, q, chunk)
+    causal = jnp.tril(jnp.ones((chunk, chunk), bool))[None, None, :, :, None]  # [1, 1, i, j, 1]
+    decay = jnp.exp(jnp.where(causal, L[:, :, :, None] - L[:, :, None, :], -jnp.inf))
+    w = jnp.einsum("bnihd,bnjhd->bnijh", scale * in_chunks(q, chunk), in_chunks(k, chunk)) ** p * decay
+    phi_q = phi(math.sqrt(scale) * in_chunks(q, chunk), p) * jnp.exp(L)[..., None]
+    numerator = jnp.einsum("bnijh,bnjhv->bnihv", w, in_chunks(v, chunk)) + jnp.einsum("bnihD,bnhDv->bnihv", phi_q, S)
+    denominator = jnp.sum(w, axis=3) + jnp.einsum("bnihD,bnhD->bnih", phi_q, z)
+    y = divide(numerator, denominator)
+    return y.reshape(q.shape[0], -1, *y.shape[3:])
+
+
+def chunked_form(q, k, v, log_g, p: int, scale: float, chunk: int, initial_state=None):
+    """The three stages composed: y and the state after the last token, as recurrent_form's."""
+    added_S, added_z = chunk_states(k, v, log_g, p, scale, chunk)
+    S, z, final = state_scan(added_S, added_z, chunk_gate(log_g, q, chunk)[:, :, -1], initial_state)
+    return chunk_outputs(q, k, v, log_g, S, z, p, scale, chunk), final

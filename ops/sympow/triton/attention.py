@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
-from ops.exact import exact_cumsum
+from ops.sympow import numerics
+from ops.sympow.gate import exact_cumulative_gate, reverse_cumsum
 from ops.sympow.triton.launch import LaunchOptions, Plan, Tiling
 
-EPS = tl.constexpr(1e-6)  # as ops.sympow.attention_form.EPS; a kernel reads only constexpr globals
+EPS = tl.constexpr(numerics.EPS)  # a kernel reads only constexpr globals
 
 
 # q, k and their gradients are [batch, seq, heads, DIM]; v, y and theirs [batch, seq, heads, DIM_V];
@@ -581,16 +582,16 @@ def power_attention_backward_queries(
 def gpu_tilings(dim: int, itemsize: int) -> dict:
     """Each kernel's GPU tiling (launch.Tiling) for q and k rows of dim elements of itemsize
     bytes. Compiled for sm_90 at head dims 16..128, p = 2 and 4, bf16 and float32, ptxas spills
-    no registers with these, with triton 3.7 and with 3.6 (the lent GPU's). The forward pass
+    no registers with these, with triton 3.6 (the lent GPU's), 3.7 and 3.9. The forward pass
     takes 128 query rows a program, as flash attention does on an H100, but 64 for 512-byte rows
     (float32 at dim 128), whose tiles would not fit in shared memory; the backward passes take 32
-    rows of keys a tile, and the backward keys kernel 32 rows of queries for 512-byte rows (the
-    spills that ruled out larger tiles: docs/decisions.md)."""
+    rows of keys a tile, and 32 rows of queries for 512-byte rows (the spills that ruled out
+    larger tiles: docs/decisions.md; with triton 3.9 the queries kernel spilled 112 bytes at 64)."""
     wide_rows = dim * itemsize > 256
     return {
         power_attention_forward: Tiling(64 if wide_rows else 128, 64, num_warps=8),
         power_attention_backward_keys: Tiling(32 if wide_rows else 64, 32, num_warps=8),
-        power_attention_backward_queries: Tiling(64, 32, num_warps=8),
+        power_attention_backward_queries: Tiling(32 if wide_rows else 64, 32, num_warps=8),
     }
 
 
@@ -607,11 +608,6 @@ def attention_plan(q, v, p: int, scale: float, gated: bool, options: LaunchOptio
     grids = {kernel: (math.ceil(seq / rows), batch * heads) for kernel, rows in row_blocks.items()}
     scalars = dict(seq_len=seq, HEADS=heads, DIM=dim, DIM_V=v.shape[-1], SCALE=scale, POWER=p, GATED=gated)
     return Plan(options.runs_compiled(), tilings, grids, scalars)
-
-
-def exact_gate(log_g):
-    """The cumulative gate G = cumsum(log_g) [batch, seq, heads] as a pair (hi, lo) of float32."""
-    return exact_cumsum(log_g, axis=1)
 
 
 def attention_forward(q, k, v, gate, p: int, scale: float, gated: bool, options: LaunchOptions = LaunchOptions()):
@@ -668,12 +664,12 @@ class AttentionResiduals(NamedTuple):
 def triton_attention(q, k, v, log_g, p: int, scale: float, gated: bool, options: LaunchOptions = LaunchOptions()):
     """Gated power attention through the Triton kernels: y and the log of its normaliser
     (log sum_j w_ij, +inf where a row has no weight), differentiable in q, k, v and log_g."""
-    y, log_normaliser = attention_forward(q, k, v, exact_gate(log_g), p, scale, gated, options)
+    y, log_normaliser = attention_forward(q, k, v, exact_cumulative_gate(log_g), p, scale, gated, options)
     return y, log_normaliser  # a tuple, as the forward rule's (launch gives a list)
 
 
 def triton_attention_forward(q, k, v, log_g, p, scale, gated, options):
-    gate = exact_gate(log_g)
+    gate = exact_cumulative_gate(log_g)
     y, log_normaliser = attention_forward(q, k, v, gate, p, scale, gated, options)
     return (y, log_normaliser), AttentionResiduals(q, k, v, gate, y, log_normaliser)
 
@@ -681,8 +677,7 @@ def triton_attention_forward(q, k, v, log_g, p, scale, gated, options):
 def triton_attention_backward(p, scale, gated, options, saved: AttentionResiduals, cotangents):
     dy, d_log_normaliser = cotangents
     dq, dk, dv, dgate = attention_backward(*saved, dy, p, scale, gated, options, d_log_normaliser)
-    # G is the cumulative sum of log_g, so d log_g_u = sum_{t >= u} dG_t.
-    d_log_g = jnp.flip(jnp.cumsum(jnp.flip(dgate, axis=1), axis=1), axis=1).astype(saved.gate[0].dtype)
+    d_log_g = reverse_cumsum(dgate, axis=1).astype(saved.gate[0].dtype)
     return dq, dk, dv, d_log_g
 
 

@@ -43,8 +43,8 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from ops.exact import exact_cumsum
 from ops.sympow.chunk import split_chunks
+from ops.sympow.gate import chunk_local_gates, reverse_cumsum
 from ops.sympow.triton.attention import (
     accumulate_key_gradients,
     accumulate_keys,
@@ -823,7 +823,7 @@ def gpu_tilings(dim: int, itemsize: int) -> dict:
     at dims 16..128 as jax-triton compiles them (tests/test_triton.py), ptxas spills at most a
     few bytes a thread with these and none in the scans, the forward kernel and anything at dim
     64 in bf16 (the figures, per Triton version: docs/decisions.md). Chosen to compile, not yet
-    timed: ops.tune times them against larger tiles and other stages."""
+    timed: tools.tune times them against larger tiles and other stages."""
     bf16 = itemsize == 2
     backward = Tiling(64 if bf16 and dim <= 64 else 32, 32, num_warps=8, num_stages=3 if bf16 else 2)
     return {
@@ -897,7 +897,7 @@ def chunk_gates(log_g, chunk_size: int):
     float32. Differences of L (intra-chunk weights, key decays to the chunk end) take both
     parts, as the flash kernels do; decays from the chunk's start, exp(E_m) and exp(L_i), take
     hi, as ops.sympow.chunk does."""
-    L = exact_cumsum(split_chunks(log_g, chunk_size), axis=2)
+    L = chunk_local_gates(split_chunks(log_g, chunk_size))
     return tuple(part.reshape(log_g.shape[0], -1, log_g.shape[2])[:, : log_g.shape[1]] for part in L)
 
 
@@ -984,8 +984,8 @@ def triton_chunked_forward(q, k, v, log_g, scale, chunk_size, options):
 def triton_chunked_backward(scale, chunk_size, options, saved: ChunkedResiduals, cotangents):
     dy, d_log_normaliser = cotangents
     dq, dk, dv, dL = chunked_backward(*saved, dy, scale, chunk_size, options, d_log_normaliser)
-    # L_t sums log_g over its chunk up to t, so d log_g_u = sum over t >= u in u's chunk of dL_t.
-    d_log_g = jnp.flip(jnp.cumsum(jnp.flip(dL, axis=2), axis=2), axis=2)
+    # L_t sums log_g over its chunk up to t, so d log_g_u sums dL_t over t >= u in u's chunk.
+    d_log_g = reverse_cumsum(dL, axis=2)
     batch, seq, heads, _ = dq.shape
     return dq, dk, dv, d_log_g.reshape(batch, -1, heads)[:, :seq].astype(saved.L[0].dtype)
 

@@ -139,7 +139,7 @@ class LaunchOptions:
         None: the GPU's when compiled.
     tiling_itemsize: choose the GPU tilings as for inputs of this many bytes (2: bf16's, which
         the interpreter cannot run); None: the inputs'.
-    overrides: (kernel, Tiling) pairs that replace those kernels' tilings (ops.tune).
+    overrides: (kernel, Tiling) pairs that replace those kernels' tilings (tools.tune).
     scan_value_columns: value columns per program of the chunked kernels' two scans, each
         sequential over chunks: 32 gives, at dim 64, batch 1 and 8 heads, 640 programs for an
         H100's 132 SMs, with half the registers for the running state that whole columns take.
@@ -210,17 +210,33 @@ def compile_for(kernel, pointer_types: dict[str, str], scalars: dict, tiles: Til
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
+def dce_rule_for_jax(rule, jax_passes_live_inputs: bool):
+    """A dead-code-elimination rule called as this jax calls them: jax 0.12 passes (used
+    outputs, live inputs, equation) where jax 0.11 passed (used outputs, equation), and
+    jax-triton 0.4.1 registers a rule of the old two arguments for its kernel call (under jax
+    0.12: "takes 2 positional arguments but 3 were given"). A rule of the other convention is
+    wrapped; every input is taken as live where an old jax gives no such list."""
+    if (len(inspect.signature(rule).parameters) == 3) == jax_passes_live_inputs:
+        return rule
+    if jax_passes_live_inputs:
+        return lambda used_outputs, live_inputs, eqn: rule(used_outputs, eqn)
+    return lambda used_outputs, eqn: rule(used_outputs, [True] * len(eqn.invars), eqn)
+
+
 @functools.cache
 def jax_triton():
     """jax_triton, imported on a GPU only (on a CPU it finds no backend to lower to). With
     triton 3.6 (the lent GPU machine's), jax-triton 0.4.1 silently stubs its NVIDIA backend
-    unless TMA_TF32 exists before import (docs/gpu.md; not yet seen on a GPU here)."""
+    unless TMA_TF32 exists before import (docs/gpu.md; not yet seen on a GPU here); its kernel
+    call's DCE rule is adapted to this jax (dce_rule_for_jax)."""
     import triton.backends.nvidia.driver as nvidia_driver
 
     if not hasattr(nvidia_driver, "TMA_TF32"):
         nvidia_driver.TMA_TF32 = 11
     import jax_triton
 
+    rules, kernel_call = jax_triton.triton_lib.pe.dce_rules, jax_triton.triton_lib.triton_kernel_call_p
+    rules[kernel_call] = dce_rule_for_jax(rules[kernel_call], jax_passes_live_inputs=jax.__version_info__ >= (0, 12))
     return jax_triton
 
 

@@ -2,9 +2,9 @@
 then one kernel's tiling (or the chunked scans' value columns) changed at a time, then every
 change that beat the defaults together, all in one run.
 
-    python -m ops.tune --out runs/tune.json    # on a GPU: the chunked kernels, p = 2, T = 65536, 8 heads, d = 64, bf16
-    python -m ops.tune --kernels attention     # the flash-style kernels, p = 4, T = 16384
-    python -m ops.tune --seq 64 --heads 1 --dim 16 --chunk-sizes 32   # on a CPU: the interpreter
+    python -m tools.tune --out runs/tune.json  # on a GPU: the chunked kernels, p = 2, T = 65536, 8 heads, d = 64, bf16
+    python -m tools.tune --kernels attention     # the flash-style kernels, p = 4, T = 16384
+    python -m tools.tune --seq 64 --heads 1 --dim 16 --chunk-sizes 32   # on a CPU: the interpreter
 
 Candidates are the tilings that compiled for sm_90 at d = 64 in bf16 (the flash-style kernels
 at p = 4), as jax-triton compiles them, with at most 32 bytes a thread of ptxas spills (triton
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from ops.benchmark import TimeLimit, describe_error, describe_machine, make_inputs, timed, write_json
+from ops.sympow.gate import exact_cumulative_gate
 from ops.sympow.triton import attention, chunked
 from ops.sympow.triton.attention import (
     power_attention_backward_keys,
@@ -39,6 +39,7 @@ from ops.sympow.triton.chunked import (
     power_state_scan_backward,
 )
 from ops.sympow.triton.launch import LaunchOptions, Tiling, on_gpu
+from tools.benchmark import TimeLimit, describe_error, describe_machine, make_inputs, timed, write_json
 
 # Tiling(query rows, key rows, warps, pipeline stages). The scans step over BLOCK_N keys
 # (forward) or BLOCK_M queries (backward) a time; their other row count, unused, is set alike.
@@ -125,7 +126,7 @@ def attention_forward_backward(p: int, scale: float, options: LaunchOptions):
     """(y, dq, dk, dv, dG) of the flash-style kernels launched with these options, jitted."""
 
     def run(q, k, v, log_g, dy):
-        gate = attention.exact_gate(log_g)
+        gate = exact_cumulative_gate(log_g)
         y, log_normaliser = attention.attention_forward(q, k, v, gate, p, scale, True, options)
         return (y, *attention.attention_backward(q, k, v, gate, y, log_normaliser, dy, p, scale, True, options))
 

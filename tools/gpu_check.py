@@ -1,7 +1,7 @@
 """One command that settles the Triton kernels on a GPU within a deadline, in order of value:
 
-    python -m ops.gpu_check --out runs/gpu           # on the GPU machine: bash scripts/gpu_checks.sh
-    python -m ops.gpu_check --dry-run --out runs/dry # on a CPU: tiny shapes, Triton's interpreter
+    python -m tools.gpu_check --out runs/gpu           # on the GPU machine: bash scripts/gpu_checks.sh
+    python -m tools.gpu_check --dry-run --out runs/dry # on a CPU: tiny shapes, Triton's interpreter
 
 1. versions, then one forward + backward launch of each kernel family (chunked p = 2, flash
    p = 2 and p = 4) at a small shape against the pure-JAX form; if one raises, no later stage
@@ -11,7 +11,7 @@
    gated): the Triton path, the pure-JAX chunked form, cuDNN flash attention and the authors'
    `retention` kernels (PyTorch), side by side;
 4. p = 4 at 16K: the flash-style kernels against cuDNN;
-5. with time left, the tuning candidates (ops.tune) most likely to win.
+5. with time left, the tuning candidates (tools.tune) most likely to win.
 
 No stage or case starts after --minutes (6: with the case running then, the command ends within
 about 7); results.json is rewritten after every stage, and a table of everything is printed
@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import ops
-from ops import tune
-from ops.benchmark import describe_error, describe_machine, make_inputs, timed, timed_functions
 from ops.sympow.naive import attention_form
 from ops.sympow.triton.launch import on_gpu
+from tools import tune
+from tools.benchmark import describe_error, describe_machine, make_inputs, timed, timed_functions
 
 # Float32 round-off of unit-size inputs, the rule's floor for the float32 dry run.
 FLOAT32_ROUNDOFF = 2e-6

@@ -1,9 +1,9 @@
 """Time ops.sympow_attention's implementations and softmax flash attention side by side,
 forward and forward + backward, with achieved TFLOP/s, compiled memory and speed-ups.
 
-    python -m ops.benchmark --out benchmarks/gpu.json                 # on a GPU: the full sweep
-    python -m ops.benchmark --p 4 --impls softmax triton attention    # p = 4 (the attention kernel)
-    python -m ops.benchmark --impls attention chunked --chunk-sizes 64 128 256 512   # on a CPU
+    python -m tools.benchmark --out benchmarks/gpu.json                 # on a GPU: the full sweep
+    python -m tools.benchmark --p 4 --impls softmax triton attention    # p = 4 (the attention kernel)
+    python -m tools.benchmark --impls attention chunked --chunk-sizes 64 128 256 512   # on a CPU
 
 Defaults follow the backend. GPU: impls softmax (cuDNN), triton, chunked, attention; T = 1K..64K
 at 64K tokens per batch; 8 heads, d = 64, bf16; chunk sizes 64..1024 for the chunked impls.
