@@ -14,8 +14,8 @@ from ops.sympow.gate import exact_cumulative_gate
 from ops.sympow.numerics import compute_dtype
 from ops.sympow.recurrent import recurrent_form, recurrent_step
 from ops.sympow.state import SympowState, empty_state
-from ops.sympow.triton.attention import attention as triton_attention
-from ops.sympow.triton.chunked import chunked as triton_chunked
+from ops.sympow.triton import attention as flash_kernels
+from ops.sympow.triton import chunked as chunked_kernels
 
 IMPLS = ("attention", "recurrent", "chunked", "triton", "auto")
 DEFAULT_CHUNK_SIZE = 128
@@ -196,9 +196,9 @@ def triton_forms(impl: str, q, k, v, log_g, p: int, scale: float, chunk_size: in
     and the state handed out is summed chunk by chunk in pure JAX (chunk.final_state), so both
     stay differentiable."""
     if p == 2 and q.shape[1] > chunk_size:
-        y, log_normaliser = triton_chunked(q, k, v, log_g, scale, chunk_size)
+        y, log_normaliser = chunked_kernels.chunked(q, k, v, log_g, scale, chunk_size)
     else:
-        y, log_normaliser = triton_attention(q, k, v, log_g, p, scale)
+        y, log_normaliser = flash_kernels.attention(q, k, v, log_g, p, scale)
     if initial_state is None and not return_state:
         return y, None
     q, k, v, log_g, initial_state = cast(jnp.float32, q, k, v, log_g, initial_state)
