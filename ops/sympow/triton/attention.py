@@ -121,7 +121,8 @@ def gate_differences(row_hi, row_lo, col_hi, col_lo):
 def gated_log_weights(q, k, gates, rows, cols, seq_len, SCALE, POWER, GATED):
     """log w = p log|s q . k| + G_i - G_j on a tile [rows, cols] (gates: G_i - G_j), -inf above
     the diagonal and past seq_len; also q . k [rows, cols]."""
-    dot = tl.dot(q, tl.trans(k))  # [rows, cols]
+    # [rows, DIM] @ [DIM, cols] -> [rows, cols]
+    dot = tl.dot(q, tl.trans(k))
     log_w = POWER * tl.log(tl.abs(dot * SCALE))
     if GATED:
         log_w += gates
@@ -179,7 +180,8 @@ def accumulate_keys(
         w = tl.exp(log_w - frame[:, None])  # [BLOCK_M, BLOCK_N]
         rescale = tl.exp(row_max - frame)  # [BLOCK_M]
         row_sum = row_sum * rescale + tl.sum(w, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(w.to(v.dtype), v)  # [BLOCK_M, DIM_V]
+        # [BLOCK_M, BLOCK_N] @ [BLOCK_N, DIM_V] -> [BLOCK_M, DIM_V]
+        acc = acc * rescale[:, None] + tl.dot(w.to(v.dtype), v)
         row_max = new_max
     return row_max, row_sum, acc
 
@@ -273,6 +275,7 @@ def weight_gradients(q, k, v, dy, delta, log_normaliser, gates, rows, cols, seq_
         q=q, k=k, gates=gates, rows=rows, cols=cols, seq_len=seq_len, SCALE=SCALE, POWER=POWER, GATED=GATED
     )
     probabilities = tl.exp(log_w - log_normaliser[:, None])
+    # [rows, DIM_V] @ [DIM_V, cols] -> [rows, cols]
     d_log_w = probabilities * (tl.dot(dy, tl.trans(v)) - delta[:, None])
     is_zero = dot == 0.0  # there P = 0, and so is the gradient
     d_dot = tl.where(is_zero, 0.0, d_log_w * POWER / tl.where(is_zero, 1.0, dot))
@@ -344,7 +347,9 @@ def accumulate_key_gradients(
         probabilities = tl.where(row_ok, probabilities, 0.0)
         d_log_w = tl.where(row_ok, d_log_w, 0.0)
         d_dot = tl.where(row_ok, d_dot, 0.0)
+        # [cols, BLOCK_M] @ [BLOCK_M, DIM_V] -> [cols, DIM_V]
         dv += tl.dot(tl.trans(probabilities).to(dy.dtype), dy)
+        # [cols, BLOCK_M] @ [BLOCK_M, DIM] -> [cols, DIM]
         dk += tl.dot(tl.trans(d_dot).to(q.dtype), q)
         dg -= tl.sum(d_log_w, axis=0)
     return dk, dv, dg
@@ -407,6 +412,7 @@ def accumulate_query_gradients(
             POWER=POWER,
             GATED=GATED,
         )
+        # [rows, BLOCK_N] @ [BLOCK_N, DIM] -> [rows, DIM]
         dq += tl.dot(d_dot.to(k.dtype), k)
         dg += tl.sum(d_log_w, axis=1)
     return dq, dg

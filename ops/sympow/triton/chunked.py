@@ -294,6 +294,7 @@ def power_state_scan(
                 DIM=DIM_V,
                 WIDTH=VALUE_BLOCK,
             )  # [BLOCK_N, VALUE_BLOCK]
+            # [TILE_FEATURES, BLOCK_N] @ [BLOCK_N, VALUE_BLOCK] -> [TILE_FEATURES, VALUE_BLOCK]
             state += tl.dot(tl.trans(as_input(phi, v_ptr)), v)
             norm += tl.sum(phi, axis=0)
 
@@ -372,6 +373,7 @@ def power_chunk_forward(
             FEATURE_TILES=FEATURE_TILES,
         )
         state, norm = load_state(s_ptr=s_ptr, z_ptr=z_ptr, tile_index=tile_index, DIM_V=DIM_V)
+        # [BLOCK_M, TILE_FEATURES] @ [TILE_FEATURES, DIM_V] -> [BLOCK_M, DIM_V]
         numerator += tl.dot(as_input(phi, q_ptr), as_input(state, q_ptr))
         denominator += tl.sum(phi * norm[None, :], axis=1)
 
@@ -532,9 +534,8 @@ def power_chunk_backward_queries(
             FEATURE_TILES=FEATURE_TILES,
         )
         state, norm = load_state(s_ptr=s_ptr, z_ptr=z_ptr, tile_index=tile_index, DIM_V=DIM_V)
-        d_phi = (
-            tl.dot(d_numerator, tl.trans(as_input(state, dy_ptr))) + d_norm[:, None] * norm[None, :]
-        )  # [BLOCK_M, TILE_FEATURES]
+        # [BLOCK_M, DIM_V] @ [DIM_V, TILE_FEATURES] -> [BLOCK_M, TILE_FEATURES]
+        d_phi = tl.dot(d_numerator, tl.trans(as_input(state, dy_ptr))) + d_norm[:, None] * norm[None, :]
         dl += tl.sum(tile_features(x_narrow=q_narrow, x_wide=q_wide, ROWS=BLOCK_M) * d_phi, axis=1)
         d_narrow_blocks, d_wide_blocks = add_tile_gradient(
             d_narrow_blocks=d_narrow_blocks,
@@ -650,6 +651,7 @@ def power_state_scan_backward(
                 WIDTH=VALUE_BLOCK,
             )  # [BLOCK_M, VALUE_BLOCK]
             delta = load_row(x_ptr=delta_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS)  # [BLOCK_M]
+            # [TILE_FEATURES, BLOCK_M] @ [BLOCK_M, VALUE_BLOCK] -> [TILE_FEATURES, VALUE_BLOCK]
             d_state += tl.dot(tl.trans(as_input(phi, dy_ptr)), as_input(dy * share[:, None], dy_ptr))
             d_norm -= tl.sum(phi * (delta * share)[:, None], axis=0)
 
@@ -780,8 +782,10 @@ def power_chunk_backward_keys(
             FEATURE_TILES=FEATURE_TILES,
         )
         d_state, d_norm = load_state(s_ptr=ds_ptr, z_ptr=dz_ptr, tile_index=tile_index, DIM_V=DIM_V)
+        # [BLOCK_N, TILE_FEATURES] @ [TILE_FEATURES, DIM_V] -> [BLOCK_N, DIM_V]
         dv += tl.dot(as_input(phi, v_ptr), d_state)
-        d_phi = tl.dot(v, tl.trans(d_state)) + d_norm[None, :]  # [BLOCK_N, TILE_FEATURES]
+        # [BLOCK_N, DIM_V] @ [DIM_V, TILE_FEATURES] -> [BLOCK_N, TILE_FEATURES]
+        d_phi = tl.dot(v, tl.trans(d_state)) + d_norm[None, :]
         through_state += tl.sum(phi * d_phi, axis=1)
         d_narrow_blocks, d_wide_blocks = add_tile_gradient(
             d_narrow_blocks=d_narrow_blocks,
