@@ -45,11 +45,12 @@ import triton.language as tl
 
 from ops.sympow.chunk import split_chunks
 from ops.sympow.gate import chunk_local_gates, reverse_cumsum
-from ops.sympow.triton.attention import (
+from ops.sympow.triton.attention import check_dims, log_weight_delta
+from ops.sympow.triton.launch import LaunchOptions, Plan, Tiling
+from ops.sympow.triton.tiles import (
     accumulate_key_gradients,
     accumulate_keys,
     accumulate_query_gradients,
-    check_dims,
     head_bases,
     load_columns,
     load_gates,
@@ -57,12 +58,10 @@ from ops.sympow.triton.attention import (
     load_query_gradients,
     load_row,
     load_tile,
-    log_weight_delta,
     store_outputs,
     store_row,
     store_tile,
 )
-from ops.sympow.triton.launch import LaunchOptions, Plan, Tiling
 
 WIDE_BLOCK = 16  # dims of a wide block: the smallest width tl.dot takes
 NARROW_BLOCK = 4  # dims of a narrow block: a quarter of one
