@@ -60,9 +60,10 @@ def at_context(cache, context: int, key):
         return cache._replace(position=position)
     fill = lambda a, key: jax.random.normal(key, a.shape, a.dtype)  # noqa: E731
     k_key, v_key = jax.random.split(key)
-    return cache._replace(
-        k=fill(cache.k, k_key), v=fill(cache.v, v_key), length=jnp.asarray(context, jnp.int32), position=position
+    keys = cache.cache._replace(
+        k=fill(cache.cache.k, k_key), v=fill(cache.cache.v, v_key), length=jnp.asarray(context, jnp.int32)
     )
+    return cache._replace(cache=keys, position=position)
 
 
 def time_decode(model, context: int, steps: int) -> dict:

@@ -6,10 +6,13 @@ Knows nothing of models: import it into any JAX code.
 from ops.sympow import (
     DEFAULT_CHUNK_SIZE,
     IMPLS,
+    KeyValueCache,
     SympowState,
     embedding_size,
+    key_value_cache,
     state_fits,
     sympow_attention,
+    sympow_cache_step,
     sympow_embedding,
     sympow_step,
     zero_state,
@@ -17,6 +20,9 @@ from ops.sympow import (
 
 __all__ = [
     "sympow_attention",
+    "sympow_cache_step",
+    "KeyValueCache",
+    "key_value_cache",
     "sympow_step",
     "sympow_embedding",
     "SympowState",

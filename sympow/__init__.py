@@ -1,6 +1,6 @@
 """sympow: conformal symmetric power transformers as Equinox modules, and generation."""
 
-from sympow.attention import Attention, KeyValueCache, StateCache
+from sympow.attention import Attention, KeysCache, StateCache
 from sympow.config import ATTENTIONS, PRESETS, ModelConfig, preset
 from sympow.generate import generate, sample_token
 from sympow.transformer import Transformer
@@ -9,7 +9,7 @@ __all__ = [
     "ATTENTIONS",
     "PRESETS",
     "Attention",
-    "KeyValueCache",
+    "KeysCache",
     "ModelConfig",
     "StateCache",
     "Transformer",

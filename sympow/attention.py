@@ -3,7 +3,7 @@
 A layer runs over a whole sequence (`__call__`, training and evaluation), or in two steps for
 inference: `prefill` runs a prompt in one call and returns a cache, `decode` takes one token
 and the cache. The cache is the sympow state where it fits (ops.SympowState: constant size
-whatever the context), else (softmax, or a state too large to hold) the keys and values of a
+whatever the context), else (softmax, or a state too large to hold) an ops.KeyValueCache of a
 fixed maximum length. Both carry the rotary position reached, as an exact pair.
 """
 
@@ -12,12 +12,10 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
 import ops
-from ops.exact import add_pairs, pair_difference
-from ops.sympow.attention_form import finite_or_zero, log_abs, normalise
-from ops.sympow.gate import exact_cumulative_gate
+from ops.sympow.cache import cache_step, weighted_values
 from ops.sympow.numerics import compute_dtype
 from sympow.config import ModelConfig
 from sympow.layers import INIT_STD, Dense, Gate
@@ -33,33 +31,19 @@ class StateCache(NamedTuple):
     position: Position
 
 
-class KeyValueCache(NamedTuple):
-    """Keys and values of the first `length` tokens, in slots of a fixed maximum length, the
-    cumulative gate G at each as an exact pair (sympow_gated and conformal; None otherwise), and
-    the rotary position reached."""
+class KeysCache(NamedTuple):
+    """A layer's cache of keys and values (with G for sympow_gated and conformal), and the
+    rotary position reached."""
 
-    k: Float[Array, "batch max_length heads dim"]
-    v: Float[Array, "batch max_length heads dim"]
-    gate: Pair | None
-    length: Int[Array, ""]
+    cache: ops.KeyValueCache
     position: Position
 
 
-LayerCache = StateCache | KeyValueCache
+LayerCache = StateCache | KeysCache
 
 
 def last(pair: Pair) -> Pair:
     return tuple(part[:, -1] for part in pair)
-
-
-def weighted_values(
-    log_w: Float[Array, "batch heads seq keys"], v: Float[Array, "batch keys heads dim"]
-) -> Float[Array, "batch seq heads dim"]:
-    """sum_j w_ij v_j / sum_j w_ij from log w, in the frame of each row's largest weight (a row
-    with no weight gives 0). Softmax is this with log w_ij = s q_i . k_j."""
-    stabiliser = finite_or_zero(jax.lax.stop_gradient(jnp.max(log_w, axis=-1, keepdims=True)))
-    w = jnp.exp(log_w - stabiliser)
-    return normalise(jnp.einsum("bhij,bjhd->bihd", w, v), jnp.moveaxis(jnp.sum(w, axis=-1), 1, -1))
 
 
 def softmax_attention(q, k, v):
@@ -140,12 +124,7 @@ class Attention(eqx.Module):
         if self.holds_state:
             y, state = self.attend(q, k, v, log_g, return_state=True)
             return self.output(y), StateCache(state, position)
-        batch, seq, heads, dim = k.shape
-        if seq > max_length:
-            raise ValueError(f"a prompt of {seq} tokens does not fit a key/value cache of {max_length}")
-        slots = lambda a: jnp.zeros((batch, max_length, *a.shape[2:]), a.dtype).at[:, :seq].set(a)  # noqa: E731
-        gate = None if log_g is None else tuple(slots(part) for part in exact_cumulative_gate(log_g))
-        cache = KeyValueCache(slots(k), slots(v), gate, jnp.asarray(seq, jnp.int32), position)
+        cache = KeysCache(ops.key_value_cache(k, v, log_g, max_length), position)
         return self.output(self.attend(q, k, v, log_g)), cache
 
     def decode(
@@ -153,34 +132,15 @@ class Attention(eqx.Module):
     ) -> tuple[Float[Array, "batch 1 d_model"], LayerCache]:
         """One token after those in the cache: its output, and the cache with it added."""
         q, k, v, log_g, position = self.project(x, cache.position)
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+        log_g = None if log_g is None else log_g[:, 0]
+        cfg = self.config
+        # The gate is a log-sigmoid, <= 0 by construction: no need for ops' host-side check.
         if isinstance(cache, StateCache):
-            log_g = None if log_g is None else log_g[:, 0]
-            y, state = ops.sympow_step(
-                q[:, 0], k[:, 0], v[:, 0], log_g, cache.state, p=self.config.p, check_log_g=False
-            )
+            y, state = ops.sympow_step(q, k, v, log_g, cache.state, p=cfg.p, check_log_g=False)
             return self.output(y[:, None]), StateCache(state, position)
-        y, cache = self.decode_from_keys_and_values(q, k, v, log_g, cache)
-        return self.output(y), cache._replace(position=position)
-
-    def decode_from_keys_and_values(self, q, k, v, log_g, cache: KeyValueCache):
-        """Write the token into slot `length`, then attend over slots 0..length. Past the cache's
-        last slot the output is NaN, so that an overflow shows."""
-        slot = cache.length
-        write = lambda buffer, a: jax.lax.dynamic_update_slice_in_dim(buffer, a.astype(buffer.dtype), slot, axis=1)  # noqa: E731
-        keys, values = write(cache.k, k), write(cache.v, v)
-        q = q[:, 0] * (1 / self.config.head_dim**0.5)  # [batch, heads, dim]
-        dot = jnp.einsum("bhd,bjhd->bhj", q, keys)
-        logits = dot if self.config.attention == "softmax" else self.config.p * log_abs(dot)  # log w_j
-        gate = None
-        if cache.gate is not None:
-            # G of the token before (0 before the first): the new token's G goes on from it.
-            def at_previous(part):
-                return jax.lax.dynamic_index_in_dim(part, jnp.maximum(slot - 1, 0), axis=1, keepdims=False)
-
-            previous = tuple(jnp.where(slot > 0, at_previous(part), 0) for part in cache.gate)
-            G = add_pairs(previous, (log_g[:, 0].astype(previous[0].dtype), jnp.zeros_like(previous[0])))
-            gate = tuple(write(buffer, part[:, None]) for buffer, part in zip(cache.gate, G))
-            logits = logits + jnp.moveaxis(pair_difference(tuple(part[:, None] for part in G), gate), 1, -1)
-        logits = jnp.where(jnp.arange(keys.shape[1], dtype=slot.dtype) <= slot, logits, -jnp.inf)
-        y = jnp.where(slot < keys.shape[1], weighted_values(logits[:, :, None], values), jnp.nan)
-        return y.astype(v.dtype), KeyValueCache(keys, values, gate, slot + 1, cache.position)
+        if cfg.attention == "softmax":
+            y, keys = cache_step(q * (1 / cfg.head_dim**0.5), k, v, None, cache.cache, lambda dot: dot)
+        else:
+            y, keys = ops.sympow_cache_step(q, k, v, log_g, cache.cache, p=cfg.p, check_log_g=False)
+        return self.output(y[:, None]), KeysCache(keys, position)

@@ -1,6 +1,8 @@
 """The recurrent state as an API: handed over between calls, one token at a time, in float64
 against one call over all the tokens; prefix invariance of every impl."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from conftest import attention_inputs, relative_error, sine_loss, within_kernel_
 
 import ops
 from ops.sympow import naive
+from ops.sympow.api import check_cache
 
 IMPLS = ("attention", "recurrent", "chunked")
 CHUNK = 8
@@ -87,6 +90,34 @@ def test_one_step_equals_one_more_token(gamma):
         assert y.shape == (2, 3, 5) and relative_error(y, y_all[:, 11]) < 1e-12
         for got, expected in zip(state_after, state_all):
             assert relative_error(got, expected) < 1e-12
+
+
+@pytest.mark.parametrize("p, gamma", [(2, None), (2, 0.9), (4, 0.5)])
+def test_cache_steps_equal_the_oracle_token_by_token(p, gamma):
+    """A key/value cache filled by a prompt of 5 tokens, then 4 steps (the last one fills it):
+    each step's y is the oracle's at that position; a fifth step overflows to NaN."""
+    q, k, v, log_g = attention_inputs(2, 9, 3, 4, gamma=gamma, seed=7, dim_v=5)
+    expected = naive.attention_form(q, k, v, log_g, p, 0.5)
+    cache = ops.key_value_cache(k[:, :5], v[:, :5], None if log_g is None else log_g[:, :5], max_length=9)
+    step = jax.jit(functools.partial(ops.sympow_cache_step, p=p, scale=0.5))
+    for t in range(5, 10):
+        token = tuple(None if a is None else a[:, min(t, 8)] for a in (q, k, v, log_g))
+        y, cache = step(*token, cache)
+        if t < 9:
+            assert y.shape == (2, 3, 5) and relative_error(y, expected[:, t]) < 1e-12, t
+    assert np.all(np.isnan(y)) and int(cache.length) == 10
+
+
+def test_bad_cache_steps_are_refused():
+    q, k, v, log_g = attention_inputs(1, 3, 1, 4, gamma=0.9)
+    cache = ops.key_value_cache(k, v, log_g, max_length=4)
+    token = (q[:, 0], k[:, 0], v[:, 0])
+    with pytest.raises(ValueError, match="must both be given"):
+        ops.sympow_cache_step(*token, None, cache)
+    with pytest.raises(ValueError, match="ops.KeyValueCache"):  # the suite's type checks come first
+        check_cache(tuple(cache), log_g)
+    with pytest.raises(ValueError, match="does not fit"):
+        ops.key_value_cache(k, v, log_g, max_length=2)
 
 
 def test_state_is_float32_at_least():

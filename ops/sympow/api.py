@@ -7,14 +7,15 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ops.sympow.attention_form import add_state, attention_form
+from ops.sympow.cache import KeyValueCache, power_cache_step
 from ops.sympow.chunk import chunked_form, final_state
 from ops.sympow.embedding import embedding_size, symmetric_power_embedding
 from ops.sympow.gate import exact_cumulative_gate
 from ops.sympow.numerics import compute_dtype
 from ops.sympow.recurrent import recurrent_form, recurrent_step
 from ops.sympow.state import SympowState, empty_state
-from ops.sympow.triton.attention import attention as triton_attention
-from ops.sympow.triton.chunked import chunked as triton_chunked
+from ops.sympow.triton import attention as flash_kernels
+from ops.sympow.triton import chunked as chunked_kernels
 
 IMPLS = ("attention", "recurrent", "chunked", "triton", "auto")
 DEFAULT_CHUNK_SIZE = 128
@@ -195,9 +196,9 @@ def triton_forms(impl: str, q, k, v, log_g, p: int, scale: float, chunk_size: in
     and the state handed out is summed chunk by chunk in pure JAX (chunk.final_state), so both
     stay differentiable."""
     if p == 2 and q.shape[1] > chunk_size:
-        y, log_normaliser = triton_chunked(q, k, v, log_g, scale, chunk_size)
+        y, log_normaliser = chunked_kernels.chunked(q, k, v, log_g, scale, chunk_size)
     else:
-        y, log_normaliser = triton_attention(q, k, v, log_g, p, scale)
+        y, log_normaliser = flash_kernels.attention(q, k, v, log_g, p, scale)
     if initial_state is None and not return_state:
         return y, None
     q, k, v, log_g, initial_state = cast(jnp.float32, q, k, v, log_g, initial_state)
@@ -235,6 +236,37 @@ def sympow_step(
     y, new_state = recurrent_step(*cast(compute_dtype(q, state.S), q, k, v, log_g, state), p, scale)
     (new_state,) = cast(state.S.dtype, new_state)
     return y.astype(v.dtype), new_state
+
+
+def check_cache(cache, log_g) -> None:
+    if not isinstance(cache, KeyValueCache):
+        raise ValueError(f"a cache must be an ops.KeyValueCache (ops.key_value_cache); got {type(cache).__name__}")
+    if (log_g is None) != (cache.gate is None):
+        raise ValueError("log_g and the cache's gate must both be given or both be None")
+
+
+def sympow_cache_step(
+    q: Float[Array, "batch heads dim"],
+    k: Float[Array, "batch heads dim"],
+    v: Float[Array, "batch heads dv"],
+    log_g: Float[Array, "batch heads"] | None,
+    cache: KeyValueCache,
+    *,
+    p: int = 2,
+    scale: float | None = None,
+    check_log_g: bool = True,
+) -> tuple[Float[Array, "batch heads dv"], KeyValueCache]:
+    """One token of decoding against a key/value cache (ops.key_value_cache), for states too large
+    to hold: the token is written into slot cache.length, and y = sum_j w_j v_j / sum_j w_j over
+    slots 0..length with w_j = (scale q . k_j)^p exp(G_t - G_j). Returns (y in v's dtype, the cache
+    with the token). O(length x dim) per head; past the cache's last slot y is NaN. Equals
+    sympow_attention over the cached tokens and this one. check_log_g as in sympow_attention."""
+    check_power(p)
+    check_shapes(q[:, None], k[:, None], v[:, None], None if log_g is None else log_g[:, None])
+    check_cache(cache, log_g)
+    if log_g is not None and check_log_g:
+        log_g = check_log_gate(log_g)
+    return power_cache_step(q, k, v, log_g, cache, p, check_scale(scale, q.shape[-1]))
 
 
 def zero_state(batch: int, heads: int, dim: int, dim_v: int, *, p: int = 2, dtype=jnp.float32) -> SympowState:

@@ -45,11 +45,12 @@ import triton.language as tl
 
 from ops.sympow.chunk import split_chunks
 from ops.sympow.gate import chunk_local_gates, reverse_cumsum
-from ops.sympow.triton.attention import (
+from ops.sympow.triton.attention import check_dims, log_weight_delta
+from ops.sympow.triton.launch import LaunchOptions, Plan, Tiling
+from ops.sympow.triton.tiles import (
     accumulate_key_gradients,
     accumulate_keys,
     accumulate_query_gradients,
-    check_dims,
     head_bases,
     load_columns,
     load_gates,
@@ -57,12 +58,10 @@ from ops.sympow.triton.attention import (
     load_query_gradients,
     load_row,
     load_tile,
-    log_weight_delta,
     store_outputs,
     store_row,
     store_tile,
 )
-from ops.sympow.triton.launch import LaunchOptions, Plan, Tiling
 
 WIDE_BLOCK = 16  # dims of a wide block: the smallest width tl.dot takes
 NARROW_BLOCK = 4  # dims of a narrow block: a quarter of one
@@ -294,6 +293,7 @@ def power_state_scan(
                 DIM=DIM_V,
                 WIDTH=VALUE_BLOCK,
             )  # [BLOCK_N, VALUE_BLOCK]
+            # [TILE_FEATURES, BLOCK_N] @ [BLOCK_N, VALUE_BLOCK] -> [TILE_FEATURES, VALUE_BLOCK]
             state += tl.dot(tl.trans(as_input(phi, v_ptr)), v)
             norm += tl.sum(phi, axis=0)
 
@@ -372,6 +372,7 @@ def power_chunk_forward(
             FEATURE_TILES=FEATURE_TILES,
         )
         state, norm = load_state(s_ptr=s_ptr, z_ptr=z_ptr, tile_index=tile_index, DIM_V=DIM_V)
+        # [BLOCK_M, TILE_FEATURES] @ [TILE_FEATURES, DIM_V] -> [BLOCK_M, DIM_V]
         numerator += tl.dot(as_input(phi, q_ptr), as_input(state, q_ptr))
         denominator += tl.sum(phi * norm[None, :], axis=1)
 
@@ -532,9 +533,8 @@ def power_chunk_backward_queries(
             FEATURE_TILES=FEATURE_TILES,
         )
         state, norm = load_state(s_ptr=s_ptr, z_ptr=z_ptr, tile_index=tile_index, DIM_V=DIM_V)
-        d_phi = (
-            tl.dot(d_numerator, tl.trans(as_input(state, dy_ptr))) + d_norm[:, None] * norm[None, :]
-        )  # [BLOCK_M, TILE_FEATURES]
+        # [BLOCK_M, DIM_V] @ [DIM_V, TILE_FEATURES] -> [BLOCK_M, TILE_FEATURES]
+        d_phi = tl.dot(d_numerator, tl.trans(as_input(state, dy_ptr))) + d_norm[:, None] * norm[None, :]
         dl += tl.sum(tile_features(x_narrow=q_narrow, x_wide=q_wide, ROWS=BLOCK_M) * d_phi, axis=1)
         d_narrow_blocks, d_wide_blocks = add_tile_gradient(
             d_narrow_blocks=d_narrow_blocks,
@@ -650,6 +650,7 @@ def power_state_scan_backward(
                 WIDTH=VALUE_BLOCK,
             )  # [BLOCK_M, VALUE_BLOCK]
             delta = load_row(x_ptr=delta_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS)  # [BLOCK_M]
+            # [TILE_FEATURES, BLOCK_M] @ [BLOCK_M, VALUE_BLOCK] -> [TILE_FEATURES, VALUE_BLOCK]
             d_state += tl.dot(tl.trans(as_input(phi, dy_ptr)), as_input(dy * share[:, None], dy_ptr))
             d_norm -= tl.sum(phi * (delta * share)[:, None], axis=0)
 
@@ -780,8 +781,10 @@ def power_chunk_backward_keys(
             FEATURE_TILES=FEATURE_TILES,
         )
         d_state, d_norm = load_state(s_ptr=ds_ptr, z_ptr=dz_ptr, tile_index=tile_index, DIM_V=DIM_V)
+        # [BLOCK_N, TILE_FEATURES] @ [TILE_FEATURES, DIM_V] -> [BLOCK_N, DIM_V]
         dv += tl.dot(as_input(phi, v_ptr), d_state)
-        d_phi = tl.dot(v, tl.trans(d_state)) + d_norm[None, :]  # [BLOCK_N, TILE_FEATURES]
+        # [BLOCK_N, DIM_V] @ [DIM_V, TILE_FEATURES] -> [BLOCK_N, TILE_FEATURES]
+        d_phi = tl.dot(v, tl.trans(d_state)) + d_norm[None, :]
         through_state += tl.sum(phi * d_phi, axis=1)
         d_narrow_blocks, d_wide_blocks = add_tile_gradient(
             d_narrow_blocks=d_narrow_blocks,
