@@ -124,7 +124,7 @@ class Attention(eqx.Module):
         if self.holds_state:
             y, state = self.attend(q, k, v, log_g, return_state=True)
             return self.output(y), StateCache(state, position)
-        cache = KeysCache(ops.key_value_cache(k, v, log_g, max_length), position)
+        cache = KeysCache(ops.key_value_cache(k, v, log_g, max_length, check_log_g=False), position)
         return self.output(self.attend(q, k, v, log_g)), cache
 
     def decode(

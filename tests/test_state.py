@@ -115,9 +115,16 @@ def test_bad_cache_steps_are_refused():
     with pytest.raises(ValueError, match="must both be given"):
         ops.sympow_cache_step(*token, None, cache)
     with pytest.raises(ValueError, match="ops.KeyValueCache"):  # the suite's type checks come first
-        check_cache(tuple(cache), log_g)
+        check_cache(tuple(cache), *token[::2], log_g)
     with pytest.raises(ValueError, match="does not fit"):
         ops.key_value_cache(k, v, log_g, max_length=2)
+    with pytest.raises(ValueError, match="max_length must be a positive integer"):
+        ops.key_value_cache(k, v, log_g, max_length=0)
+    with pytest.raises(ValueError, match="cache's k must be"):
+        two_heads = attention_inputs(1, 1, 2, 4, gamma=0.9)  # the cache has one head
+        ops.sympow_cache_step(*(a[:, 0] for a in two_heads), cache)
+    with pytest.raises(ValueError, match="log_g must be <= 0"):
+        ops.key_value_cache(k, v, -log_g, max_length=4)
 
 
 def test_state_is_float32_at_least():

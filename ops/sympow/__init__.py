@@ -8,6 +8,7 @@ from ops.sympow.api import (
     DEFAULT_CHUNK_SIZE,
     IMPLS,
     check_power,
+    key_value_cache,
     state_fits,
     sympow_attention,
     sympow_cache_step,
@@ -15,7 +16,7 @@ from ops.sympow.api import (
     sympow_step,
     zero_state,
 )
-from ops.sympow.cache import KeyValueCache, key_value_cache
+from ops.sympow.cache import KeyValueCache
 from ops.sympow.embedding import embedding_size
 from ops.sympow.state import SympowState
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ops.sympow.attention_form import add_state, attention_form
-from ops.sympow.cache import KeyValueCache, power_cache_step
+from ops.sympow.cache import KeyValueCache, power_cache_step, prompt_cache
 from ops.sympow.chunk import chunked_form, final_state
 from ops.sympow.embedding import embedding_size, symmetric_power_embedding
 from ops.sympow.gate import exact_cumulative_gate
@@ -238,11 +238,39 @@ def sympow_step(
     return y.astype(v.dtype), new_state
 
 
-def check_cache(cache, log_g) -> None:
+def check_cache(cache, q, v, log_g) -> None:
+    """A cache that a token of q [batch, heads, dim], v [batch, heads, dim_v] (and log_g) can join."""
     if not isinstance(cache, KeyValueCache):
         raise ValueError(f"a cache must be an ops.KeyValueCache (ops.key_value_cache); got {type(cache).__name__}")
+    (batch, heads, dim), dim_v = q.shape, v.shape[-1]
+    if cache.k.ndim != 4 or cache.k.shape[::2] != (batch, heads) or cache.k.shape[3] != dim:
+        raise ValueError(
+            f"the cache's k must be [batch, max_length, heads, dim] with {batch, heads, dim}; got {cache.k.shape}"
+        )
+    if cache.v.shape != (*cache.k.shape[:3], dim_v):
+        raise ValueError(f"the cache's v must be {(*cache.k.shape[:3], dim_v)}; got {cache.v.shape}")
     if (log_g is None) != (cache.gate is None):
         raise ValueError("log_g and the cache's gate must both be given or both be None")
+
+
+def key_value_cache(
+    k: Float[Array, "batch seq heads dim"],
+    v: Float[Array, "batch seq heads dv"],
+    log_g: Float[Array, "batch seq heads"] | None,
+    max_length: int,
+    *,
+    check_log_g: bool = True,
+) -> KeyValueCache:
+    """The key/value cache after a prompt's tokens (seq >= 0), with slots for max_length tokens in
+    all, for sympow_cache_step. check_log_g as in sympow_attention."""
+    check_shapes(k, k, v, log_g)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
+        raise ValueError(f"max_length must be a positive integer; got {max_length!r}")
+    if k.shape[1] > max_length:
+        raise ValueError(f"a prompt of {k.shape[1]} tokens does not fit a key/value cache of {max_length}")
+    if log_g is not None and check_log_g:
+        log_g = check_log_gate(log_g)
+    return prompt_cache(k, v, log_g, max_length)
 
 
 def sympow_cache_step(
@@ -263,7 +291,7 @@ def sympow_cache_step(
     sympow_attention over the cached tokens and this one. check_log_g as in sympow_attention."""
     check_power(p)
     check_shapes(q[:, None], k[:, None], v[:, None], None if log_g is None else log_g[:, None])
-    check_cache(cache, log_g)
+    check_cache(cache, q, v, log_g)
     if log_g is not None and check_log_g:
         log_g = check_log_gate(log_g)
     return power_cache_step(q, k, v, log_g, cache, p, check_scale(scale, q.shape[-1]))

@@ -39,16 +39,14 @@ def weighted_values(
     return normalise(jnp.einsum("bhij,bjhd->bihd", w, v), jnp.moveaxis(jnp.sum(w, axis=-1), 1, -1))
 
 
-def key_value_cache(
+def prompt_cache(
     k: Float[Array, "batch seq heads dim"],
     v: Float[Array, "batch seq heads dv"],
     log_g: Float[Array, "batch seq heads"] | None,
     max_length: int,
 ) -> KeyValueCache:
-    """The cache after a prompt's tokens, with room for max_length tokens in all."""
+    """The cache after a prompt's tokens, with room for max_length >= seq tokens in all."""
     batch, seq = k.shape[:2]
-    if seq > max_length:
-        raise ValueError(f"a prompt of {seq} tokens does not fit a key/value cache of {max_length}")
 
     def slots(a):
         return jnp.zeros((batch, max_length, *a.shape[2:]), a.dtype).at[:, :seq].set(a)
