@@ -113,7 +113,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     grid = [(v, c, lr, s) for v in args.variants for c in args.contexts for lr in args.lrs for s in args.seeds]
     measure = lambda *point: train_and_evaluate_point(args, *point)  # noqa: E731
-    records = run_grid(grid, measure, run_name, args.out, "byte runs")
+    records = run_grid(grid, ("variant", "context", "lr", "seed"), args.steps, measure, run_name, args.out, "byte runs")
     best = best_per_point(records, ("variant", "context"), "loss_last_eighth", best=min)
     print(write_table(args, best))
     plot(args, best)

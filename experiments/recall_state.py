@@ -147,7 +147,9 @@ def main(argv=None) -> None:
         for s in args.seeds
     ]
     measure = lambda *point: train_and_evaluate_point(args, *point)  # noqa: E731
-    records = run_grid(grid, measure, run_name, args.out, "MQAR runs")
+    records = run_grid(
+        grid, ("variant", "head_dim", "pairs", "lr", "seed"), args.steps, measure, run_name, args.out, "MQAR runs"
+    )
     best = best_per_point(records, ("variant", "head_dim", "pairs"), "accuracy")
     print(write_table(args, best))
     plot(args, best)

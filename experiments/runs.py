@@ -61,19 +61,29 @@ def train_and_evaluate(out: Path, name: str, train: list[str], evaluate: list[st
     return result, metrics
 
 
-def run_grid(points: list, measure, names, out: Path, description: str) -> list[dict]:
+def run_grid(
+    points: list, fields: tuple[str, ...], steps: int, measure, names, out: Path, description: str
+) -> list[dict]:
     """measure(*point) for every point, with a progress bar, writing OUT/results.json after each;
-    a failed run stops the grid with its name and the end of its stderr."""
+    a failed run stops the grid with its name and the end of its stderr. A point whose record
+    (its `fields` and `steps`) is already in OUT/results.json is not run again, so a fresh clone
+    (which has the results but not the ignored runs/) resumes where the committed grid stopped;
+    the file keeps the records of points outside this grid. Returns this grid's records."""
     out.mkdir(parents=True, exist_ok=True)
+    saved = out / "results.json"
+    previous = json.loads(saved.read_text()) if saved.exists() else []
+    key = lambda record: (*(record[f] for f in fields), record["steps"])  # noqa: E731
+    done = {key(r): r for r in previous}
     records = []
     bar = tqdm(points, desc=description, unit="run")
     for point in bar:
         bar.set_postfix_str(names(*point))  # a run takes minutes: say which one is going
         try:
-            records.append(measure(*point))
+            records.append(done.get((*point, steps)) or measure(*point))
         except subprocess.CalledProcessError as error:
             sys.exit(f"{names(*point)} failed:\n{error.stderr.decode(errors='replace')[-3000:]}")
-        (out / "results.json").write_text(json.dumps(records))
+        ours = {key(r) for r in records}
+        saved.write_text(json.dumps(records + [r for r in previous if key(r) not in ours]))
     return records
 
 

@@ -115,3 +115,26 @@ def test_best_per_point_takes_the_learning_rate_with_the_best_mean_over_seeds():
     assert [r["seed"] for r in lowest[("a", 64)]] == [0, 1] and lowest[("a", 64)][0]["lr"] == 3e-3
     assert runs.best_per_point(records, ("variant", "context"), "loss")[("a", 64)][0]["lr"] == 1e-3
     assert lowest[("a", 256)][0]["loss"] == 2.5
+
+
+def test_a_grid_reuses_the_committed_records_of_a_fresh_clone(tmp_path):
+    """A fresh clone has results.json but no runs/: its finished points are not run again, and
+    records of points outside the grid stay in the file."""
+    fields = ("variant", "seed")
+    kept = [dict(variant="a", seed=0, steps=5, accuracy=0.9), dict(variant="b", seed=0, steps=5, accuracy=0.1)]
+    (tmp_path / "results.json").write_text(json.dumps(kept))
+    measured = []
+
+    def measure(variant, seed):
+        measured.append((variant, seed))
+        return dict(variant=variant, seed=seed, steps=5, accuracy=0.5)
+
+    records = runs.run_grid([("a", 0), ("a", 1)], fields, 5, measure, lambda *p: str(p), tmp_path, "grid")
+    assert measured == [("a", 1)] and [r["accuracy"] for r in records] == [0.9, 0.5]
+    assert sorted((r["variant"], r["seed"]) for r in json.loads((tmp_path / "results.json").read_text())) == [
+        ("a", 0),
+        ("a", 1),
+        ("b", 0),
+    ]
+    runs.run_grid([("a", 0)], fields, 6, measure, lambda *p: str(p), tmp_path, "grid")  # more steps: run again
+    assert measured[-1] == ("a", 0)
