@@ -6,6 +6,7 @@ fails here. tests/test_triton_gpu.py holds the compiled kernels on a GPU to the 
 The launcher fills every output with NaN before a run, so a tile the kernel never writes shows."""
 
 import dataclasses
+import inspect
 import math
 import os
 import re
@@ -35,22 +36,23 @@ from ops.sympow.triton.attention import (
     triton_attention,
 )
 from ops.sympow.triton.attention import gpu_tilings as attention_gpu_tilings
-from ops.sympow.triton.chunked import (
-    NARROW_BLOCK,
-    WIDE_BLOCK,
-    chunk_gates,
-    chunked_forward,
-    chunked_plan,
-    gpu_tilings,
+from ops.sympow.triton.chunk_kernels import (
     power_chunk_backward_keys,
+    power_chunk_backward_local_keys,
     power_chunk_backward_queries,
     power_chunk_forward,
+)
+from ops.sympow.triton.chunked import chunked_forward, triton_chunked
+from ops.sympow.triton.chunked_plan import chunk_gates, chunked_plan, gpu_tilings
+from ops.sympow.triton.launch import LaunchOptions, compile_for
+from ops.sympow.triton.state_kernels import (
+    power_state_backward_keys,
+    power_state_gradient_scan,
+    power_state_query_gradients,
     power_state_scan,
     power_state_scan_backward,
-    tile_tables,
-    triton_chunked,
 )
-from ops.sympow.triton.launch import LaunchOptions, compile_for
+from ops.sympow.triton.tiled_state import NARROW_BLOCK, WIDE_BLOCK, tile_tables
 
 # An H100 gives a block at most 227 KiB of shared memory; a kernel compiled to need more fails at launch.
 H100_SHARED_MEMORY = 227 * 1024
@@ -342,6 +344,22 @@ CHUNKED_KERNELS = {
         ("q", "k", "v", "dy", "ds", "dk", "dv"),
         ("l", "l_lo", "delta", "log_normaliser", "dz", "dl", "through_state"),
     ),
+    "state_gradient_scan": (
+        power_state_gradient_scan,
+        ("ds",),
+        ("l", "s", "z", "d_entering_s", "d_entering_z", "dz", "d_end_gate"),
+    ),
+    "state_query_gradients": (power_state_query_gradients, ("q", "dy"), ("l", "delta", "log_normaliser", "ds", "dz")),
+    "chunk_backward_local_keys": (
+        power_chunk_backward_local_keys,
+        ("q", "k", "v", "dy", "dk", "dv"),
+        ("l", "l_lo", "delta", "log_normaliser", "dl"),
+    ),
+    "state_backward_keys": (
+        power_state_backward_keys,
+        ("k", "v", "ds", "dk", "dv"),
+        ("l", "l_lo", "dz", "through_state"),
+    ),
 }
 
 
@@ -353,6 +371,7 @@ def test_chunked_kernels_compile_for_sm90(name, dtype, dim):
     registers."""
     kernel, data_pointers, float32_pointers = CHUNKED_KERNELS[name]
     tables = {"narrow_blocks_ptr": "*i32", "wide_blocks_ptr": "*i32"}
+    tables = {name: kind for name, kind in tables.items() if name in inspect.signature(kernel).parameters}
     pointers = (
         {f"{n}_ptr": f"*{dtype}" for n in data_pointers} | {f"{n}_ptr": "*fp32" for n in float32_pointers} | tables
     )

@@ -36,7 +36,8 @@ import numpy as np
 
 import ops
 from ops.sympow.naive import attention_form
-from ops.sympow.triton.launch import on_gpu
+from ops.sympow.triton import chunked as chunked_kernels
+from ops.sympow.triton.launch import STAGES, LaunchOptions, on_gpu
 from tools import tune
 from tools.benchmark import describe_error, describe_machine, make_inputs, timed, timed_functions
 
@@ -133,16 +134,29 @@ def errors(impl, p, chunk, reference, as_dtype, q, k, v, log_g, gated):
     return [relative_error(a, b) for a, b in zip(got, reference)]
 
 
-def precision_row(name, p, seq, heads, dim, chunk, gamma, dtype, floor) -> dict:
+def stage_errors(kernel_stages, chunk, reference, as_dtype, q, k, v, log_g):
+    """errors() of the chunked path (p = 2, gated) with only these stages as kernels."""
+    options = LaunchOptions(kernel_stages=kernel_stages)
+    scale = 1 / math.sqrt(q.shape[-1])
+    attend = jax.jit(lambda q, k, v, g: chunked_kernels.chunked(q, k, v, g, scale, chunk, options)[0])
+    got = output_and_gradients(attend, *(a.astype(as_dtype) for a in (q, k, v)), log_g.astype(jnp.float32))
+    return [relative_error(a, b) for a, b in zip(got, reference)]
+
+
+def precision_row(name, p, seq, heads, dim, chunk, gamma, dtype, floor, kernel_stages=STAGES) -> dict:
     """The kernels' errors in y, dq, dk, dv, d log_g against float64, beside the pure-JAX form's
-    in the same dtype; within the rule: at most twice it (or floor)."""
+    in the same dtype; within the rule: at most twice it (or floor). kernel_stages: for the
+    chunked kernels (p = 2, gated), only these stages as kernels."""
     q, k, v, log_g = inputs(seq, heads, dim, gamma, seed=seq + dim)
     scale = 1 / math.sqrt(dim)
     gated = gamma is not None
     reference = output_and_gradients(
         lambda q, k, v, g: attention_form(q, k, v, g if gated else None, p, scale), q, k, v, log_g
     )
-    kernel = errors("triton", p, chunk, reference, jnp.dtype(dtype), q, k, v, log_g, gated)
+    if kernel_stages == STAGES:
+        kernel = errors("triton", p, chunk, reference, jnp.dtype(dtype), q, k, v, log_g, gated)
+    else:
+        kernel = stage_errors(kernel_stages, chunk, reference, jnp.dtype(dtype), q, k, v, log_g)
     plain = errors("chunked" if p == 2 else "attention", p, chunk, reference, jnp.dtype(dtype), q, k, v, log_g, gated)
     ratios = {
         n: (a / b if b else math.inf if a else 1.0) for n, a, b in zip(("y", "dq", "dk", "dv", "dlog_g"), kernel, plain)
@@ -159,13 +173,18 @@ def rule_floor(shapes: Shapes) -> float:
 
 
 def stage_launch(shapes: Shapes) -> list[dict]:
-    """Each kernel family once, forward + backward: past one chunk (the chunked kernels) and
+    """Each kernel family once, forward + backward: past one chunk (the chunked kernels, both
+    stages and each alone, so that LaunchOptions.kernel_stages can take those that pass) and
     within one (the flash-style kernels, p = 2 and 4)."""
     seq, heads, dim, chunk = shapes.launch
     rows = []
-    for name, p, length in (("chunked kernels", 2, seq), ("flash kernels", 2, chunk), ("flash kernels", 4, chunk)):
+    cases = [("chunked kernels", 2, seq, STAGES)]
+    cases += [(f"chunked, {stage} stage alone as kernels", 2, seq, (stage,)) for stage in STAGES]
+    cases += [("flash kernels", 2, chunk, STAGES), ("flash kernels", 4, chunk, STAGES)]
+    for name, p, length, stages in cases:
         try:
-            rows.append(precision_row(name, p, length, heads, dim, chunk, 0.9, shapes.dtype, rule_floor(shapes)))
+            row = precision_row(name, p, length, heads, dim, chunk, 0.9, shapes.dtype, rule_floor(shapes), stages)
+            rows.append(row)
         except Exception as error:  # a kernel that does not compile or launch: say so, and stop
             rows.append(dict(case=f"{name} p={p}", ok=False, error=True, result=describe_error(error)))
     return rows

@@ -25,20 +25,15 @@ import numpy as np
 from tqdm import tqdm
 
 from ops.sympow.gate import exact_cumulative_gate
-from ops.sympow.triton import attention, chunked
+from ops.sympow.triton import attention, chunked, chunked_plan
 from ops.sympow.triton.attention import (
     power_attention_backward_keys,
     power_attention_backward_queries,
     power_attention_forward,
 )
-from ops.sympow.triton.chunked import (
-    power_chunk_backward_keys,
-    power_chunk_backward_queries,
-    power_chunk_forward,
-    power_state_scan,
-    power_state_scan_backward,
-)
+from ops.sympow.triton.chunk_kernels import power_chunk_backward_keys, power_chunk_backward_queries, power_chunk_forward
 from ops.sympow.triton.launch import LaunchOptions, Tiling, on_gpu
+from ops.sympow.triton.state_kernels import power_state_scan, power_state_scan_backward
 from tools.benchmark import TimeLimit, describe_error, describe_machine, make_inputs, timed, write_json
 
 # Tiling(query rows, key rows, warps, pipeline stages). The scans step over BLOCK_N keys
@@ -115,7 +110,7 @@ def chunked_forward_backward(scale: float, chunk_size: int, options: LaunchOptio
     """(y, dq, dk, dv, dL) of the chunked kernels launched with these options, jitted."""
 
     def run(q, k, v, log_g, dy):
-        L = chunked.chunk_gates(log_g, chunk_size)
+        L = chunked_plan.chunk_gates(log_g, chunk_size)
         y, log_normaliser, S, z = chunked.chunked_forward(q, k, v, L, scale, chunk_size, options)
         return (y, *chunked.chunked_backward(q, k, v, L, y, log_normaliser, S, z, dy, scale, chunk_size, options))
 
@@ -165,7 +160,7 @@ def cases(args, dtype):
             dict(tiling_changes(ATTENTION_CANDIDATES, defaults)),
         )
         return
-    defaults = LaunchOptions().tilings(chunked.gpu_tilings, args.dim, dtype.itemsize)
+    defaults = LaunchOptions().tilings(chunked_plan.gpu_tilings, args.dim, dtype.itemsize)
     for chunk_size in args.chunk_sizes:
         yield (
             f"chunk {chunk_size}",

@@ -92,11 +92,14 @@ def attend(
     p: int,
     scale: float,
     matmul: Callable = jnp.einsum,
-) -> Float[Array, "batch seq heads dv"]:
+    with_log_normaliser: bool = False,
+):
     """y_i = (sum_{j<=i} w_ij v_j + exp(G_i) phi(r q_i)^T S) / (sum_{j<=i} w_ij + exp(G_i) phi(r q_i)^T z),
     w_ij = (s q_i . k_j)^p exp(G_i - G_j), in log space: both parts are put in one frame, the
     larger of the row max of log w and log exp(G_i) phi(r q_i)^T z, so the denominator is >= 1
-    there. G counts from the first of these tokens (a chunk's start, in the chunked form)."""
+    there. G counts from the first of these tokens (a chunk's start, in the chunked form).
+    with_log_normaliser: (y, the log of the denominator [batch, seq, heads], -inf for a row with
+    no weight), as the Triton kernels give it."""
     log_w = log_weights(q, k, gate, p, scale)
     stabiliser = jnp.max(log_w, axis=-1)  # [batch, heads, seq]
     if state is not None:
@@ -110,7 +113,10 @@ def attend(
         state_factor = jnp.exp(G - jnp.moveaxis(stabiliser, 1, -1))  # [batch, seq, heads]
         numerator = numerator + state_factor[..., None] * state_numerator
         denominator = denominator + state_factor * state_denominator
-    return normalise(numerator, denominator)
+    y = normalise(numerator, denominator)
+    if not with_log_normaliser:
+        return y
+    return y, jnp.moveaxis(stabiliser, 1, -1) + log_abs(denominator)
 
 
 def add_state(

@@ -93,12 +93,13 @@ def chunk_outputs(
     p: int,
     scale: float,
     matmul: Callable = jnp.einsum,
-) -> Float[Array, "batch chunks chunk heads dv"]:
+    with_log_normaliser: bool = False,
+):
     """y_i from the state entering its chunk plus the gated power attention inside the chunk
-    (L_i - L_j = G_i - G_j there)."""
+    (L_i - L_j = G_i - G_j there); with_log_normaliser as in `attend`."""
 
     def one_chunk(q, k, v, L_hi, L_lo, S, z):
-        return attend(q, k, v, (L_hi, L_lo), SympowState(S, z), p, scale, matmul)
+        return attend(q, k, v, (L_hi, L_lo), SympowState(S, z), p, scale, matmul, with_log_normaliser)
 
     return one_chunk_at_a_time(one_chunk, q, k, v, *L, S, z)
 

@@ -56,7 +56,7 @@ def power_attention_forward(
 ):
     """y and the log-normaliser for one query block, over the key blocks up to its diagonal."""
     block_m = tl.program_id(0)
-    qk_base, v_base, row_base = head_bases(seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V)
+    qk_base, v_base, row_base = head_bases(seq_len, HEADS, DIM, DIM_V)
     # Every pointer below moves to this program's (batch, head).
     q_ptr += qk_base
     k_ptr += qk_base
@@ -66,23 +66,23 @@ def power_attention_forward(
     g_lo_ptr += row_base
     log_normaliser_ptr += row_base
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = load_tile(x_ptr=q_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS, DIM=DIM)  # [BLOCK_M, DIM]
-    row_hi, row_lo = load_gates(g_ptr=g_ptr, g_lo_ptr=g_lo_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS)
+    q = load_tile(q_ptr, rows, seq_len, HEADS, DIM)  # [BLOCK_M, DIM]
+    row_hi, row_lo = load_gates(g_ptr, g_lo_ptr, rows, seq_len, HEADS)
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # [BLOCK_M]
     row_sum = tl.zeros([BLOCK_M], tl.float32)  # [BLOCK_M]
     acc = tl.zeros([BLOCK_M, DIM_V], tl.float32)  # [BLOCK_M, DIM_V]
     row_max, row_sum, acc = accumulate_keys(
-        q=q,
-        row_hi=row_hi,
-        row_lo=row_lo,
-        rows=rows,
-        row_max=row_max,
-        row_sum=row_sum,
-        acc=acc,
-        k_ptr=k_ptr,
-        v_ptr=v_ptr,
-        g_ptr=g_ptr,
-        g_lo_ptr=g_lo_ptr,
+        q,
+        row_hi,
+        row_lo,
+        rows,
+        row_max,
+        row_sum,
+        acc,
+        k_ptr,
+        v_ptr,
+        g_ptr,
+        g_lo_ptr,
         key_start=0,
         key_end=(block_m + 1) * BLOCK_M,
         seq_len=seq_len,
@@ -94,17 +94,7 @@ def power_attention_forward(
         GATED=GATED,
         BLOCK_N=BLOCK_N,
     )
-    store_outputs(
-        y_ptr=y_ptr,
-        log_normaliser_ptr=log_normaliser_ptr,
-        rows=rows,
-        row_max=row_max,
-        row_sum=row_sum,
-        acc=acc,
-        seq_len=seq_len,
-        HEADS=HEADS,
-        DIM_V=DIM_V,
-    )
+    store_outputs(y_ptr, log_normaliser_ptr, rows, row_max, row_sum, acc, seq_len, HEADS, DIM_V)
 
 
 def power_attention_backward_keys(
@@ -132,7 +122,7 @@ def power_attention_backward_keys(
     """dk, dv and the column part of dG for one key block, over the query blocks at or below its
     diagonal: delta_i = dy_i . y_i, dG_j -= sum_i d log w_ij."""
     block_n = tl.program_id(0)
-    qk_base, v_base, row_base = head_bases(seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V)
+    qk_base, v_base, row_base = head_bases(seq_len, HEADS, DIM, DIM_V)
     # Every pointer below moves to this program's (batch, head).
     q_ptr += qk_base
     k_ptr += qk_base
@@ -146,35 +136,25 @@ def power_attention_backward_keys(
     log_normaliser_ptr += row_base
     dg_ptr += row_base
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k, v, col_hi, col_lo = load_keys(
-        k_ptr=k_ptr,
-        v_ptr=v_ptr,
-        g_ptr=g_ptr,
-        g_lo_ptr=g_lo_ptr,
-        cols=cols,
-        seq_len=seq_len,
-        HEADS=HEADS,
-        DIM=DIM,
-        DIM_V=DIM_V,
-    )
+    k, v, col_hi, col_lo = load_keys(k_ptr, v_ptr, g_ptr, g_lo_ptr, cols, seq_len, HEADS, DIM, DIM_V)
     dk = tl.zeros([BLOCK_N, DIM], tl.float32)  # [BLOCK_N, DIM]
     dv = tl.zeros([BLOCK_N, DIM_V], tl.float32)  # [BLOCK_N, DIM_V]
     dg = tl.zeros([BLOCK_N], tl.float32)  # [BLOCK_N]
     dk, dv, dg = accumulate_key_gradients(
-        k=k,
-        v=v,
-        col_hi=col_hi,
-        col_lo=col_lo,
-        cols=cols,
-        dk=dk,
-        dv=dv,
-        dg=dg,
-        q_ptr=q_ptr,
-        dy_ptr=dy_ptr,
-        delta_ptr=delta_ptr,
-        log_normaliser_ptr=log_normaliser_ptr,
-        g_ptr=g_ptr,
-        g_lo_ptr=g_lo_ptr,
+        k,
+        v,
+        col_hi,
+        col_lo,
+        cols,
+        dk,
+        dv,
+        dg,
+        q_ptr,
+        dy_ptr,
+        delta_ptr,
+        log_normaliser_ptr,
+        g_ptr,
+        g_lo_ptr,
         query_start=(block_n * BLOCK_N // BLOCK_M) * BLOCK_M,
         query_end=seq_len,
         seq_len=seq_len,
@@ -186,9 +166,9 @@ def power_attention_backward_keys(
         GATED=GATED,
         BLOCK_M=BLOCK_M,
     )
-    store_tile(x_ptr=dk_ptr, positions=cols, tile=dk, seq_len=seq_len, HEADS=HEADS, DIM=DIM)
-    store_tile(x_ptr=dv_ptr, positions=cols, tile=dv, seq_len=seq_len, HEADS=HEADS, DIM=DIM_V)
-    store_row(x_ptr=dg_ptr, positions=cols, row=dg, seq_len=seq_len, HEADS=HEADS)
+    store_tile(dk_ptr, cols, dk, seq_len, HEADS, DIM)
+    store_tile(dv_ptr, cols, dv, seq_len, HEADS, DIM=DIM_V)
+    store_row(dg_ptr, cols, dg, seq_len, HEADS)
 
 
 def power_attention_backward_queries(
@@ -217,7 +197,7 @@ def power_attention_backward_queries(
     (y_i does not change when its weights scale alike), but with it the rounding of each P_ij
     cancels in the reverse cumulative sum that makes d log_g, instead of growing with seq."""
     block_m = tl.program_id(0)
-    qk_base, v_base, row_base = head_bases(seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V)
+    qk_base, v_base, row_base = head_bases(seq_len, HEADS, DIM, DIM_V)
     # Every pointer below moves to this program's (batch, head).
     q_ptr += qk_base
     k_ptr += qk_base
@@ -231,34 +211,24 @@ def power_attention_backward_queries(
     dg_rows_ptr += row_base
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q, dy, delta, log_normaliser, row_hi, row_lo = load_query_gradients(
-        q_ptr=q_ptr,
-        dy_ptr=dy_ptr,
-        delta_ptr=delta_ptr,
-        log_normaliser_ptr=log_normaliser_ptr,
-        g_ptr=g_ptr,
-        g_lo_ptr=g_lo_ptr,
-        rows=rows,
-        seq_len=seq_len,
-        HEADS=HEADS,
-        DIM=DIM,
-        DIM_V=DIM_V,
+        q_ptr, dy_ptr, delta_ptr, log_normaliser_ptr, g_ptr, g_lo_ptr, rows, seq_len, HEADS, DIM, DIM_V
     )
     dq = tl.zeros([BLOCK_M, DIM], tl.float32)  # [BLOCK_M, DIM]
     dg = tl.zeros([BLOCK_M], tl.float32)  # [BLOCK_M]
     dq, dg = accumulate_query_gradients(
-        q=q,
-        dy=dy,
-        delta=delta,
-        log_normaliser=log_normaliser,
-        row_hi=row_hi,
-        row_lo=row_lo,
-        rows=rows,
-        dq=dq,
-        dg=dg,
-        k_ptr=k_ptr,
-        v_ptr=v_ptr,
-        g_ptr=g_ptr,
-        g_lo_ptr=g_lo_ptr,
+        q,
+        dy,
+        delta,
+        log_normaliser,
+        row_hi,
+        row_lo,
+        rows,
+        dq,
+        dg,
+        k_ptr,
+        v_ptr,
+        g_ptr,
+        g_lo_ptr,
         key_start=0,
         key_end=(block_m + 1) * BLOCK_M,
         seq_len=seq_len,
@@ -270,8 +240,8 @@ def power_attention_backward_queries(
         GATED=GATED,
         BLOCK_N=BLOCK_N,
     )
-    store_tile(x_ptr=dq_ptr, positions=rows, tile=dq, seq_len=seq_len, HEADS=HEADS, DIM=DIM)
-    store_row(x_ptr=dg_rows_ptr, positions=rows, row=dg, seq_len=seq_len, HEADS=HEADS)
+    store_tile(dq_ptr, rows, dq, seq_len, HEADS, DIM)
+    store_row(dg_rows_ptr, rows, dg, seq_len, HEADS)
 
 
 def gpu_tilings(dim: int, itemsize: int) -> dict:

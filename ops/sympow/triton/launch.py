@@ -128,6 +128,9 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
+STAGES = ("states", "outputs")  # the chunked kernels' stages
+
+
 @dataclasses.dataclass(frozen=True)
 class LaunchOptions:
     """Choices about how the kernels launch, where the machine's defaults do not suit (tests, a
@@ -143,6 +146,9 @@ class LaunchOptions:
     scan_value_columns: value columns per program of the chunked kernels' two scans, each
         sequential over chunks: 32 gives, at dim 64, batch 1 and 8 heads, 640 programs for an
         H100's 132 SMs, with half the registers for the running state that whole columns take.
+    kernel_stages: the chunked form's stages that run as kernels, the others in pure JAX (float32,
+        in the kernels' tiled layout: ops.sympow.triton.chunked): "states" (what each chunk adds
+        and the scan over chunks) and "outputs" (each chunk's outputs); both by default.
     """
 
     compiled: bool | None = None
@@ -150,6 +156,11 @@ class LaunchOptions:
     tiling_itemsize: int | None = None
     overrides: tuple = ()
     scan_value_columns: int = 32
+    kernel_stages: tuple[str, ...] = STAGES
+
+    def __post_init__(self):
+        if unknown := set(self.kernel_stages) - set(STAGES):
+            raise ValueError(f"unknown kernel stages {sorted(unknown)}; the chunked kernels' stages are {STAGES}")
 
     def runs_compiled(self) -> bool:
         return on_gpu() if self.compiled is None else self.compiled

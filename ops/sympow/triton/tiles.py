@@ -1,14 +1,16 @@
 """What a program of either kernel family does with one tile: load and store it, weigh it in
 log space, and fold it into flash-style running sums (the forward pass and both backward
 passes of the gated power weights). The flash kernels (attention.py) are these over all key
-blocks up to the diagonal; the chunked kernels (chunked.py) use them inside each chunk.
+blocks up to the diagonal; the chunked kernels (chunk_kernels.py, state_kernels.py) use them inside each chunk.
 
 Conventions (both kernel families): pointers are lowercase and end in `_ptr`, constexprs are
 uppercase, seq_len is the one run-time scalar; a kernel first moves its pointers to its
-program's (batch, head), so helpers index one head's [seq, width] slice; helpers are called with
-keyword arguments; a `# [rows, cols]` comment (or the loader's docstring) gives each tile's
-shape, in BLOCK_M (query rows), BLOCK_N (key rows), DIM (q and k columns) and DIM_V (v and y
-columns), and a `# [rows, cols] @ [cols, n] -> [rows, n]` comment each tl.dot's.
+program's (batch, head), so helpers index one head's [seq, width] slice. An argument is passed
+by position where it cannot be mistaken for its neighbour (a variable of the parameter's own
+name, the one pointer, rows or cols as positions), by keyword from the first that could. A
+`# [rows, cols]` comment (or the loader's docstring) gives each tile's shape, in BLOCK_M (query
+rows), BLOCK_N (key rows), DIM (q and k columns) and DIM_V (v and y columns), and a
+`# [rows, cols] @ [cols, n] -> [rows, n]` comment each tl.dot's.
 """
 
 import triton
@@ -46,7 +48,7 @@ def load_columns(x_ptr, positions, block, seq_len, HEADS, DIM, WIDTH):
 @triton.jit
 def load_tile(x_ptr, positions, seq_len, HEADS, DIM):
     """Rows `positions` of this head's [seq, DIM] slice: [len(positions), DIM], zeros past seq_len."""
-    return load_columns(x_ptr=x_ptr, positions=positions, block=0, seq_len=seq_len, HEADS=HEADS, DIM=DIM, WIDTH=DIM)
+    return load_columns(x_ptr, positions, block=0, seq_len=seq_len, HEADS=HEADS, DIM=DIM, WIDTH=DIM)
 
 
 @triton.jit
@@ -70,17 +72,17 @@ def store_row(x_ptr, positions, row, seq_len, HEADS):
 @triton.jit
 def load_gates(g_ptr, g_lo_ptr, positions, seq_len, HEADS):
     """hi and lo of the cumulative gate at `positions` of this head."""
-    hi = load_row(x_ptr=g_ptr, positions=positions, seq_len=seq_len, HEADS=HEADS)
-    lo = load_row(x_ptr=g_lo_ptr, positions=positions, seq_len=seq_len, HEADS=HEADS)
+    hi = load_row(g_ptr, positions, seq_len, HEADS)
+    lo = load_row(g_lo_ptr, positions, seq_len, HEADS)
     return hi, lo
 
 
 @triton.jit
 def load_keys(k_ptr, v_ptr, g_ptr, g_lo_ptr, cols, seq_len, HEADS, DIM, DIM_V):
     """A block of keys: k [cols, DIM], v [cols, DIM_V] and their cumulative gates (hi, lo) [cols]."""
-    k = load_tile(x_ptr=k_ptr, positions=cols, seq_len=seq_len, HEADS=HEADS, DIM=DIM)
-    v = load_tile(x_ptr=v_ptr, positions=cols, seq_len=seq_len, HEADS=HEADS, DIM=DIM_V)
-    g_hi, g_lo = load_gates(g_ptr=g_ptr, g_lo_ptr=g_lo_ptr, positions=cols, seq_len=seq_len, HEADS=HEADS)
+    k = load_tile(k_ptr, cols, seq_len, HEADS, DIM)
+    v = load_tile(v_ptr, cols, seq_len, HEADS, DIM=DIM_V)
+    g_hi, g_lo = load_gates(g_ptr, g_lo_ptr, cols, seq_len, HEADS)
     return k, v, g_hi, g_lo
 
 
@@ -90,11 +92,11 @@ def load_query_gradients(
 ):
     """What a backward pass needs of a block of queries: q [rows, DIM], dy [rows, DIM_V], and per
     row delta, the log-normaliser and the cumulative gate (hi, lo)."""
-    q = load_tile(x_ptr=q_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS, DIM=DIM)
-    dy = load_tile(x_ptr=dy_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS, DIM=DIM_V)
-    delta = load_row(x_ptr=delta_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS)
-    log_normaliser = load_row(x_ptr=log_normaliser_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS)
-    g_hi, g_lo = load_gates(g_ptr=g_ptr, g_lo_ptr=g_lo_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS)
+    q = load_tile(q_ptr, rows, seq_len, HEADS, DIM)
+    dy = load_tile(dy_ptr, rows, seq_len, HEADS, DIM=DIM_V)
+    delta = load_row(delta_ptr, rows, seq_len, HEADS)
+    log_normaliser = load_row(log_normaliser_ptr, rows, seq_len, HEADS)
+    g_hi, g_lo = load_gates(g_ptr, g_lo_ptr, rows, seq_len, HEADS)
     return q, dy, delta, log_normaliser, g_hi, g_lo
 
 
@@ -146,21 +148,9 @@ def accumulate_keys(
     max as flash attention does."""
     for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k, v, col_hi, col_lo = load_keys(
-            k_ptr=k_ptr,
-            v_ptr=v_ptr,
-            g_ptr=g_ptr,
-            g_lo_ptr=g_lo_ptr,
-            cols=cols,
-            seq_len=seq_len,
-            HEADS=HEADS,
-            DIM=DIM,
-            DIM_V=DIM_V,
-        )
-        gates = gate_differences(row_hi=row_hi, row_lo=row_lo, col_hi=col_hi, col_lo=col_lo)  # [BLOCK_M, BLOCK_N]
-        log_w, _ = gated_log_weights(
-            q=q, k=k, gates=gates, rows=rows, cols=cols, seq_len=seq_len, SCALE=SCALE, POWER=POWER, GATED=GATED
-        )
+        k, v, col_hi, col_lo = load_keys(k_ptr, v_ptr, g_ptr, g_lo_ptr, cols, seq_len, HEADS, DIM, DIM_V)
+        gates = gate_differences(row_hi, row_lo, col_hi, col_lo)  # [BLOCK_M, BLOCK_N]
+        log_w, _ = gated_log_weights(q, k, gates, rows, cols, seq_len, SCALE, POWER, GATED)
 
         new_max = tl.maximum(row_max, tl.max(log_w, axis=1))  # [BLOCK_M]
         frame = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with no weight yet stays at 0
@@ -178,18 +168,16 @@ def store_outputs(y_ptr, log_normaliser_ptr, rows, row_max, row_sum, acc, seq_le
     """y = acc / max(row sum, eps), and the log-normaliser, +inf for a row with no weight so
     that the backward pass gives it probabilities exp(-inf) = 0 rather than NaN."""
     y = acc / tl.maximum(row_sum, EPS)[:, None]  # [rows, DIM_V]
-    store_tile(x_ptr=y_ptr, positions=rows, tile=y, seq_len=seq_len, HEADS=HEADS, DIM=DIM_V)
+    store_tile(y_ptr, rows, y, seq_len, HEADS, DIM=DIM_V)
     log_normaliser = tl.where(row_sum > 0, row_max + tl.log(row_sum), float("inf"))
-    store_row(x_ptr=log_normaliser_ptr, positions=rows, row=log_normaliser, seq_len=seq_len, HEADS=HEADS)
+    store_row(log_normaliser_ptr, rows, log_normaliser, seq_len, HEADS)
 
 
 @triton.jit
 def weight_gradients(q, k, v, dy, delta, log_normaliser, gates, rows, cols, seq_len, SCALE, POWER, GATED):
     """On a tile [rows, cols]: P_ij = w_ij / l_i, d log w_ij = P_ij (dy_i . v_j - delta_i), and
     d(q_i . k_j) = d log w_ij p / (q_i . k_j)."""
-    log_w, dot = gated_log_weights(
-        q=q, k=k, gates=gates, rows=rows, cols=cols, seq_len=seq_len, SCALE=SCALE, POWER=POWER, GATED=GATED
-    )
+    log_w, dot = gated_log_weights(q, k, gates, rows, cols, seq_len, SCALE, POWER, GATED)
     probabilities = tl.exp(log_w - log_normaliser[:, None])
     # [rows, DIM_V] @ [DIM_V, cols] -> [rows, cols]
     d_log_w = probabilities * (tl.dot(dy, tl.trans(v)) - delta[:, None])
@@ -232,33 +220,11 @@ def accumulate_key_gradients(
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = (rows < seq_len)[:, None]  # [BLOCK_M, 1]
         q, dy, delta, log_normaliser, row_hi, row_lo = load_query_gradients(
-            q_ptr=q_ptr,
-            dy_ptr=dy_ptr,
-            delta_ptr=delta_ptr,
-            log_normaliser_ptr=log_normaliser_ptr,
-            g_ptr=g_ptr,
-            g_lo_ptr=g_lo_ptr,
-            rows=rows,
-            seq_len=seq_len,
-            HEADS=HEADS,
-            DIM=DIM,
-            DIM_V=DIM_V,
+            q_ptr, dy_ptr, delta_ptr, log_normaliser_ptr, g_ptr, g_lo_ptr, rows, seq_len, HEADS, DIM, DIM_V
         )
-        gates = gate_differences(row_hi=row_hi, row_lo=row_lo, col_hi=col_hi, col_lo=col_lo)  # [BLOCK_M, cols]
+        gates = gate_differences(row_hi, row_lo, col_hi, col_lo)  # [BLOCK_M, cols]
         probabilities, d_log_w, d_dot = weight_gradients(
-            q=q,
-            k=k,
-            v=v,
-            dy=dy,
-            delta=delta,
-            log_normaliser=log_normaliser,
-            gates=gates,
-            rows=rows,
-            cols=cols,
-            seq_len=seq_len,
-            SCALE=SCALE,
-            POWER=POWER,
-            GATED=GATED,
+            q, k, v, dy, delta, log_normaliser, gates, rows, cols, seq_len, SCALE, POWER, GATED
         )
         probabilities = tl.where(row_ok, probabilities, 0.0)
         d_log_w = tl.where(row_ok, d_log_w, 0.0)
@@ -301,32 +267,10 @@ def accumulate_query_gradients(
     key_start..key_end (block-aligned)."""
     for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k, v, col_hi, col_lo = load_keys(
-            k_ptr=k_ptr,
-            v_ptr=v_ptr,
-            g_ptr=g_ptr,
-            g_lo_ptr=g_lo_ptr,
-            cols=cols,
-            seq_len=seq_len,
-            HEADS=HEADS,
-            DIM=DIM,
-            DIM_V=DIM_V,
-        )
-        gates = gate_differences(row_hi=row_hi, row_lo=row_lo, col_hi=col_hi, col_lo=col_lo)  # [rows, BLOCK_N]
+        k, v, col_hi, col_lo = load_keys(k_ptr, v_ptr, g_ptr, g_lo_ptr, cols, seq_len, HEADS, DIM, DIM_V)
+        gates = gate_differences(row_hi, row_lo, col_hi, col_lo)  # [rows, BLOCK_N]
         _, d_log_w, d_dot = weight_gradients(
-            q=q,
-            k=k,
-            v=v,
-            dy=dy,
-            delta=delta,
-            log_normaliser=log_normaliser,
-            gates=gates,
-            rows=rows,
-            cols=cols,
-            seq_len=seq_len,
-            SCALE=SCALE,
-            POWER=POWER,
-            GATED=GATED,
+            q, k, v, dy, delta, log_normaliser, gates, rows, cols, seq_len, SCALE, POWER, GATED
         )
         # [rows, BLOCK_N] @ [BLOCK_N, DIM] -> [rows, DIM]
         dq += tl.dot(d_dot.to(k.dtype), k)
