@@ -66,24 +66,25 @@ def run_grid(
 ) -> list[dict]:
     """measure(*point) for every point, with a progress bar, writing OUT/results.json after each;
     a failed run stops the grid with its name and the end of its stderr. A point whose record
-    (its `fields` and `steps`) is already in OUT/results.json is not run again, so a fresh clone
+    (its `fields`) at `steps` is already in OUT/results.json is not run again, so a fresh clone
     (which has the results but not the ignored runs/) resumes where the committed grid stopped;
-    the file keeps the records of points outside this grid. Returns this grid's records."""
+    the file keeps the records of points outside this grid, and a point's record at other steps
+    gives way to the new one. Returns this grid's records."""
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "results.json"
     previous = json.loads(saved.read_text()) if saved.exists() else []
-    key = lambda record: (*(record[f] for f in fields), record["steps"])  # noqa: E731
-    done = {key(r): r for r in previous}
+    point_of = lambda record: tuple(record[f] for f in fields)  # noqa: E731
+    done = {point_of(r): r for r in previous if r["steps"] == steps}
     records = []
     bar = tqdm(points, desc=description, unit="run")
     for point in bar:
         bar.set_postfix_str(names(*point))  # a run takes minutes: say which one is going
         try:
-            records.append(done.get((*point, steps)) or measure(*point))
+            records.append(done.get(tuple(point)) or measure(*point))
         except subprocess.CalledProcessError as error:
             sys.exit(f"{names(*point)} failed:\n{error.stderr.decode(errors='replace')[-3000:]}")
-        ours = {key(r) for r in records}
-        saved.write_text(json.dumps(records + [r for r in previous if key(r) not in ours]))
+        ours = {point_of(r) for r in records}  # a point run to other steps is replaced
+        saved.write_text(json.dumps(records + [r for r in previous if point_of(r) not in ours]))
     return records
 
 

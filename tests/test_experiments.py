@@ -125,16 +125,21 @@ def test_a_grid_reuses_the_committed_records_of_a_fresh_clone(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(kept))
     measured = []
 
-    def measure(variant, seed):
-        measured.append((variant, seed))
-        return dict(variant=variant, seed=seed, steps=5, accuracy=0.5)
+    def measuring(steps):
+        def measure(variant, seed):
+            measured.append((variant, seed))
+            return dict(variant=variant, seed=seed, steps=steps, accuracy=0.5)
 
-    records = runs.run_grid([("a", 0), ("a", 1)], fields, 5, measure, lambda *p: str(p), tmp_path, "grid")
+        return measure
+
+    records = runs.run_grid([("a", 0), ("a", 1)], fields, 5, measuring(5), lambda *p: str(p), tmp_path, "grid")
     assert measured == [("a", 1)] and [r["accuracy"] for r in records] == [0.9, 0.5]
     assert sorted((r["variant"], r["seed"]) for r in json.loads((tmp_path / "results.json").read_text())) == [
         ("a", 0),
         ("a", 1),
         ("b", 0),
     ]
-    runs.run_grid([("a", 0)], fields, 6, measure, lambda *p: str(p), tmp_path, "grid")  # more steps: run again
+    runs.run_grid([("a", 0)], fields, 6, measuring(6), lambda *p: str(p), tmp_path, "grid")  # more steps: run again
     assert measured[-1] == ("a", 0)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert sorted((r["variant"], r["seed"], r["steps"]) for r in saved) == [("a", 0, 6), ("a", 1, 5), ("b", 0, 5)]
