@@ -1,6 +1,8 @@
 """Inference: prefill then decode gives the full forward pass's logits, for every variant and
 cache; generate and its sampling; rotary positions exact after 65,536 decode steps."""
 
+import importlib
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -81,6 +83,23 @@ def test_sampling_is_reproducible_and_top_k_one_is_greedy():
     assert not np.array_equal(run(0), greedy)
     np.testing.assert_array_equal(run(1, top_k=1), greedy)
     np.testing.assert_array_equal(run(2, top_p=1e-6), greedy)
+
+
+def test_generate_compiles_once_for_calls_with_the_same_shapes_and_settings(monkeypatch):
+    """A trace of the compiled generation samples twice (in the decode scan's body and after
+    it), so the count of sample_token calls counts compiles: one for three calls with new keys,
+    one more for new settings."""
+    generation = importlib.import_module("sympow.generate")  # sympow.generate is the function
+    traced = []
+    sample = generation.sample_token
+    monkeypatch.setattr(generation, "sample_token", lambda *args: traced.append(1) or sample(*args))
+    model = make_model("sympow_gated", SMALL, jnp.float32)
+    prompt = jax.random.randint(jax.random.key(0), (2, 3), 0, 50)
+    for seed in range(3):
+        sympow.generate(model, prompt, 4, key=jax.random.key(seed), temperature=0.7, top_k=5)
+    assert len(traced) == 2
+    sympow.generate(model, prompt, 4, key=jax.random.key(0), temperature=0.7, top_k=6)
+    assert len(traced) == 4
 
 
 def test_top_p_keeps_the_smallest_set_that_reaches_p():
