@@ -94,7 +94,7 @@ FAST = (
     "test_triton.py::test_chunked_kernels_compile_for_sm90[64-bf16-state_scan]",
     "test_triton.py::test_dce_rule_is_called_as_this_jax_calls_rules",
     "test_triton_stages.py::test_the_tiled_layout_holds_the_exact_state[32]",
-    "test_triton_stages.py::test_state_stage[0.6]",
+    "test_triton_stages.py::test_state_stage[0.6-16]",
     "test_benchmark.py::test_import_ops_brings_only_the_operator",
     "test_conformal.py::test_induced_map_is_orthogonal",
     "test_rotary.py::test_angle_gradient_is_theta_times_cumulative_count",

@@ -69,12 +69,14 @@ def flat(S, z):
     return jnp.concatenate([S.reshape(-1), z.reshape(-1)])
 
 
-@pytest.mark.parametrize("gamma", [None, 0.6])
-def test_state_stage(gamma):
+@pytest.mark.parametrize("gamma, value_columns", [(None, 32), (0.6, 32), (0.6, 16)])
+def test_state_stage(gamma, value_columns):
+    """value_columns 16 of dim_v 32: each scan program takes half the state's columns."""
     _, k, v, log_g = inputs(gamma, dim_v=32)
+    options = LaunchOptions(compiled=False, scan_value_columns=value_columns)
 
     def stage(states):
-        return lambda k, v, log_g: flat(*exact_from_tiled(*states(k, v, log_g, SCALE, CHUNK, INTERPRETED), k.shape[-1]))
+        return lambda k, v, log_g: flat(*exact_from_tiled(*states(k, v, log_g, SCALE, CHUNK, options), k.shape[-1]))
 
     oracle = lambda k, v, log_g: flat(*oracle_states(k, v, log_g))  # noqa: E731
     assert_stage_within_rule(stage(chunked.kernel_states), stage(chunked.jax_states), oracle, k, v, log_g)
@@ -82,13 +84,15 @@ def test_state_stage(gamma):
 
 @pytest.mark.parametrize("gamma", [None, 0.6])
 def test_outputs_stage(gamma):
-    """y, and the gradients in q, k, v, log_g and the entering states S and z (exact layout)."""
-    q, k, v, log_g = inputs(gamma, seed=1)
+    """y, and the gradients in q, k, v, log_g and the entering states S and z (exact layout);
+    dim_v 32 in two scan programs' columns of 16."""
+    q, k, v, log_g = inputs(gamma, dim_v=32, seed=1)
     S, z = oracle_states(k, v, log_g)
+    options = LaunchOptions(compiled=False, scan_value_columns=16)
 
     def stage(outputs):
         def run(q, k, v, log_g, S, z):
-            return outputs(q, k, v, log_g, *tiled_from_exact(S, z), SCALE, CHUNK, INTERPRETED)[0]
+            return outputs(q, k, v, log_g, *tiled_from_exact(S, z), SCALE, CHUNK, options)[0]
 
         return run
 
