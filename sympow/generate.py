@@ -70,17 +70,48 @@ def generate(
     temperature: int | float = 1.0,
     top_k: int | None = None,
     top_p: int | float | None = None,
-) -> Int[Array, "batch total"]:
+    stop_tokens: tuple[int, ...] = (),
+    pad_token: int | None = None,
+    return_lengths: bool = False,
+) -> Int[Array, "batch total"] | tuple[Int[Array, "batch total"], Int[Array, " batch"]]:
     """The prompt followed by max_new_tokens sampled tokens, [batch, prompt + new] in the prompt's
-    dtype. A key/value cache (softmax, or a state too large to hold) is made for exactly that many."""
+    dtype. A key/value cache (softmax, or a state too large to hold) is made for exactly that many.
+
+    stop_tokens: a row that samples one of these (an end-of-text token, say) ends there; its later
+    tokens are pad_token (default: the first stop token). return_lengths=True returns (tokens, the
+    new tokens of each row [batch], its stop token counted). The batch decodes to the end in one
+    compiled scan, so stopping changes the result, not the time."""
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"the prompt must be [batch, tokens] with at least one token; got shape {prompt.shape}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p)
+    stop_tokens = tuple(stop_tokens)
+    pad_token = stop_tokens[0] if pad_token is None and stop_tokens else pad_token
+    for token in (*stop_tokens, *([] if pad_token is None else [pad_token])):
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < model.config.vocab_size:
+            raise ValueError(
+                f"stop and pad tokens must be token ids in 0..{model.config.vocab_size - 1}; got {token!r}"
+            )
     if max_new_tokens == 0:
-        return prompt
-    return generate_compiled(model, prompt, key, max_new_tokens, Sampling(temperature, top_k, top_p))
+        tokens = prompt
+    else:
+        tokens = generate_compiled(model, prompt, key, max_new_tokens, Sampling(temperature, top_k, top_p))
+    tokens, lengths = stopped(tokens, prompt.shape[1], stop_tokens, pad_token)
+    return (tokens, lengths) if return_lengths else tokens
+
+
+def stopped(tokens, prompt_length: int, stop_tokens: tuple[int, ...], pad_token: int | None):
+    """The tokens with every row's new tokens after its first stop token set to pad_token, and
+    the number of new tokens of each row up to and including that stop (all, without one)."""
+    new = tokens[:, prompt_length:]
+    is_stop = jnp.isin(new, jnp.asarray(stop_tokens, new.dtype)) if stop_tokens else jnp.zeros(new.shape, bool)
+    stops = is_stop.astype(jnp.int32)
+    after_stop = jnp.cumsum(stops, axis=1) - stops > 0  # past the row's first stop token
+    lengths = jnp.sum(~after_stop, axis=1).astype(jnp.int32)
+    if pad_token is not None:
+        new = jnp.where(after_stop, jnp.asarray(pad_token, new.dtype), new)
+    return jnp.concatenate([tokens[:, :prompt_length], new], axis=1), lengths
 
 
 @dataclasses.dataclass(frozen=True)

@@ -102,6 +102,28 @@ def test_generate_compiles_once_for_calls_with_the_same_shapes_and_settings(monk
     assert len(traced) == 4
 
 
+def test_a_stop_token_ends_its_row_and_the_lengths_say_where():
+    model = make_model("sympow_gated", SMALL, jnp.float32, seed=6)
+    model = eqx.tree_at(lambda m: m.embedding, model, 40 * model.embedding)  # samples that vary
+    prompt = jax.random.randint(jax.random.key(7), (3, 4), 0, 50)
+    run = lambda **kw: sympow.generate(model, prompt, 12, key=jax.random.key(3), **kw)  # noqa: E731
+    free = np.asarray(run())
+    stop = int(free[0, 4 + 5])  # row 0's sixth new token
+    tokens, lengths = run(stop_tokens=(stop,), pad_token=0, return_lengths=True)
+    for row, length in zip(range(3), np.asarray(lengths)):
+        new = list(free[row, 4:])
+        expected = new.index(stop) + 1 if stop in new else 12
+        assert length == expected and length <= (6 if row == 0 else 12)
+        np.testing.assert_array_equal(tokens[row, : 4 + length], free[row, : 4 + length])
+        assert np.all(np.asarray(tokens[row, 4 + length :]) == 0)
+    np.testing.assert_array_equal(run(stop_tokens=(stop,))[0, 4 + lengths[0] :], stop)  # padded with the stop
+    no_stop, every = run(return_lengths=True)
+    np.testing.assert_array_equal(no_stop, free)
+    np.testing.assert_array_equal(every, [12, 12, 12])
+    with pytest.raises(ValueError, match="token ids in 0..49"):
+        run(stop_tokens=(50,))
+
+
 def test_top_p_keeps_the_smallest_set_that_reaches_p():
     probabilities = jnp.array([[0.1, 0.4, 0.05, 0.3, 0.15]])
     logits = jnp.log(probabilities)
