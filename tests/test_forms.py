@@ -23,7 +23,8 @@ def outputs_and_grads(impl, q, k, v, log_g, p, chunk_size=None):
         attend = lambda *a: naive.attention_form(*a, p, 1 / math.sqrt(q.shape[-1]))  # noqa: E731
     else:
         attend = lambda *a: ops.sympow_attention(*a, p=p, chunk_size=chunk_size, impl=impl)  # noqa: E731
-    y, *grads = output_and_gradients(attend, q, k, v, log_g)
+    # Under jit: one compile of the whole computation, about twice as fast here as op by op.
+    y, *grads = jax.jit(lambda *args: output_and_gradients(attend, *args))(q, k, v, log_g)
     return y, [grad for grad in grads if grad is not None]
 
 
