@@ -84,7 +84,10 @@ def run_grid(
         except subprocess.CalledProcessError as error:
             sys.exit(f"{names(*point)} failed:\n{error.stderr.decode(errors='replace')[-3000:]}")
         ours = {point_of(r) for r in records}  # a point run to other steps is replaced
-        saved.write_text(json.dumps(records + [r for r in previous if point_of(r) not in ours]))
+        # Under another name, then renamed: a kill mid-write leaves the last whole file, which a rerun resumes from.
+        partial = saved.with_name(saved.name + ".partial")
+        partial.write_text(json.dumps(records + [r for r in previous if point_of(r) not in ours]))
+        partial.replace(saved)
     return records
 
 
