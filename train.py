@@ -71,6 +71,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--d-model", type=positive_int, default=None, help="model width (default: the preset's)")
     parser.add_argument("--heads", type=positive_int, default=None, help="attention heads (default: the preset's)")
     parser.add_argument(
+        "--kv-heads",
+        type=positive_int,
+        default=None,
+        help="key/value heads, each shared by heads / kv-heads query heads (grouped-query attention; "
+        "default: one per head). The state, the gate and the decoding caches are per key/value head",
+    )
+    parser.add_argument(
         "--mlp-ratio", type=cli.non_negative(int), default=None, help="MLP width / d_model, 0 for none (preset's)"
     )
     parser.add_argument(
@@ -130,6 +137,7 @@ def model_config(args) -> sympow.ModelConfig:
         n_layers=args.layers,
         d_model=args.d_model,
         n_heads=args.heads,
+        n_kv_heads=args.kv_heads,
         mlp_ratio=args.mlp_ratio,
         token_shift=args.token_shift,
         gate_init=args.gate_init,

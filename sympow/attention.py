@@ -16,6 +16,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 import ops
 from ops.sympow.cache import cache_step, weighted_values
+from ops.sympow.groups import grouped
 from ops.sympow.numerics import compute_dtype
 from sympow.config import ModelConfig
 from sympow.layers import INIT_STD, Dense, Gate
@@ -48,11 +49,12 @@ def last(pair: Pair) -> Pair:
 
 def softmax_attention(q, k, v):
     """Causal softmax attention in at least float32, in v's dtype (jax.nn.dot_product_attention
-    computes in float32 even for float64 inputs, and its XLA path is the same O(T^2) computation)."""
+    computes in float32 even for float64 inputs, and its XLA path is the same O(T^2) computation);
+    k and v over key/value heads (ops.sympow.groups)."""
     out_dtype, dtype = v.dtype, compute_dtype(q)
     q, k, v = (a.astype(dtype) for a in (q, k, v))
     seq = q.shape[1]
-    log_w = jnp.einsum("bihd,bjhd->bhij", q * (1 / q.shape[-1] ** 0.5), k)
+    log_w = jnp.einsum("bihgd,bjhd->bhgij", grouped(q, k.shape[2]) * (1 / q.shape[-1] ** 0.5), k)
     return weighted_values(jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), log_w, -jnp.inf), v).astype(out_dtype)
 
 
@@ -68,11 +70,14 @@ class Attention(eqx.Module):
     def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
         qkv_key, out_key, gate_key = jax.random.split(key, 3)
         self.config = config
-        self.qkv = Dense(config.d_model, 3 * config.d_model, key=qkv_key)
+        # q, then k and v of the key/value heads: with equal heads, the columns of 3 x d_model.
+        self.qkv = Dense(config.d_model, config.d_model + 2 * config.kv_heads * config.head_dim, key=qkv_key)
         # GPT-2 scales residual projections by 1/sqrt(2 n_layers).
         self.out = Dense(config.d_model, config.d_model, key=out_key, std=INIT_STD / (2 * config.n_layers) ** 0.5)
-        self.gate = Gate(config.d_model, config.n_heads, key=gate_key, gamma=config.gate_init) if config.gated else None
-        self.learned_rotary = LearnedRotary(config.d_model, config.n_heads) if config.learned_rotary else None
+        self.gate = (
+            Gate(config.d_model, config.kv_heads, key=gate_key, gamma=config.gate_init) if config.gated else None
+        )
+        self.learned_rotary = LearnedRotary(config.d_model, config.kv_heads) if config.learned_rotary else None
 
     @property
     def holds_state(self) -> bool:
@@ -80,24 +85,33 @@ class Attention(eqx.Module):
         cfg = self.config
         return cfg.attention != "softmax" and ops.state_fits(cfg.head_dim, cfg.head_dim, cfg.p)
 
-    def beta(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq heads"]:
-        """Each token's step in rotary position: learned, or 1 for the fixed rotary."""
+    def beta(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq kv_heads"]:
+        """Each token's step in rotary position per key/value head: learned, or 1 for the fixed rotary."""
         if self.learned_rotary is None:
-            return jnp.ones((*x.shape[:2], self.config.n_heads), x.dtype)
+            return jnp.ones((*x.shape[:2], self.config.kv_heads), x.dtype)
         return self.learned_rotary(x)
 
-    def project(self, x: Float[Array, "batch seq d_model"], start: Position | None):
-        """Rotated q and k, v, the log-gates (or None) and the rotary position after these tokens."""
+    def project(self, x: Float[Array, "batch seq d_model"], start: Position | None, real=None):
+        """Rotated q and k, v, the log-gates (or None) and the rotary position after these tokens.
+        real [batch, seq]: which tokens are a prompt's (the rest padding after it), or None for
+        all: padding gets a zero key, log-gate and rotary step, so that it adds nothing to a
+        state (phi(0) = 0), decays nothing and moves no position."""
         cfg = self.config
         batch, seq, _ = x.shape
-        q, k, v = jnp.split(self.qkv(x).reshape(batch, seq, 3 * cfg.n_heads, cfg.head_dim), 3, axis=2)
+        heads = self.qkv(x).reshape(batch, seq, cfg.n_heads + 2 * cfg.kv_heads, cfg.head_dim)
+        q, k, v = jnp.split(heads, [cfg.n_heads, cfg.n_heads + cfg.kv_heads], axis=2)
         beta = self.beta(x)
+        if real is not None:
+            beta, k = jnp.where(real[..., None], beta, 0), jnp.where(real[..., None, None], k, 0)
         if self.learned_rotary is None:
-            angles = fixed_angles(batch, seq, cfg.n_heads, cfg.head_dim, cfg.rotary_length, start, beta.dtype)
+            angles = fixed_angles(batch, seq, cfg.kv_heads, cfg.head_dim, cfg.rotary_length, start, beta.dtype)
         else:
             angles = rotation_angles(beta, cfg.head_dim, cfg.rotary_length, start)
         log_g = None if self.gate is None else self.gate(x)
-        return rotate(q, angles), rotate(k, angles), v, log_g, last(positions(beta, start))
+        if real is not None and log_g is not None:
+            log_g = jnp.where(real[..., None], log_g, 0)
+        query_angles = jnp.repeat(angles, cfg.n_heads // cfg.kv_heads, axis=2)  # query head h: kv head h // group
+        return rotate(q, query_angles), rotate(k, angles), v, log_g, last(positions(beta, start))
 
     def attend(self, q, k, v, log_g, **state):
         cfg = self.config
@@ -116,15 +130,18 @@ class Attention(eqx.Module):
         return self.output(self.attend(q, k, v, log_g))
 
     def prefill(
-        self, x: Float[Array, "batch seq d_model"], max_length: int
+        self, x: Float[Array, "batch seq d_model"], max_length: int, lengths=None
     ) -> tuple[Float[Array, "batch seq d_model"], LayerCache]:
         """The layer over a prompt, and its cache for decoding up to max_length tokens in all
-        (a key/value cache holds that many; a state any number)."""
-        q, k, v, log_g, position = self.project(x, None)
+        (a key/value cache holds that many; a state any number). lengths [batch]: row b's prompt
+        is its first lengths[b] tokens, the rest padding that its cache does not hold (None: all)."""
+        real = None if lengths is None else jnp.arange(x.shape[1], dtype=lengths.dtype)[None, :] < lengths[:, None]
+        q, k, v, log_g, position = self.project(x, None, real)
         if self.holds_state:
             y, state = self.attend(q, k, v, log_g, return_state=True)
             return self.output(y), StateCache(state, position)
-        cache = KeysCache(ops.key_value_cache(k, v, log_g, max_length, check_log_g=False), position)
+        keys = ops.key_value_cache(k, v, log_g, max_length, lengths=lengths, check_log_g=False)
+        cache = KeysCache(keys, position)
         return self.output(self.attend(q, k, v, log_g)), cache
 
     def decode(

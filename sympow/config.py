@@ -23,6 +23,10 @@ class ModelConfig:
     n_layers: int
     n_heads: int
     attention: str = "conformal"
+    # Key/value heads, each shared by n_heads // n_kv_heads query heads (grouped-query attention);
+    # None: one per query head. The gate, the learned rotary and the decoding caches are per
+    # key/value head, so grouping divides the state and the caches by the group size.
+    n_kv_heads: int | None = None
     p: int = 2
     chunk_size: int | None = None
     impl: str = "auto"
@@ -52,10 +56,19 @@ class ModelConfig:
             raise ValueError(f"gate_init is the initial gamma, in (0, 1); got {self.gate_init}")
         if self.d_model % self.n_heads or self.head_dim % 2:
             raise ValueError(f"d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of even size")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            raise ValueError(
+                f"n_kv_heads ({self.n_kv_heads}) must be a positive divisor of n_heads ({self.n_heads}): "
+                "each key/value head serves a group of query heads"
+            )
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
     def gated(self) -> bool:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ops.sympow.api import check_lengths
 from sympow.transformer import Transformer
 
 
@@ -70,6 +71,7 @@ def generate(
     temperature: int | float = 1.0,
     top_k: int | None = None,
     top_p: int | float | None = None,
+    lengths: Int[Array, " batch"] | None = None,
     stop_tokens: tuple[int, ...] = (),
     pad_token: int | None = None,
     return_lengths: bool = False,
@@ -77,41 +79,64 @@ def generate(
     """The prompt followed by max_new_tokens sampled tokens, [batch, prompt + new] in the prompt's
     dtype. A key/value cache (softmax, or a state too large to hold) is made for exactly that many.
 
+    lengths: prompts of different lengths, right-padded: row b's prompt is prompt[b, :lengths[b]]
+    (1..prompt). Its new tokens follow its own last token, from the logits and cache it would
+    have alone (greedy, a row is what generating its prompt alone gives; a sample draws from the
+    same distribution, with other random bits). Each row ends with pad_token past its prompt and
+    new tokens.
+
     stop_tokens: a row that samples one of these (an end-of-text token, say) ends there; its later
-    tokens are pad_token (default: the first stop token). return_lengths=True returns (tokens, the
-    new tokens of each row [batch], its stop token counted). The batch decodes to the end in one
-    compiled scan, so stopping changes the result, not the time."""
+    tokens are pad_token (default: the first stop token, else 0). return_lengths=True returns
+    (tokens, the new tokens of each row [batch], its stop token counted). The batch decodes to the
+    end in one compiled scan, so stopping changes the result, not the time."""
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"the prompt must be [batch, tokens] with at least one token; got shape {prompt.shape}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p)
     stop_tokens = tuple(stop_tokens)
-    pad_token = stop_tokens[0] if pad_token is None and stop_tokens else pad_token
-    for token in (*stop_tokens, *([] if pad_token is None else [pad_token])):
+    pad_token = (stop_tokens[0] if stop_tokens else 0) if pad_token is None else pad_token
+    for token in (*stop_tokens, pad_token):
         if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < model.config.vocab_size:
             raise ValueError(
                 f"stop and pad tokens must be token ids in 0..{model.config.vocab_size - 1}; got {token!r}"
             )
-    if max_new_tokens == 0:
-        tokens = prompt
+    batch, prompt_length = prompt.shape
+    if lengths is None:
+        lengths = jnp.full((batch,), prompt_length, jnp.int32)
     else:
-        tokens = generate_compiled(model, prompt, key, max_new_tokens, Sampling(temperature, top_k, top_p))
-    tokens, lengths = stopped(tokens, prompt.shape[1], stop_tokens, pad_token)
-    return (tokens, lengths) if return_lengths else tokens
+        check_lengths(lengths, batch, prompt_length)
+        lengths = jnp.asarray(lengths, jnp.int32)
+        if not bool(jnp.all(lengths >= 1)):
+            raise ValueError(f"every prompt needs at least one token; got lengths {lengths.tolist()}")
+    if max_new_tokens == 0:
+        new = jnp.zeros((batch, 0), prompt.dtype)
+    else:
+        new = generate_compiled(model, prompt, lengths, key, max_new_tokens, Sampling(temperature, top_k, top_p))
+    new, new_lengths = stopped(new, stop_tokens, pad_token)
+    tokens = each_row_in_place(prompt, lengths, new, pad_token)
+    return (tokens, new_lengths) if return_lengths else tokens
 
 
-def stopped(tokens, prompt_length: int, stop_tokens: tuple[int, ...], pad_token: int | None):
-    """The tokens with every row's new tokens after its first stop token set to pad_token, and
-    the number of new tokens of each row up to and including that stop (all, without one)."""
-    new = tokens[:, prompt_length:]
+def stopped(new, stop_tokens: tuple[int, ...], pad_token: int):
+    """The new tokens with every row's tokens after its first stop token set to pad_token, and
+    the number of each row's new tokens up to and including that stop (all, without one)."""
     is_stop = jnp.isin(new, jnp.asarray(stop_tokens, new.dtype)) if stop_tokens else jnp.zeros(new.shape, bool)
     stops = is_stop.astype(jnp.int32)
     after_stop = jnp.cumsum(stops, axis=1) - stops > 0  # past the row's first stop token
     lengths = jnp.sum(~after_stop, axis=1).astype(jnp.int32)
-    if pad_token is not None:
-        new = jnp.where(after_stop, jnp.asarray(pad_token, new.dtype), new)
-    return jnp.concatenate([tokens[:, :prompt_length], new], axis=1), lengths
+    return jnp.where(after_stop, jnp.asarray(pad_token, new.dtype), new), lengths
+
+
+def each_row_in_place(prompt, lengths, new, pad_token: int):
+    """[batch, prompt + new]: row b's prompt (its first lengths[b] tokens), its new tokens right
+    after, then pad_token."""
+    batch, prompt_length = prompt.shape
+    positions = jnp.arange(prompt_length + new.shape[1], dtype=lengths.dtype)[None, :]
+    tokens = jnp.full((batch, positions.shape[1]), pad_token, prompt.dtype).at[:, :prompt_length].set(prompt)
+    tokens = jnp.where(positions < lengths[:, None], tokens, pad_token)
+    columns = lengths[:, None] + jnp.arange(new.shape[1], dtype=lengths.dtype)[None, :]
+    return tokens.at[jnp.arange(batch)[:, None], columns].set(new.astype(prompt.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +153,9 @@ class Sampling:
 
 
 @eqx.filter_jit
-def generate_compiled(model, prompt, key, max_new_tokens, sample):
-    logits, cache = model.prefill(prompt, prompt.shape[1] + max_new_tokens)
+def generate_compiled(model, prompt, lengths, key, max_new_tokens, sample):
+    """The new tokens [batch, max_new_tokens] after each row's prompt."""
+    logits, cache = model.prefill(prompt, prompt.shape[1] + max_new_tokens, lengths)
     keys = jax.random.split(key, max_new_tokens)
 
     def step(carry, key):
@@ -138,5 +164,4 @@ def generate_compiled(model, prompt, key, max_new_tokens, sample):
         return model.decode(token, cache), token
 
     (logits, _), tokens = jax.lax.scan(step, (logits, cache), keys[:-1])
-    tokens = jnp.concatenate([jnp.moveaxis(tokens, 0, 1), sample(logits, keys[-1])[:, None]], axis=1)
-    return jnp.concatenate([prompt, tokens.astype(prompt.dtype)], axis=1)
+    return jnp.concatenate([jnp.moveaxis(tokens, 0, 1), sample(logits, keys[-1])[:, None]], axis=1)

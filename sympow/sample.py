@@ -1,6 +1,8 @@
 """Generate text from a trained run: prints the prompt, then the new text as it comes.
 
     python -m sympow.sample runs/default --prompt "def main(" --max-new-tokens 200 --temperature 0.8 --top-k 50
+    python -m sympow.sample runs/default --prompt "import os" --prompt "class A:"     # a batch of two
+    python -m sympow.sample runs/default --prompt-file prompts.txt                   # one prompt per line
 
 Loads the run's latest checkpoint (or a checkpoint folder), tokenises the prompt with GPT-2 BPE
 after an end-of-text token (as every training window starts), prefills it in one call, then
@@ -9,6 +11,10 @@ each token is printed as soon as it is drawn). The tokens per second at the end 
 steps only. A softmax model decodes with a key/value cache
 of --max-length tokens, by default the context it was trained at; a sympow model with its state,
 at any length.
+
+Several prompts (--prompt repeated, or one per non-empty line of --prompt-file) run as one batch
+of prompts of different lengths (Transformer.prefill's lengths), and each is printed with its
+continuation when all are done. A single prompt with line breaks: --prompt "$(cat FILE)".
 """
 
 import argparse
@@ -30,8 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m sympow.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("run", type=Path, help="a run folder (its latest checkpoint) or a checkpoint folder")
-    parser.add_argument("--prompt", help="the text to continue")
-    parser.add_argument("--prompt-file", type=Path, help="read the prompt (UTF-8) from this file instead")
+    parser.add_argument("--prompt", action="append", help="the text to continue (repeat it for a batch)")
+    parser.add_argument(
+        "--prompt-file", type=Path, help="read the prompts (UTF-8) from this file instead, one per non-empty line"
+    )
     parser.add_argument("--max-new-tokens", type=cli.non_negative(int), default=100)
     parser.add_argument("--temperature", type=cli.non_negative(float), default=1.0, help="0 is greedy")
     parser.add_argument("--top-k", type=cli.positive(int), default=None)
@@ -49,16 +57,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def read_prompt(args) -> str:
+def read_prompts(args) -> list[str]:
     try:
-        prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text(encoding="utf-8")
+        prompts = args.prompt if args.prompt is not None else args.prompt_file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as error:
         cli.refuse(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {error.start}: {error.reason})")
     except OSError as error:
         cli.refuse(f"--prompt-file {args.prompt_file} cannot be read ({error.strerror})")
-    if not prompt:
+    if args.prompt_file is not None:
+        prompts = [line for line in prompts if line.strip()]
+    if not prompts or not all(prompts):
         cli.refuse("the prompt is empty: generation needs at least one token to continue")
-    return prompt
+    return prompts
 
 
 def cache_length(model, saved: dict, args, needed: int) -> int:
@@ -84,14 +94,20 @@ def load(run: Path):
 
 
 class Printer:
-    """Prints the text of the tokens so far as it grows, holding back an incomplete UTF-8 character."""
+    """Prints the text of the tokens so far as it grows (live) or keeps it for the end, holding
+    back an incomplete UTF-8 character."""
 
-    def __init__(self, encoding):
-        self.encoding, self.tokens, self.printed = encoding, [], 0
+    def __init__(self, encoding, live: bool):
+        self.encoding, self.live, self.tokens, self.printed = encoding, live, [], 0
+
+    def text(self) -> str:
+        return self.encoding.decode_bytes(self.tokens).decode("utf-8", errors="ignore")
 
     def add(self, token: int) -> None:
         self.tokens.append(token)
-        text = self.encoding.decode_bytes(self.tokens).decode("utf-8", errors="ignore")
+        if not self.live:
+            return
+        text = self.text()
         if len(text) > self.printed:
             sys.stdout.write(text[self.printed :])
             sys.stdout.flush()
@@ -100,27 +116,33 @@ class Printer:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    prompt = read_prompt(args)
+    prompts = read_prompts(args)
     model, saved = load(args.run)
     try:
         encoding, end_of_text = encoding_for(model.config.vocab_size)
     except ValueError as error:
         raise SystemExit(f"{args.run}: {error}") from None
-    # Training inputs start with end-of-text (a window shifted right), so the prompt does too.
-    tokens = [end_of_text, *encoding.encode(prompt, allowed_special="all")]
-    max_length = cache_length(model, saved, args, len(tokens) + args.max_new_tokens)
+    # Training inputs start with end-of-text (a window shifted right), so each prompt does too.
+    rows = [[end_of_text, *encoding.encode(prompt, allowed_special="all")] for prompt in prompts]
+    longest = max(len(row) for row in rows)
+    max_length = cache_length(model, saved, args, longest + args.max_new_tokens)
+    tokens = jnp.asarray([row + [end_of_text] * (longest - len(row)) for row in rows], jnp.int32)  # right-padded
+    lengths = jnp.asarray([len(row) for row in rows], jnp.int32)
 
-    prefill = eqx.filter_jit(lambda m, t: m.prefill(t, max_length))
+    prefill = eqx.filter_jit(lambda m, t, n: m.prefill(t, max_length, n))
     decode = jax.jit(lambda m, t, c: m.decode(t, c), donate_argnums=2)  # the cache is updated in place
     sample = jax.jit(lambda logits, key: sample_token(logits, key, args.temperature, args.top_k, args.top_p))
-    print(prompt, end="", flush=True)
-    logits, cache = prefill(model, jnp.asarray([tokens], jnp.int32))
-    printer, key = Printer(encoding), jax.random.key(args.seed)
+    live = len(prompts) == 1
+    if live:
+        print(prompts[0], end="", flush=True)
+    logits, cache = prefill(model, tokens, lengths)
+    printers, key = [Printer(encoding, live) for _ in prompts], jax.random.key(args.seed)
     start, steps = None, 0
     for i in range(args.max_new_tokens):
         key, draw = jax.random.split(key)
         token = sample(logits, draw)
-        printer.add(int(token[0]))
+        for printer, drawn in zip(printers, token.tolist()):
+            printer.add(drawn)
         if i + 1 < args.max_new_tokens:
             logits, cache = decode(model, token, cache)
             if start is None:  # the first step compiles
@@ -128,14 +150,18 @@ def main(argv=None) -> None:
                 start = time.perf_counter()
             else:
                 steps += 1
+    if not live:
+        for number, (prompt, printer) in enumerate(zip(prompts, printers), 1):
+            print(f"=== prompt {number} of {len(prompts)} ===\n{prompt}{printer.text()}\n")
     elapsed = time.perf_counter() - start if start else 0.0
     rate = (
-        f"{steps / elapsed:.1f} tokens/s (sampling and printing included)"
+        f"{steps * len(prompts) / elapsed:.1f} tokens/s (sampling and printing included)"
         if steps and elapsed > 0
         else "too few tokens to time"
     )
+    batch = "" if live else f" for each of {len(prompts)} prompts in one batch"
     print(
-        f"\n\n[{args.max_new_tokens} new tokens from a {model.config.attention} model, {rate} once compiled]",
+        f"\n\n[{args.max_new_tokens} new tokens{batch} from a {model.config.attention} model, {rate} once compiled]",
         file=sys.stderr,
     )
 

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ops.sympow.api import check_lengths
 from sympow.attention import Attention, LayerCache
 from sympow.config import ModelConfig
 from sympow.layers import INIT_STD, Dense, LayerNorm
@@ -49,8 +50,8 @@ class Block(eqx.Module):
         x = x + attended
         return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
-    def prefill(self, x: Float[Array, "batch seq d_model"], max_length: int):
-        attended, cache = self.attention.prefill(self.attention_norm(x), max_length)
+    def prefill(self, x: Float[Array, "batch seq d_model"], max_length: int, lengths=None):
+        attended, cache = self.attention.prefill(self.attention_norm(x), max_length, lengths)
         return self.after_attention(x, attended), cache
 
     def decode(self, x: Float[Array, "batch 1 d_model"], cache):
@@ -104,22 +105,34 @@ class Transformer(eqx.Module):
         return self.unembed(x)
 
     def prefill(
-        self, tokens: Int[Array, "batch seq"], max_length: int | None = None
+        self,
+        tokens: Int[Array, "batch seq"],
+        max_length: int | None = None,
+        lengths: Int[Array, " batch"] | None = None,
     ) -> tuple[Float[Array, "batch vocab"], Cache]:
         """Run a prompt in one call: the logits after its last token, and the cache to decode on
         from. max_length (default: the prompt's length) is the most tokens, prompt included, that
-        a key/value cache (softmax, or a state too large to hold) will take; a state takes any number."""
+        a key/value cache (softmax, or a state too large to hold) will take; a state takes any number.
+
+        lengths: a batch of prompts of different lengths, right-padded to seq: row b's prompt is
+        tokens[b, :lengths[b]] (1..seq). Each row's logits are those after its own last token,
+        and its cache holds only its prompt (padding adds nothing to a state or a key/value cache),
+        so decoding goes on from each row's own position: every row as if prefilled alone."""
         if tokens.ndim != 2 or tokens.shape[1] == 0:
             raise ValueError(f"a prompt must be [batch, tokens] with at least one token; got shape {tokens.shape}")
+        if lengths is not None:
+            check_lengths(lengths, tokens.shape[0], tokens.shape[1])
+            lengths = jnp.asarray(lengths, jnp.int32)
         if self.config.token_shift:
             raise NotImplementedError("decoding a model with a token shift (the recall models) is not supported yet")
         max_length = tokens.shape[-1] if max_length is None else max_length
         x = self.embedding_norm(self.lookup(tokens))
         cache = []
         for block in self.blocks:
-            x, layer_cache = block.prefill(x, max_length)
+            x, layer_cache = block.prefill(x, max_length, lengths)
             cache.append(layer_cache)
-        return self.unembed(x[:, -1]), tuple(cache)
+        last = x[:, -1] if lengths is None else x[jnp.arange(x.shape[0]), lengths - 1]
+        return self.unembed(last), tuple(cache)
 
     def decode(self, token: Int[Array, " batch"], cache: Cache) -> tuple[Float[Array, "batch vocab"], Cache]:
         """One token after those in the cache, in a cost independent of how many there were for a

@@ -17,7 +17,12 @@ from sympow.rotary import frequencies_in_turns, positions, rotation_angles
 SMALL = dict(vocab_size=50, d_model=16, n_layers=2, n_heads=2, chunk_size=8)
 # p = 4 at head dim 64: a state of 766480 x 64 per head, so decoding keeps keys and values.
 WIDE = dict(vocab_size=50, d_model=64, n_layers=1, n_heads=1, chunk_size=8, p=4)
-MODELS = [(attention, SMALL) for attention in sympow.ATTENTIONS] + [("sympow_gated", WIDE)]
+# Grouped key/value heads: 4 query heads over 2 key/value heads of 8 (and p = 4: 2 over 1 of 64).
+GROUPED = dict(SMALL, d_model=32, n_heads=4, n_kv_heads=2)
+WIDE_GROUPED = dict(WIDE, d_model=128, n_heads=2, n_kv_heads=1)
+MODELS = [(attention, shape) for shape in (SMALL, GROUPED) for attention in sympow.ATTENTIONS]
+MODELS += [("sympow_gated", WIDE), ("sympow_gated", WIDE_GROUPED)]
+SHAPE_NAMES = {id(SMALL): "small", id(GROUPED): "grouped", id(WIDE): "wide", id(WIDE_GROUPED): "wide-grouped"}
 
 
 def make_model(attention, shape, dtype=jnp.float64, seed=0):
@@ -45,12 +50,12 @@ def prefill_then_decode(model, tokens, prompt_length):
     return jnp.stack(every, axis=1)
 
 
-@pytest.mark.parametrize("attention, shape", MODELS, ids=[f"{a}-{'wide' if s is WIDE else 'small'}" for a, s in MODELS])
+@pytest.mark.parametrize("attention, shape", MODELS, ids=[f"{a}-{SHAPE_NAMES[id(s)]}" for a, s in MODELS])
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 def test_prefill_then_decode_gives_the_forward_pass_logits(attention, shape, dtype):
     """Prompts ending inside (5) and on (16) a chunk boundary, decoding across the next ones, batch 2."""
     model = make_model(attention, shape, dtype)
-    assert model.blocks[0].attention.holds_state == (attention != "softmax" and shape is SMALL)
+    assert model.blocks[0].attention.holds_state == (attention != "softmax" and shape.get("p", 2) == 2)
     tokens = jax.random.randint(jax.random.key(1), (2, 23), 0, 50)
     full = eqx.filter_jit(lambda m, t: m(t))(model, tokens)
     tolerance = 1e-9 if dtype == jnp.float64 else 1e-4
@@ -181,3 +186,73 @@ def test_bad_decoding_requests_are_refused_clearly():
         model.decode(jnp.zeros((1,), jnp.int32), cache[:1])
     with pytest.raises(ValueError, match="at least one token"):
         model.prefill(jnp.zeros((1, 0), jnp.int32))
+
+
+@pytest.mark.parametrize(
+    "attention, shape", [("softmax", GROUPED), ("conformal", GROUPED), ("sympow_gated", WIDE_GROUPED)]
+)
+def test_a_grouped_model_keeps_one_cache_entry_per_key_value_head(attention, shape):
+    """The state, or the keys and values and G, per key/value head: the caches of 4 query heads
+    over 2 are those of a 2-head model; the gate and the learned rotary per key/value head too."""
+    model = make_model(attention, shape, jnp.float32)
+    cfg, layer = model.config, model.blocks[0].attention
+    assert layer.qkv.weight.shape[-1] == cfg.d_model + 2 * cfg.kv_heads * cfg.head_dim
+    if layer.gate is not None:
+        assert layer.gate.projection.weight.shape[-1] == cfg.kv_heads
+    if layer.learned_rotary is not None:
+        assert layer.learned_rotary.weight.shape[-1] == cfg.kv_heads
+    _, caches = model.prefill(jnp.zeros((1, 5), jnp.int32), 9)
+    cache = caches[0]
+    parts = [cache.state.S, cache.state.z] if hasattr(cache, "state") else [cache.cache.k, cache.cache.v]
+    heads_axis = 1 if hasattr(cache, "state") else 2
+    assert all(part.shape[heads_axis] == cfg.kv_heads for part in parts)
+    assert all(part.shape[-1] == cfg.kv_heads for part in cache.position)
+
+
+RAGGED = [(attention, SMALL) for attention in sympow.ATTENTIONS] + [("conformal", GROUPED), ("sympow_gated", WIDE)]
+
+
+@pytest.mark.parametrize("attention, shape", RAGGED, ids=[f"{a}-{SHAPE_NAMES[id(s)]}" for a, s in RAGGED])
+def test_a_ragged_batch_prefills_and_decodes_as_each_row_alone(attention, shape):
+    """Prompts of 3, 7 and 5 tokens right-padded to 7 (random tokens as padding), then 4 decode
+    steps: every row's logits equal those of its prompt prefilled alone, float64, for the state
+    caches and the key/value caches (softmax; p = 4 at head dim 64), grouped heads too."""
+    model = make_model(attention, shape)
+    lengths = np.array([3, 7, 5])
+    tokens = jax.random.randint(jax.random.key(2), (3, 11), 0, 50)
+    prefill = eqx.filter_jit(lambda m, t, n: m.prefill(t, 11, n))
+    decode = eqx.filter_jit(lambda m, t, c: m.decode(t, c))
+
+    def logits_after(prompt, lengths, next_tokens):
+        logits, cache = prefill(model, prompt, lengths)
+        every = [logits]
+        for t in range(next_tokens.shape[1]):
+            logits, cache = decode(model, next_tokens[:, t], cache)
+            every.append(logits)
+        return jnp.stack(every, axis=1)
+
+    next_tokens = jnp.stack([tokens[b, n : n + 4] for b, n in enumerate(lengths)])
+    batched = logits_after(tokens[:, :7], jnp.asarray(lengths), next_tokens)
+    for b, n in enumerate(lengths):
+        alone = logits_after(tokens[b : b + 1, :n], None, next_tokens[b : b + 1])
+        assert relative_error(batched[b : b + 1], alone) < 1e-9, b
+
+
+def test_generate_a_ragged_batch_greedily_as_each_prompt_alone():
+    """Greedy, float64: row b is its prompt's generation alone, its tokens right after its prompt,
+    then padding; prompts of a batch that end on their last column are untouched."""
+    model = make_model("sympow_gated", SMALL)
+    prompt = jax.random.randint(jax.random.key(8), (3, 6), 1, 50)
+    lengths = jnp.array([2, 6, 4])
+    tokens, new = sympow.generate(
+        model, prompt, 5, key=jax.random.key(0), temperature=0, lengths=lengths, pad_token=0, return_lengths=True
+    )
+    assert tokens.shape == (3, 11) and np.all(np.asarray(new) == 5)
+    for b, n in enumerate(np.asarray(lengths)):
+        alone = sympow.generate(model, prompt[b : b + 1, :n], 5, key=jax.random.key(0), temperature=0)
+        np.testing.assert_array_equal(tokens[b, : n + 5], alone[0])
+        assert np.all(np.asarray(tokens[b, n + 5 :]) == 0)
+    with pytest.raises(ValueError, match=r"lengths must be in 0..6"):
+        sympow.generate(model, prompt, 2, key=jax.random.key(0), lengths=jnp.array([2, 7, 4]))
+    with pytest.raises(ValueError, match="at least one token"):
+        sympow.generate(model, prompt, 2, key=jax.random.key(0), lengths=jnp.array([2, 0, 4]))

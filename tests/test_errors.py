@@ -121,7 +121,7 @@ def test_states_too_large_to_hold_are_refused_at_once_naming_D():
 
 def test_bad_states_are_refused():
     _, state = ops.sympow_attention(Q, K, V, LOG_G, return_state=True)
-    with pytest.raises(ValueError, match=r"S \[batch, heads, D, dim_v\]"):
+    with pytest.raises(ValueError, match=r"S \[batch, kv_heads, D, dim_v\]"):
         ops.sympow_attention(Q[:, :, :1], K[:, :, :1], V[:, :, :1], initial_state=state)
     with pytest.raises(ValueError, match="ops.SympowState"):
         check_state((state.S, state.z), 1, 2, 4, 4, 2)

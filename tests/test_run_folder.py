@@ -164,3 +164,16 @@ def test_the_checksums_are_of_the_files_as_written(tmp_path, model):
         assert manifest[name]["sha256"] == checkpoint.digest(path / name)
         assert manifest[name]["bytes"] == (path / name).stat().st_size
     assert checkpoint.load_model(path)[0].embedding.shape == (300, 16)
+
+
+def test_a_checkpoint_from_before_grouped_heads_loads_with_one_key_value_head_per_head(tmp_path, model):
+    """meta.json of a run saved before ModelConfig had n_kv_heads (and before manifests): the
+    missing field means equal heads, and the weights load as they were."""
+    path = save(tmp_path, 1, model)
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["config"]["n_kv_heads"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    (path / checkpoint.MANIFEST).unlink()
+    loaded, _ = checkpoint.load_model(path)
+    assert loaded.config == model.config and loaded.config.kv_heads == TINY["n_heads"]
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), loaded, model)))

@@ -31,6 +31,27 @@ def test_sample_prints_the_prompt_then_new_text_and_the_rate(tmp_path, capsys):
     main([str(run), "--prompt", "x", "--max-new-tokens", "3", "--temperature", "0"])
 
 
+@pytest.mark.parametrize("attention", ["conformal", "softmax"])
+def test_several_prompts_run_as_one_batch_each_as_it_would_alone(tmp_path, capsys, attention):
+    """Greedy: each prompt's continuation in the batch (prompts of different lengths, a state or
+    a key/value cache) is the one it gets alone; --prompt-file's lines are the same batch."""
+    run = make_run(tmp_path / attention, attention, context=32)
+    prompts = ["def main(", "x", "import os, sys"]
+    greedy = ["--max-new-tokens", "6", "--temperature", "0"]
+    alone = []
+    for prompt in prompts:
+        main([str(run), "--prompt", prompt, *greedy])
+        alone.append(capsys.readouterr().out)
+    main([str(run), *[a for prompt in prompts for a in ("--prompt", prompt)], *greedy])
+    out, err = capsys.readouterr()
+    for number, text in enumerate(alone, 1):
+        assert f"=== prompt {number} of 3 ===\n{text}\n" in out, (number, text, out)
+    assert "for each of 3 prompts in one batch" in err
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts[:1] + [""] + prompts[1:]) + "\n", encoding="utf-8")
+    main([str(run), "--prompt-file", str(tmp_path / "prompts.txt"), *greedy])
+    assert capsys.readouterr().out == out
+
+
 def test_a_byte_model_reads_and_writes_bytes(tmp_path, capsys):
     run = make_run(tmp_path / "bytes", "sympow_gated", vocab_size=256)
     main([str(run), "--prompt", "café", "--max-new-tokens", "40", "--seed", "3"])
@@ -50,6 +71,7 @@ def test_sample_refuses_bad_requests(tmp_path, capsys):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     cases = [  # (arguments, exit status: 2 for a bad value, 1 for a request that cannot be served, message)
         ([str(run), "--prompt", ""], 2, "the prompt is empty"),
+        ([str(run), "--prompt", "hi", "--prompt", ""], 2, "the prompt is empty"),
         ([str(tmp_path / "nothing"), "--prompt", "hi"], 1, "does not exist"),
         ([str(tmp_path), "--prompt", "hi"], 1, "holds no complete checkpoint"),
         ([str(run), "--prompt", "hi", "--temperature", "-1"], 2, "argument --temperature: must be >= 0"),

@@ -195,6 +195,7 @@ BAD_TRAIN_FLAGS = [
     (["--micro-batch", "3"], "--micro-batch 3 must divide the 8 examples of an update"),
     (["--d-model", "60", "--heads", "8"], "d_model (60) must split into n_heads (8) heads of even size"),
     (["--heads", "0"], "argument --heads: must be >= 1; got 0"),
+    (["--kv-heads", "3"], "n_kv_heads (3) must be a positive divisor of n_heads (4)"),
     (["--coordinator", "127.0.0.1:1"], "go together"),
     (["--coordinator", "nowhere", "--num-processes", "2", "--process-id", "0"], "must be HOST:PORT"),
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "--process-id must be in 0..1"),
@@ -233,8 +234,10 @@ def test_values_only_the_data_can_refuse_are_refused_before_anything_compiles(st
 
 
 def test_eval_writes_losses_by_position_and_plots(store, tmp_path):
-    for context in ("32", "64"):
-        train(store, tmp_path / f"run{context}", "--steps", "2", "--context", context)
+    # The second run has grouped heads (the tiny preset's 4 over 2 key/value heads): eval reads
+    # its config from the checkpoint.
+    for context, flags in (("32", []), ("64", ["--kv-heads", "2"])):
+        train(store, tmp_path / f"run{context}", "--steps", "2", "--context", context, *flags)
     out = tmp_path / "eval"
     command = [
         sys.executable,

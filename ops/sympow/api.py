@@ -4,7 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from ops.sympow.attention_form import add_state, attention_form
 from ops.sympow.cache import KeyValueCache, power_cache_step, prompt_cache
@@ -33,16 +33,29 @@ def check_power(p) -> None:
 
 
 def check_shapes(q, k, v, log_g) -> None:
+    """q [batch, seq, heads, dim] over k [batch, seq, kv_heads, dim], v [batch, seq, kv_heads, dim_v]
+    and log_g [batch, seq, kv_heads], heads a multiple of kv_heads."""
     if q.ndim != 4:
         raise ValueError(f"q must be [batch, seq, heads, dim]; got shape {q.shape}")
-    if k.shape != q.shape:
-        raise ValueError(f"k must have q's shape {q.shape}; got {k.shape}")
-    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+    batch, seq, heads, dim = q.shape
+    if k.ndim != 4 or k.shape[:2] != (batch, seq) or k.shape[3] != dim:
         raise ValueError(
-            f"v must be [batch, seq, heads, dim_v] with q's first three sizes {q.shape[:3]}; got {v.shape}"
+            f"k must have q's batch, seq and dim {batch, seq, dim}, as [batch, seq, kv_heads, dim]; got {k.shape}"
         )
-    if log_g is not None and log_g.shape != q.shape[:3]:
-        raise ValueError(f"log_g must be [batch, seq, heads] = {q.shape[:3]}; got {log_g.shape}")
+    kv_heads = k.shape[2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(
+            f"q's {heads} heads must be a multiple of k's {kv_heads} key/value heads (each key/value head "
+            "serves a group of heads // kv_heads query heads)"
+        )
+    if v.ndim != 4 or v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"v must be [batch, seq, kv_heads, dim_v] with k's first three sizes {k.shape[:3]}; got {v.shape}"
+        )
+    if log_g is not None and log_g.shape != k.shape[:3]:
+        raise ValueError(
+            f"log_g must be [batch, seq, kv_heads] = {k.shape[:3]} (one gate per key/value head); got {log_g.shape}"
+        )
     if not q.dtype == k.dtype == v.dtype or not jnp.issubdtype(q.dtype, jnp.floating):
         raise ValueError(f"q, k and v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
 
@@ -62,13 +75,14 @@ def check_state_fits(dim: int, dim_v: int, p: int, needs: str) -> None:
         )
 
 
-def check_state(state, batch: int, heads: int, dim: int, dim_v: int, p: int) -> None:
+def check_state(state, batch: int, kv_heads: int, dim: int, dim_v: int, p: int) -> None:
     D = embedding_size(dim, p)
     if not isinstance(state, SympowState):
         raise ValueError(f"a state must be an ops.SympowState(S, z); got {type(state).__name__}")
-    if state.S.shape != (batch, heads, D, dim_v) or state.z.shape != (batch, heads, D):
+    if state.S.shape != (batch, kv_heads, D, dim_v) or state.z.shape != (batch, kv_heads, D):
         raise ValueError(
-            f"the state must have S [batch, heads, D, dim_v] = {(batch, heads, D, dim_v)} and z {(batch, heads, D)} "
+            f"the state must have S [batch, kv_heads, D, dim_v] = {(batch, kv_heads, D, dim_v)} and z "
+            f"{(batch, kv_heads, D)} "
             f"(D = C({dim} + {p} - 1, {p})); got S {state.S.shape} and z {state.z.shape}"
         )
     if not state.S.dtype == state.z.dtype or not jnp.issubdtype(state.S.dtype, jnp.floating):
@@ -110,9 +124,9 @@ def check_scale(scale, dim: int) -> float:
 
 def sympow_attention(
     q: Float[Array, "batch seq heads dim"],
-    k: Float[Array, "batch seq heads dim"],
-    v: Float[Array, "batch seq heads dv"],
-    log_g: Float[Array, "batch seq heads"] | None = None,
+    k: Float[Array, "batch seq kv_heads dim"],
+    v: Float[Array, "batch seq kv_heads dv"],
+    log_g: Float[Array, "batch seq kv_heads"] | None = None,
     *,
     p: int = 2,
     chunk_size: int | None = None,
@@ -124,6 +138,11 @@ def sympow_attention(
 ) -> Float[Array, "batch seq heads dv"] | tuple[Float[Array, "batch seq heads dv"], SympowState]:
     """Causal (gated) symmetric power attention: y_i = sum_j w_ij v_j / sum_j w_ij with
     w_ij = (scale q_i . k_j)^p exp(G_i - G_j), G the cumulative sum of log_g.
+
+    Grouped key/value heads: k, v and log_g may have fewer heads than q (kv_heads dividing
+    heads); query head h reads key/value head h // (heads // kv_heads), the convention of the
+    authors' kernels and flash-linear-attention. The gate and the state belong to the key/value
+    head: the state is [batch, kv_heads, ...], read by every query head of its group.
 
     impl: "attention" (O(T^2)), "recurrent" (token by token with the D x dv state), "chunked"
     (chunks of chunk_size tokens; any seq, padded internally), "triton" (the Triton kernels:
@@ -143,7 +162,8 @@ def sympow_attention(
     """
     check_power(p)
     check_shapes(q, k, v, log_g)
-    batch, seq, heads, dim = q.shape
+    batch, seq, _, dim = q.shape
+    kv_heads = k.shape[2]
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK_SIZE
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
@@ -152,7 +172,7 @@ def sympow_attention(
     impl = choose_impl(impl, seq, dim, p, chunk_size)
     with_state = initial_state is not None or return_state
     if initial_state is not None:
-        check_state(initial_state, batch, heads, dim, v.shape[-1], p)
+        check_state(initial_state, batch, kv_heads, dim, v.shape[-1], p)
     if with_state:
         check_state_fits(dim, v.shape[-1], p, "a state handed in or out")
     elif impl in ("recurrent", "chunked"):
@@ -198,7 +218,11 @@ def triton_forms(impl: str, q, k, v, log_g, p: int, scale: float, chunk_size: in
     if p == 2 and q.shape[1] > chunk_size:
         y, log_normaliser = chunked_kernels.chunked(q, k, v, log_g, scale, chunk_size)
     else:
-        y, log_normaliser = flash_kernels.attention(q, k, v, log_g, p, scale)
+        # The flash kernels' programs read one head's rows: each key/value head's keys, values
+        # and gate are repeated for its group of query heads (the repeat's gradient sums the group's).
+        group = q.shape[2] // k.shape[2]
+        repeated = (None if a is None else jnp.repeat(a, group, axis=2) for a in (k, v, log_g))
+        y, log_normaliser = flash_kernels.attention(q, *repeated, p, scale)
     if initial_state is None and not return_state:
         return y, None
     q, k, v, log_g, initial_state = cast(jnp.float32, q, k, v, log_g, initial_state)
@@ -210,9 +234,9 @@ def triton_forms(impl: str, q, k, v, log_g, p: int, scale: float, chunk_size: in
 
 def sympow_step(
     q: Float[Array, "batch heads dim"],
-    k: Float[Array, "batch heads dim"],
-    v: Float[Array, "batch heads dv"],
-    log_g: Float[Array, "batch heads"] | None,
+    k: Float[Array, "batch kv_heads dim"],
+    v: Float[Array, "batch kv_heads dv"],
+    log_g: Float[Array, "batch kv_heads"] | None,
     state: SympowState,
     *,
     p: int = 2,
@@ -222,15 +246,15 @@ def sympow_step(
     """One token of decoding in O(D d) per head: S = gamma S + phi(r k) v^T, z = gamma z + phi(r k),
     y = phi(r q)^T S / phi(r q)^T z (r = sqrt(scale)). Returns (y in v's dtype, the new state in
     the state's dtype). Equals sympow_attention over one more token with initial_state=state.
-    check_log_g as in sympow_attention."""
+    Grouped heads and check_log_g as in sympow_attention."""
     check_power(p)
     check_shapes(q[:, None], k[:, None], v[:, None], None if log_g is None else log_g[:, None])
-    batch, heads, dim = q.shape
-    check_state(state, batch, heads, dim, v.shape[-1], p)
+    batch, kv_heads, dim = k.shape
+    check_state(state, batch, kv_heads, dim, v.shape[-1], p)
     check_state_fits(dim, v.shape[-1], p, "sympow_step")
     scale = check_scale(scale, dim)
     if log_g is None:
-        log_g = jnp.zeros((batch, heads), q.dtype)
+        log_g = jnp.zeros((batch, kv_heads), q.dtype)
     elif check_log_g:
         log_g = check_log_gate(log_g)
     y, new_state = recurrent_step(*cast(compute_dtype(q, state.S), q, k, v, log_g, state), p, scale)
@@ -239,13 +263,13 @@ def sympow_step(
 
 
 def check_cache(cache, q, v, log_g) -> None:
-    """A cache that a token of q [batch, heads, dim], v [batch, heads, dim_v] (and log_g) can join."""
+    """A cache that a token of q [batch, heads, dim], v [batch, kv_heads, dim_v] (and log_g) can join."""
     if not isinstance(cache, KeyValueCache):
         raise ValueError(f"a cache must be an ops.KeyValueCache (ops.key_value_cache); got {type(cache).__name__}")
-    (batch, heads, dim), dim_v = q.shape, v.shape[-1]
-    if cache.k.ndim != 4 or cache.k.shape[::2] != (batch, heads) or cache.k.shape[3] != dim:
+    (batch, kv_heads, dim_v), dim = v.shape, q.shape[-1]
+    if cache.k.ndim != 4 or cache.k.shape[::2] != (batch, kv_heads) or cache.k.shape[3] != dim:
         raise ValueError(
-            f"the cache's k must be [batch, max_length, heads, dim] with {batch, heads, dim}; got {cache.k.shape}"
+            f"the cache's k must be [batch, max_length, kv_heads, dim] with {batch, kv_heads, dim}; got {cache.k.shape}"
         )
     if cache.v.shape != (*cache.k.shape[:3], dim_v):
         raise ValueError(f"the cache's v must be {(*cache.k.shape[:3], dim_v)}; got {cache.v.shape}")
@@ -254,30 +278,44 @@ def check_cache(cache, q, v, log_g) -> None:
 
 
 def key_value_cache(
-    k: Float[Array, "batch seq heads dim"],
-    v: Float[Array, "batch seq heads dv"],
-    log_g: Float[Array, "batch seq heads"] | None,
+    k: Float[Array, "batch seq kv_heads dim"],
+    v: Float[Array, "batch seq kv_heads dv"],
+    log_g: Float[Array, "batch seq kv_heads"] | None,
     max_length: int,
     *,
+    lengths: Int[Array, " batch"] | None = None,
     check_log_g: bool = True,
 ) -> KeyValueCache:
     """The key/value cache after a prompt's tokens (seq >= 0), with slots for max_length tokens in
-    all, for sympow_cache_step. check_log_g as in sympow_attention."""
+    all, for sympow_cache_step. lengths: prompts of different lengths, right-padded to seq: row b
+    holds its first lengths[b] tokens (0..seq; the rest is padding that no step reads) and its
+    next token goes to slot lengths[b]. check_log_g as in sympow_attention."""
     check_shapes(k, k, v, log_g)
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
         raise ValueError(f"max_length must be a positive integer; got {max_length!r}")
     if k.shape[1] > max_length:
         raise ValueError(f"a prompt of {k.shape[1]} tokens does not fit a key/value cache of {max_length}")
+    if lengths is not None:
+        check_lengths(lengths, k.shape[0], k.shape[1])
     if log_g is not None and check_log_g:
         log_g = check_log_gate(log_g)
-    return prompt_cache(k, v, log_g, max_length)
+    return prompt_cache(k, v, log_g, max_length, lengths)
+
+
+def check_lengths(lengths, batch: int, seq: int) -> None:
+    """Prompt lengths [batch] of integers in 0..seq (their values checked where they are known, outside jit)."""
+    lengths = jnp.asarray(lengths)
+    if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be [batch] = ({batch},) integers; got shape {lengths.shape}, {lengths.dtype}")
+    if not isinstance(lengths, jax.core.Tracer) and not bool(jnp.all((lengths >= 0) & (lengths <= seq))):
+        raise ValueError(f"lengths must be in 0..{seq} (the padded prompt's length); got {lengths.tolist()}")
 
 
 def sympow_cache_step(
     q: Float[Array, "batch heads dim"],
-    k: Float[Array, "batch heads dim"],
-    v: Float[Array, "batch heads dv"],
-    log_g: Float[Array, "batch heads"] | None,
+    k: Float[Array, "batch kv_heads dim"],
+    v: Float[Array, "batch kv_heads dv"],
+    log_g: Float[Array, "batch kv_heads"] | None,
     cache: KeyValueCache,
     *,
     p: int = 2,
@@ -288,7 +326,8 @@ def sympow_cache_step(
     to hold: the token is written into slot cache.length, and y = sum_j w_j v_j / sum_j w_j over
     slots 0..length with w_j = (scale q . k_j)^p exp(G_t - G_j). Returns (y in v's dtype, the cache
     with the token). O(length x dim) per head; past the cache's last slot y is NaN. Equals
-    sympow_attention over the cached tokens and this one. check_log_g as in sympow_attention."""
+    sympow_attention over the cached tokens and this one. Grouped heads (the cache per key/value
+    head) and check_log_g as in sympow_attention."""
     check_power(p)
     check_shapes(q[:, None], k[:, None], v[:, None], None if log_g is None else log_g[:, None])
     check_cache(cache, q, v, log_g)
@@ -297,11 +336,12 @@ def sympow_cache_step(
     return power_cache_step(q, k, v, log_g, cache, p, check_scale(scale, q.shape[-1]))
 
 
-def zero_state(batch: int, heads: int, dim: int, dim_v: int, *, p: int = 2, dtype=jnp.float32) -> SympowState:
-    """The state before any token: S [batch, heads, D, dim_v] and z [batch, heads, D] of zeros."""
+def zero_state(batch: int, kv_heads: int, dim: int, dim_v: int, *, p: int = 2, dtype=jnp.float32) -> SympowState:
+    """The state before any token: S [batch, kv_heads, D, dim_v] and z [batch, kv_heads, D] of
+    zeros (one per key/value head: with grouped heads, fewer than the query heads)."""
     check_power(p)
     check_state_fits(dim, dim_v, p, "zero_state")
-    return empty_state(batch, heads, dim, dim_v, p, dtype)
+    return empty_state(batch, kv_heads, dim, dim_v, p, dtype)
 
 
 def sympow_embedding(x: Float[Array, "*b dim"], p: int) -> Float[Array, "*b D"]:

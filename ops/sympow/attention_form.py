@@ -2,8 +2,10 @@
 large to hold, and for each chunk of the chunked form (ops.sympow.chunk). Its maths is
 docs/maths.md's; the float64 oracle it is tested against is ops/sympow/naive.py.
 
-Shapes: q, k [batch, seq, heads, dim]; v [batch, seq, heads, dim_v]; log_g [batch, seq, heads].
-Scale s multiplies q and k; r = sqrt(s), so that phi(r q) . phi(r k) = (s q . k)^p.
+Shapes: q [batch, seq, heads, dim]; k [batch, seq, kv_heads, dim]; v [batch, seq, kv_heads, dim_v];
+log_g [batch, seq, kv_heads]; a state per key/value head. Query head h reads key/value head
+h // (heads // kv_heads) (ops.sympow.groups); inside, queries are grouped [batch, seq, kv_heads,
+group, dim]. Scale s multiplies q and k; r = sqrt(s), so that phi(r q) . phi(r k) = (s q . k)^p.
 
 Numerics (docs/maths.md, "Numerics"): weights are taken in log space against the row max, as
 flash attention takes softmax scores, so the denominator is >= 1 wherever a row has any weight
@@ -26,6 +28,7 @@ from jaxtyping import Array, Float
 from ops.exact import pair_difference
 from ops.sympow.embedding import symmetric_power_embedding
 from ops.sympow.gate import GatePair, exact_cumulative_gate
+from ops.sympow.groups import grouped, ungrouped
 from ops.sympow.numerics import EPS
 from ops.sympow.state import SympowState, decay_and_add
 
@@ -48,17 +51,17 @@ def normalise(numerator: Float[Array, "*b dv"], denominator: Float[Array, "*b"])
 
 
 def log_weights(
-    q: Float[Array, "batch seq heads dim"],
-    k: Float[Array, "batch seq heads dim"],
+    q: Float[Array, "batch seq kv_heads group dim"],
+    k: Float[Array, "batch seq kv_heads dim"],
     gate: GatePair | None,
     p: int,
     scale: float,
-) -> Float[Array, "batch heads seq seq"]:
-    """log w_ij = p log|s q_i . k_j| + G_i - G_j for j <= i, -inf for j > i."""
+) -> Float[Array, "batch kv_heads group seq seq"]:
+    """log w_ij = p log|s q_i . k_j| + G_i - G_j for j <= i, -inf for j > i (q grouped)."""
     seq = q.shape[1]
-    log_w = p * log_abs(jnp.einsum("bihd,bjhd->bhij", q * scale, k))
+    log_w = p * log_abs(jnp.einsum("bihgd,bjhd->bhgij", q * scale, k))
     if gate is not None:
-        G = tuple(jnp.moveaxis(part, 1, -1) for part in gate)  # [batch, heads, seq]
+        G = tuple(jnp.moveaxis(part, 1, -1)[:, :, None] for part in gate)  # [batch, kv_heads, 1, seq]
         log_w = log_w + pair_difference(
             tuple(part[..., :, None] for part in G), tuple(part[..., None, :] for part in G)
         )
@@ -66,7 +69,7 @@ def log_weights(
 
 
 def query_state(
-    q: Float[Array, "batch seq heads dim"],
+    q: Float[Array, "batch seq kv_heads group dim"],
     gate: GatePair | None,
     state: SympowState,
     p: int,
@@ -74,19 +77,19 @@ def query_state(
     matmul: Callable = jnp.einsum,
 ):
     """phi(r q_i)^T S and phi(r q_i)^T z, and log exp(G_i) phi(r q_i)^T z, the state's log weight
-    in y_i (-inf where it has none); with G_i, which a decay from the first token takes as hi
-    alone (hi + lo rounds to it)."""
-    G = jnp.zeros(q.shape[:3], q.dtype) if gate is None else gate[0]
+    in y_i (-inf where it has none); with G_i [batch, seq, kv_heads, 1], which a decay from the
+    first token takes as hi alone (hi + lo rounds to it). q grouped, the state per key/value head."""
+    G = (jnp.zeros(q.shape[:3], q.dtype) if gate is None else gate[0])[..., None]
     phi_q = symmetric_power_embedding(q * math.sqrt(scale), p)
-    numerator = matmul("bihD,bhDv->bihv", phi_q, state.S)
-    denominator = jnp.einsum("bihD,bhD->bih", phi_q, state.z)
+    numerator = matmul("bihgD,bhDv->bihgv", phi_q, state.S)
+    denominator = jnp.einsum("bihgD,bhD->bihg", phi_q, state.z)
     return G, numerator, denominator, G + log_abs(jnp.maximum(denominator, 0))
 
 
 def attend(
     q: Float[Array, "batch seq heads dim"],
-    k: Float[Array, "batch seq heads dim"],
-    v: Float[Array, "batch seq heads dv"],
+    k: Float[Array, "batch seq kv_heads dim"],
+    v: Float[Array, "batch seq kv_heads dv"],
     gate: GatePair | None,
     state: SympowState | None,
     p: int,
@@ -100,23 +103,24 @@ def attend(
     there. G counts from the first of these tokens (a chunk's start, in the chunked form).
     with_log_normaliser: (y, the log of the denominator [batch, seq, heads], -inf for a row with
     no weight), as the Triton kernels give it."""
+    q = grouped(q, k.shape[2])
     log_w = log_weights(q, k, gate, p, scale)
-    stabiliser = jnp.max(log_w, axis=-1)  # [batch, heads, seq]
+    stabiliser = jnp.moveaxis(jnp.max(log_w, axis=-1), -1, 1)  # [batch, seq, kv_heads, group]
     if state is not None:
         G, state_numerator, state_denominator, log_state_weight = query_state(q, gate, state, p, scale, matmul)
-        stabiliser = jnp.maximum(stabiliser, jnp.moveaxis(log_state_weight, -1, 1))
+        stabiliser = jnp.maximum(stabiliser, log_state_weight)
     stabiliser = finite_or_zero(jax.lax.stop_gradient(stabiliser))
-    w = jnp.exp(log_w - stabiliser[..., None])
-    numerator = jnp.einsum("bhij,bjhv->bihv", w, v)
-    denominator = jnp.moveaxis(jnp.sum(w, axis=-1), 1, -1)  # [batch, seq, heads]
+    w = jnp.exp(log_w - jnp.moveaxis(stabiliser, 1, -1)[..., None])
+    numerator = jnp.einsum("bhgij,bjhv->bihgv", w, v)
+    denominator = jnp.moveaxis(jnp.sum(w, axis=-1), -1, 1)  # [batch, seq, kv_heads, group]
     if state is not None:
-        state_factor = jnp.exp(G - jnp.moveaxis(stabiliser, 1, -1))  # [batch, seq, heads]
+        state_factor = jnp.exp(G - stabiliser)
         numerator = numerator + state_factor[..., None] * state_numerator
         denominator = denominator + state_factor * state_denominator
-    y = normalise(numerator, denominator)
+    y = ungrouped(normalise(numerator, denominator))
     if not with_log_normaliser:
         return y
-    return y, jnp.moveaxis(stabiliser, 1, -1) + log_abs(denominator)
+    return y, ungrouped(stabiliser + log_abs(denominator))
 
 
 def add_state(
@@ -131,17 +135,19 @@ def add_state(
     """y of a block of tokens alone, with log sum_j w_ij (not finite where a row has no weight),
     joined with a state's tokens before them: `attend`'s y, for outputs computed without the state
     (the Triton kernels)."""
+    kv_heads = state.S.shape[1]
+    y, log_normaliser, q = (grouped(a, kv_heads) for a in (y, log_normaliser, q))
     G, state_numerator, state_denominator, log_state_weight = query_state(q, gate, state, p, scale)
     log_local_weight = jnp.where(jnp.isfinite(log_normaliser), log_normaliser, -jnp.inf)
     stabiliser = finite_or_zero(jax.lax.stop_gradient(jnp.maximum(log_local_weight, log_state_weight)))
     local_factor, state_factor = jnp.exp(log_local_weight - stabiliser), jnp.exp(G - stabiliser)
     numerator = local_factor[..., None] * y + state_factor[..., None] * state_numerator
-    return normalise(numerator, local_factor + state_factor * state_denominator)
+    return ungrouped(normalise(numerator, local_factor + state_factor * state_denominator))
 
 
 def state_after(
-    k: Float[Array, "batch seq heads dim"],
-    v: Float[Array, "batch seq heads dv"],
+    k: Float[Array, "batch seq kv_heads dim"],
+    v: Float[Array, "batch seq kv_heads dv"],
     gate: GatePair | None,
     state: SympowState | None,
     p: int,
@@ -164,9 +170,9 @@ def state_after(
 
 def attention_form(
     q: Float[Array, "batch seq heads dim"],
-    k: Float[Array, "batch seq heads dim"],
-    v: Float[Array, "batch seq heads dv"],
-    log_g: Float[Array, "batch seq heads"] | None,
+    k: Float[Array, "batch seq kv_heads dim"],
+    v: Float[Array, "batch seq kv_heads dv"],
+    log_g: Float[Array, "batch seq kv_heads"] | None,
     p: int,
     scale: float,
     initial_state: SympowState | None = None,

@@ -16,7 +16,8 @@ ones the Triton kernels implement, though not with their signatures or layout: `
 `state_scan`, `chunk_outputs`; each chunk's work is the attention form's `state_after` or
 `attend` on that chunk alone. Chunk-wise work runs one chunk at a time under `jax.checkpoint`,
 so the backward pass rematerialises phi features and never holds more than one chunk of them.
-`matmul` is the attention form's (ops.sympow.attention_form).
+`matmul` is the attention form's (ops.sympow.attention_form). Keys, values, gates and states
+are per key/value head, queries per query head (ops.sympow.groups).
 """
 
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from ops.sympow.gate import ChunkGatePair, chunk_local_gates
 from ops.sympow.state import SympowState, decay_and_add, empty_state
 
 Chunked = Float[Array, "batch chunks chunk heads dim"]
+ChunkedKeys = Float[Array, "batch chunks chunk kv_heads dim"]
 
 
 def split_chunks(x: Float[Array, "batch seq *rest"], chunk_size: int) -> Float[Array, "batch chunks chunk *rest"]:
@@ -48,13 +50,13 @@ def one_chunk_at_a_time(fn, *chunked_args):
 
 
 def chunk_states(
-    k: Chunked,
-    v: Float[Array, "batch chunks chunk heads dv"],
+    k: ChunkedKeys,
+    v: Float[Array, "batch chunks chunk kv_heads dv"],
     L: ChunkGatePair,
     p: int,
     scale: float,
     matmul: Callable = jnp.einsum,
-) -> tuple[Float[Array, "batch chunks heads D dv"], Float[Array, "batch chunks heads D"]]:
+) -> tuple[Float[Array, "batch chunks kv_heads D dv"], Float[Array, "batch chunks kv_heads D"]]:
     """What each chunk adds to the state: sum_j exp(L_end - L_j) phi(r k_j) v_j^T, and to z."""
 
     def one_chunk(k, v, L_hi, L_lo):
@@ -64,11 +66,11 @@ def chunk_states(
 
 
 def state_scan(
-    delta_S: Float[Array, "batch chunks heads D dv"],
-    delta_z: Float[Array, "batch chunks heads D"],
-    L_end: Float[Array, "batch chunks heads"],
+    delta_S: Float[Array, "batch chunks kv_heads D dv"],
+    delta_z: Float[Array, "batch chunks kv_heads D"],
+    L_end: Float[Array, "batch chunks kv_heads"],
     initial_state: SympowState | None = None,
-) -> tuple[Float[Array, "batch chunks heads D dv"], Float[Array, "batch chunks heads D"], SympowState]:
+) -> tuple[Float[Array, "batch chunks kv_heads D dv"], Float[Array, "batch chunks kv_heads D"], SympowState]:
     """The states entering each chunk, S_{m+1} = exp(L_end_m) S_m + delta_S_m from S_0 (zero
     unless given; z likewise), and the state after the last chunk."""
 
@@ -85,11 +87,11 @@ def state_scan(
 
 def chunk_outputs(
     q: Chunked,
-    k: Chunked,
-    v: Float[Array, "batch chunks chunk heads dv"],
+    k: ChunkedKeys,
+    v: Float[Array, "batch chunks chunk kv_heads dv"],
     L: ChunkGatePair,
-    S: Float[Array, "batch chunks heads D dv"],
-    z: Float[Array, "batch chunks heads D"],
+    S: Float[Array, "batch chunks kv_heads D dv"],
+    z: Float[Array, "batch chunks kv_heads D"],
     p: int,
     scale: float,
     matmul: Callable = jnp.einsum,
@@ -106,9 +108,9 @@ def chunk_outputs(
 
 def chunked_form(
     q: Float[Array, "batch seq heads dim"],
-    k: Float[Array, "batch seq heads dim"],
-    v: Float[Array, "batch seq heads dv"],
-    log_g: Float[Array, "batch seq heads"] | None,
+    k: Float[Array, "batch seq kv_heads dim"],
+    v: Float[Array, "batch seq kv_heads dv"],
+    log_g: Float[Array, "batch seq kv_heads"] | None,
     p: int,
     scale: float,
     chunk_size: int,
@@ -119,7 +121,7 @@ def chunked_form(
     the given state (or zero); returns y and the state after the last token (padding adds nothing)."""
     batch, seq, heads, _ = q.shape
     if log_g is None:
-        log_g = jnp.zeros((batch, seq, heads), q.dtype)
+        log_g = jnp.zeros(k.shape[:3], k.dtype)
     qc, kc, vc, log_gc = (split_chunks(a, chunk_size) for a in (q, k, v, log_g))
     L = chunk_local_gates(log_gc)
     delta_S, delta_z = chunk_states(kc, vc, L, p, scale, matmul)
@@ -129,9 +131,9 @@ def chunked_form(
 
 
 def final_state(
-    k: Float[Array, "batch seq heads dim"],
-    v: Float[Array, "batch seq heads dv"],
-    log_g: Float[Array, "batch seq heads"] | None,
+    k: Float[Array, "batch seq kv_heads dim"],
+    v: Float[Array, "batch seq kv_heads dv"],
+    log_g: Float[Array, "batch seq kv_heads"] | None,
     initial_state: SympowState | None,
     p: int,
     scale: float,
@@ -139,13 +141,13 @@ def final_state(
 ) -> SympowState:
     """The state after the last token alone, chunk after chunk: one D x dv state and one chunk of
     phi features alive at a time (for outputs that came from elsewhere: the Triton kernels)."""
-    batch, seq, heads, _ = k.shape
+    batch, seq, kv_heads, _ = k.shape
     if log_g is None:
-        log_g = jnp.zeros((batch, seq, heads), k.dtype)
+        log_g = jnp.zeros((batch, seq, kv_heads), k.dtype)
     kc, vc, log_gc = (split_chunks(a, chunk_size) for a in (k, v, log_g))
     chunks = tuple(jnp.moveaxis(a, 1, 0) for a in (kc, vc, *chunk_local_gates(log_gc)))
     if initial_state is None:
-        initial_state = empty_state(batch, heads, k.shape[-1], v.shape[-1], p, k.dtype)
+        initial_state = empty_state(batch, kv_heads, k.shape[-1], v.shape[-1], p, k.dtype)
 
     @jax.checkpoint
     def step(state, chunk):

@@ -9,16 +9,16 @@ from jaxtyping import Array, Float
 
 from ops.exact import exact_cumsum
 
-GatePair = tuple[Float[Array, "batch seq heads"], Float[Array, "batch seq heads"]]
-ChunkGatePair = tuple[Float[Array, "batch chunks chunk heads"], Float[Array, "batch chunks chunk heads"]]
+GatePair = tuple[Float[Array, "batch seq kv_heads"], Float[Array, "batch seq kv_heads"]]
+ChunkGatePair = tuple[Float[Array, "batch chunks chunk kv_heads"], Float[Array, "batch chunks chunk kv_heads"]]
 
 
-def exact_cumulative_gate(log_g: Float[Array, "batch seq heads"]) -> GatePair:
+def exact_cumulative_gate(log_g: Float[Array, "batch seq kv_heads"]) -> GatePair:
     """G_i = sum_{u <= i} log_g_u, over the whole sequence, as (hi, lo)."""
     return exact_cumsum(log_g, axis=1)
 
 
-def chunk_local_gates(log_g: Float[Array, "batch chunks chunk heads"]) -> ChunkGatePair:
+def chunk_local_gates(log_g: Float[Array, "batch chunks chunk kv_heads"]) -> ChunkGatePair:
     """L_t = sum_{u=mc..t} log_g_u, the cumulative gate restarted at each chunk, as (hi, lo)."""
     return exact_cumsum(log_g, axis=2)
 

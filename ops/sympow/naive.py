@@ -6,9 +6,11 @@ standard library, numpy and jax) and takes none of their numerical care: no log 
 stabiliser, no exact gate pairs. In float64, on the unit-size inputs of the tests, that care is
 not needed; it is what the production forms add to run in float32.
 
-Shapes: q, k [batch, seq, heads, dim]; v [batch, seq, heads, dim_v]; log_g [batch, seq, heads],
-log_g = log gamma <= 0, None for no gate; a state is a pair (S [batch, heads, D, dim_v],
-z [batch, heads, D]). The scale s multiplies q and k; r = sqrt(s).
+Shapes: q [batch, seq, heads, dim]; k [batch, seq, kv_heads, dim]; v [batch, seq, kv_heads, dim_v];
+log_g [batch, seq, kv_heads], log_g = log gamma <= 0, None for no gate; a state is a pair
+(S [batch, kv_heads, D, dim_v], z [batch, kv_heads, D]). Query head h reads key/value head
+h // (heads / kv_heads), and the gate and the state belong to the key/value head (grouped-query
+attention; kv_heads = heads is plain multi-head attention). The scale s multiplies q and k; r = sqrt(s).
 """
 
 import collections
@@ -45,6 +47,14 @@ def cumulative_gate(log_g, like):
     return jnp.zeros(like.shape[:3], like.dtype) if log_g is None else jnp.cumsum(log_g, axis=1)
 
 
+def for_query_heads(x, heads: int, axis: int = 2):
+    """Each key/value head's keys, values, gate or state (None stays None) repeated for each of
+    the query heads of its group, so that query head h finds its key/value head at h."""
+    if x is None:
+        return None
+    return jnp.repeat(x, heads // x.shape[axis], axis=axis)
+
+
 def divide(numerator, denominator):
     """numerator / denominator, 0 for a row with no weight at all (which has numerator 0)."""
     return numerator / jnp.where(denominator == 0, 1, denominator)[..., None]
@@ -55,6 +65,7 @@ def attention_form(q, k, v, log_g, p: int, scale: float, initial_state=None):
 
     With a state (S_0, z_0) left by earlier tokens, those come before q_1 and weigh
     exp(G_i) phi(r q_i)^T S_0 in the numerator and exp(G_i) phi(r q_i)^T z_0 in the denominator."""
+    k, v, log_g = (for_query_heads(a, q.shape[2]) for a in (k, v, log_g))
     seq = q.shape[1]
     G = cumulative_gate(log_g, q)
     causal = jnp.tril(jnp.ones((seq, seq), bool))[None, :, :, None]  # [1, i, j, 1]
@@ -63,7 +74,7 @@ def attention_form(q, k, v, log_g, p: int, scale: float, initial_state=None):
     numerator = jnp.einsum("bijh,bjhv->bihv", w, v)
     denominator = jnp.sum(w, axis=2)
     if initial_state is not None:
-        S, z = initial_state
+        S, z = (for_query_heads(a, q.shape[2], axis=1) for a in initial_state)
         phi_q = phi(math.sqrt(scale) * q, p)
         numerator = numerator + jnp.exp(G)[..., None] * jnp.einsum("bihD,bhDv->bihv", phi_q, S)
         denominator = denominator + jnp.exp(G) * jnp.einsum("bihD,bhD->bih", phi_q, z)
@@ -74,13 +85,16 @@ def recurrent_form(q, k, v, log_g, p: int, scale: float, initial_state=None):
     """S_t = gamma_t S_{t-1} + phi(r k_t) v_t^T, z_t = gamma_t z_{t-1} + phi(r k_t),
     y_t = phi(r q_t)^T S_t / phi(r q_t)^T z_t, from (S_0, z_0) (zero unless given).
     Returns y and the last state (S_T, z_T). phi(r q) . phi(r k) = (s q . k)^p, so these are
-    the attention form's weights."""
-    batch, _, heads, dim = q.shape
+    the attention form's weights. The state is per key/value head, read by each of its query heads."""
+    batch, _, kv_heads, dim = k.shape
     r = math.sqrt(scale)
-    gamma = jnp.ones(q.shape[:3], q.dtype) if log_g is None else jnp.exp(log_g)
+    gamma = jnp.ones(k.shape[:3], k.dtype) if log_g is None else jnp.exp(log_g)
     if initial_state is None:
         D = len(multisets(dim, p)[0])
-        initial_state = (jnp.zeros((batch, heads, D, v.shape[-1]), v.dtype), jnp.zeros((batch, heads, D), v.dtype))
+        initial_state = (
+            jnp.zeros((batch, kv_heads, D, v.shape[-1]), v.dtype),
+            jnp.zeros((batch, kv_heads, D), v.dtype),
+        )
 
     def step(state, token):
         S, z = state
@@ -88,7 +102,8 @@ def recurrent_form(q, k, v, log_g, p: int, scale: float, initial_state=None):
         S = gamma_t[..., None, None] * S + phi(r * k_t, p)[..., :, None] * v_t[..., None, :]
         z = gamma_t[..., None] * z + phi(r * k_t, p)
         phi_q = phi(r * q_t, p)
-        return (S, z), divide(jnp.einsum("bhD,bhDv->bhv", phi_q, S), jnp.einsum("bhD,bhD->bh", phi_q, z))
+        S_q, z_q = (for_query_heads(a, q_t.shape[1], axis=1) for a in (S, z))
+        return (S, z), divide(jnp.einsum("bhD,bhDv->bhv", phi_q, S_q), jnp.einsum("bhD,bhD->bh", phi_q, z_q))
 
     tokens = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, gamma))
     state, y = jax.lax.scan(step, tuple(initial_state), tokens)
@@ -136,6 +151,8 @@ def state_scan(added_S, added_z, log_decay, initial_state=None):
 def chunk_outputs(q, k, v, log_g, S, z, p: int, scale: float, chunk: int):
     """y_i = [exp(L_i) phi(r q_i)^T S_m + sum_{j in m, j <= i} (s q_i . k_j)^p exp(L_i - L_j) v_j]
     / [the same with z_m and 1], S_m and z_m the state entering i's chunk m."""
+    k, v, log_g = (for_query_heads(a, q.shape[2]) for a in (k, v, log_g))
+    S, z = for_query_heads(S, q.shape[2]), for_query_heads(z, q.shape[2])
     L = chunk_gate(log_g, q, chunk)
     causal = jnp.tril(jnp.ones((chunk, chunk), bool))[None, None, :, :, None]  # [1, 1, i, j, 1]
     decay = jnp.exp(jnp.where(causal, L[:, :, :, None] - L[:, :, None, :], -jnp.inf))
@@ -150,5 +167,5 @@ def chunk_outputs(q, k, v, log_g, S, z, p: int, scale: float, chunk: int):
 def chunked_form(q, k, v, log_g, p: int, scale: float, chunk: int, initial_state=None):
     """The three stages composed: y and the state after the last token, as recurrent_form's."""
     added_S, added_z = chunk_states(k, v, log_g, p, scale, chunk)
-    S, z, final = state_scan(added_S, added_z, chunk_gate(log_g, q, chunk)[:, :, -1], initial_state)
+    S, z, final = state_scan(added_S, added_z, chunk_gate(log_g, k, chunk)[:, :, -1], initial_state)
     return chunk_outputs(q, k, v, log_g, S, z, p, scale, chunk), final

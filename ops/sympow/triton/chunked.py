@@ -238,7 +238,9 @@ triton_chunked.defvjp(triton_chunked_forward, triton_chunked_backward)
 
 def chunked(q, k, v, log_g, scale: float, chunk_size: int, options: LaunchOptions = LaunchOptions()):
     """Gated power attention with p = 2 through the chunked stages, those in options.kernel_stages
-    as kernels (O(T c d + T D' d) work, states per chunk): (y, log normaliser)."""
+    as kernels (O(T c d + T D' d) work, states per chunk): (y, log normaliser). With grouped
+    heads (k, v, log_g over fewer heads than q) the states are scanned once per key/value head,
+    and the stages are composed unfused."""
     check_dims(q, v)
     multiple = chunk_multiple(q, options)
     if chunk_size % multiple:
@@ -246,10 +248,14 @@ def chunked(q, k, v, log_g, scale: float, chunk_size: int, options: LaunchOption
             f"impl='triton' needs chunk_size a multiple of {multiple} here (tiles do not straddle chunks); "
             f"got {chunk_size}"
         )
-    log_g = jnp.zeros(q.shape[:3], jnp.float32) if log_g is None else log_g.astype(jnp.float32)
-    if set(options.kernel_stages) == set(STAGES):
+    log_g = jnp.zeros(k.shape[:3], jnp.float32) if log_g is None else log_g.astype(jnp.float32)
+    group = q.shape[2] // k.shape[2]
+    if group == 1 and set(options.kernel_stages) == set(STAGES):
         return triton_chunked(q, k, v, log_g, scale, chunk_size, options)
     states = kernel_states if "states" in options.kernel_stages else jax_states
     outputs = kernel_outputs if "outputs" in options.kernel_stages else jax_outputs
-    S, z = states(k, v, log_g, scale, chunk_size, options)
+    S, z = states(k, v, log_g, scale, chunk_size, options)  # once per key/value head
+    # The output kernels' programs read the rows of one head: each key/value head's keys, values,
+    # gate and states are repeated for its group of query heads (the repeat's gradient sums the group's).
+    k, v, log_g, S, z = (jnp.repeat(a, group, axis=2) for a in (k, v, log_g, S, z))
     return outputs(q, k, v, log_g, S, z, scale, chunk_size, options)
