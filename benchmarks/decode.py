@@ -268,7 +268,8 @@ def plot(results, path: Path) -> None:
         axis.set_title(title)
         axis.grid(True, which="both", alpha=0.3)
     for axis in axes:
-        axis.legend(fontsize=7)
+        if axis.lines:  # the prefill panel is empty when no case prefilled
+            axis.legend(fontsize=7)
     figure.suptitle(f"batch 1, float32, {results['machine']}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from ops.sympow.attention_form import add_state, attention_form
@@ -307,8 +308,12 @@ def check_lengths(lengths, batch: int, seq: int) -> None:
     lengths = jnp.asarray(lengths)
     if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"lengths must be [batch] = ({batch},) integers; got shape {lengths.shape}, {lengths.dtype}")
-    if not isinstance(lengths, jax.core.Tracer) and not bool(jnp.all((lengths >= 0) & (lengths <= seq))):
-        raise ValueError(f"lengths must be in 0..{seq} (the padded prompt's length); got {lengths.tolist()}")
+    try:
+        values = np.asarray(lengths)
+    except jax.errors.TracerArrayConversionError:  # under jit: known only when it runs
+        return
+    if not np.all((values >= 0) & (values <= seq)):
+        raise ValueError(f"lengths must be in 0..{seq} (the padded prompt's length); got {values.tolist()}")
 
 
 def sympow_cache_step(
