@@ -94,10 +94,14 @@ def plot(args, best: dict) -> None:
     figure, axes = plt.subplots(figsize=(7, 5))
     for variant in args.variants:
         points = sorted((c, np.mean([r["accuracy_1x"] for r in rs])) for (v, c), rs in best.items() if v == variant)
-        if points:
-            axes.plot(*zip(*points), marker="o", label=variant)
+        if not points:
+            continue
+        (line,) = axes.plot(*zip(*points), marker="o", label=variant)
+        # Each seed too: where seeds split (one learns, one does not), the mean alone would hide it.
+        seeds = [(c, r["accuracy_1x"]) for (v, c), rs in best.items() if v == variant for r in rs]
+        axes.scatter(*zip(*seeds), marker="x", color=line.get_color(), alpha=0.6)
     axes.set(xscale="log", xlabel="training context", ylabel="recall accuracy at the training context", ylim=(0, 1))
-    axes.set_title("Accuracy against training context (best lr per point)")
+    axes.set_title("Accuracy against training context (best lr per point; line: mean, x: each seed)")
     axes.legend()
     figure.tight_layout()
     figure.savefig(args.out / "accuracy_by_context.png", dpi=120)
