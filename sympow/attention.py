@@ -94,15 +94,17 @@ class Attention(eqx.Module):
     def project(self, x: Float[Array, "batch seq d_model"], start: Position | None, real=None):
         """Rotated q and k, v, the log-gates (or None) and the rotary position after these tokens.
         real [batch, seq]: which tokens are a prompt's (the rest padding after it), or None for
-        all: padding gets a zero key, log-gate and rotary step, so that it adds nothing to a
-        state (phi(0) = 0), decays nothing and moves no position."""
+        all: padding gets a zero key, value, log-gate and rotary step, so that it adds nothing to
+        a state (phi(0) = 0), decays nothing and moves no position (and a zero weight meets a
+        finite value)."""
         cfg = self.config
         batch, seq, _ = x.shape
         heads = self.qkv(x).reshape(batch, seq, cfg.n_heads + 2 * cfg.kv_heads, cfg.head_dim)
         q, k, v = jnp.split(heads, [cfg.n_heads, cfg.n_heads + cfg.kv_heads], axis=2)
         beta = self.beta(x)
         if real is not None:
-            beta, k = jnp.where(real[..., None], beta, 0), jnp.where(real[..., None, None], k, 0)
+            beta = jnp.where(real[..., None], beta, 0)
+            k, v = (jnp.where(real[..., None, None], a, 0) for a in (k, v))
         if self.learned_rotary is None:
             angles = fixed_angles(batch, seq, cfg.kv_heads, cfg.head_dim, cfg.rotary_length, start, beta.dtype)
         else:

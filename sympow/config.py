@@ -56,11 +56,16 @@ class ModelConfig:
             raise ValueError(f"gate_init is the initial gamma, in (0, 1); got {self.gate_init}")
         if self.d_model % self.n_heads or self.head_dim % 2:
             raise ValueError(f"d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of even size")
-        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+        kv_heads = self.n_kv_heads
+        if kv_heads is not None and (
+            isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads <= 0 or self.n_heads % kv_heads
+        ):
             raise ValueError(
                 f"n_kv_heads ({self.n_kv_heads}) must be a positive divisor of n_heads ({self.n_heads}): "
                 "each key/value head serves a group of query heads"
             )
+        if kv_heads == self.n_heads:  # one spelling for equal heads, so that equal configs compare equal
+            object.__setattr__(self, "n_kv_heads", None)
 
     @property
     def head_dim(self) -> int:

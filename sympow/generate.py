@@ -105,10 +105,8 @@ def generate(
     if lengths is None:
         lengths = jnp.full((batch,), prompt_length, jnp.int32)
     else:
-        check_lengths(lengths, batch, prompt_length)
+        check_lengths(lengths, batch, prompt_length, shortest=1)  # every prompt needs a token
         lengths = jnp.asarray(lengths, jnp.int32)
-        if not bool(jnp.all(lengths >= 1)):
-            raise ValueError(f"every prompt needs at least one token; got lengths {lengths.tolist()}")
     if max_new_tokens == 0:
         new = jnp.zeros((batch, 0), prompt.dtype)
     else:

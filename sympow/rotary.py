@@ -20,7 +20,8 @@ from jaxtyping import Array, Float
 from ops.exact import add_pairs, exact_cumsum, two_product
 from ops.sympow.numerics import compute_dtype
 
-# A position sum_{u<=t} beta_u as an exact pair (hi, lo), per batch entry and head.
+# A position sum_{u<=t} beta_u as an exact pair (hi, lo), per batch entry and head (in the
+# model, per key/value head: its query heads rotate with it).
 Position = tuple[Float[Array, "batch heads"], Float[Array, "batch heads"]]
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 # theirs; the seed names the run (its initialisation, and so every later step).
 FIXED = (
     *("data", "context", "tokens_per_update", "seed"),
-    *("attention", "p", "preset", "chunk_size", "layers", "d_model", "heads", "mlp_ratio", "token_shift", "gate_init"),
+    *("attention", "p", "preset", "chunk_size", "layers", "d_model", "heads", "kv_heads", "mlp_ratio"),
+    *("token_shift", "gate_init"),
 )
 # Where the run is, and how its processes meet, say nothing about what it computes.
 NOT_SETTINGS = ("out", "distributed", "coordinator", "num_processes", "process_id", "heartbeat_timeout", "init_timeout")

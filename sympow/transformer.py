@@ -121,7 +121,7 @@ class Transformer(eqx.Module):
         if tokens.ndim != 2 or tokens.shape[1] == 0:
             raise ValueError(f"a prompt must be [batch, tokens] with at least one token; got shape {tokens.shape}")
         if lengths is not None:
-            check_lengths(lengths, tokens.shape[0], tokens.shape[1])
+            check_lengths(lengths, tokens.shape[0], tokens.shape[1], shortest=1)  # logits after a token
             lengths = jnp.asarray(lengths, jnp.int32)
         if self.config.token_shift:
             raise NotImplementedError("decoding a model with a token shift (the recall models) is not supported yet")

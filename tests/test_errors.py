@@ -92,6 +92,14 @@ def test_bad_model_configs():
         sympow.preset("huge")
     with pytest.raises(ValueError, match="n_layers must be positive"):
         sympow.ModelConfig(vocab_size=10, d_model=8, n_layers=0, n_heads=2)
+    for kv_heads in (3, 0, True):  # not a divisor; not positive; a bool, not a count
+        with pytest.raises(ValueError, match="must be a positive divisor of n_heads"):
+            sympow.ModelConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2, n_kv_heads=kv_heads)
+
+
+def test_equal_key_value_heads_are_one_config_however_spelled():
+    equal = sympow.ModelConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2, n_kv_heads=2)
+    assert equal == sympow.ModelConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2) and equal.n_kv_heads is None
 
 
 def test_shape_annotations_are_checked_in_the_suite():

@@ -153,6 +153,8 @@ def test_a_resume_may_change_the_schedule_but_not_what_the_saved_state_means():
     now = saved | dict(context=1024, seed=1, lr=3e-4, steps=400, out="runs/b", keep=3)
     refused, changed = run_folder.resume_differences(saved, now)
     assert refused == ["--context: saved 256, now 1024", "--seed: saved 0, now 1"]
+    grouped = run_folder.resume_differences(saved | dict(kv_heads=None), saved | dict(kv_heads=2))[0]
+    assert grouped == ["--kv-heads: saved None, now 2"]  # the weights' shapes change
     assert changed == {"lr": [6e-4, 3e-4], "steps": [200, 400]}  # a moved folder, a new flag: no change
     assert run_folder.resume_differences(saved, dict(saved)) == ([], {})
 

@@ -125,6 +125,9 @@ def test_bad_cache_steps_are_refused():
         ops.sympow_cache_step(*(a[:, 0] for a in two_heads), cache)
     with pytest.raises(ValueError, match="log_g must be <= 0"):
         ops.key_value_cache(k, v, -log_g, max_length=4)
+    for length in (jnp.int32(3), jnp.array([3.0])):  # one length for the batch (no row's own); not integers
+        with pytest.raises(ValueError, match=r"cache's length must be \[batch\] = \(1,\) integers"):
+            check_cache(cache._replace(length=length), *token[::2], log_g)
 
 
 def test_state_is_float32_at_least():

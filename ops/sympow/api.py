@@ -274,6 +274,12 @@ def check_cache(cache, q, v, log_g) -> None:
         )
     if cache.v.shape != (*cache.k.shape[:3], dim_v):
         raise ValueError(f"the cache's v must be {(*cache.k.shape[:3], dim_v)}; got {cache.v.shape}")
+    length = jnp.asarray(cache.length)
+    if length.shape != (batch,) or not jnp.issubdtype(length.dtype, jnp.integer):
+        raise ValueError(
+            f"the cache's length must be [batch] = ({batch},) integers, each row's tokens so far; "
+            f"got shape {length.shape}, {length.dtype}"
+        )
     if (log_g is None) != (cache.gate is None):
         raise ValueError("log_g and the cache's gate must both be given or both be None")
 
@@ -303,8 +309,9 @@ def key_value_cache(
     return prompt_cache(k, v, log_g, max_length, lengths)
 
 
-def check_lengths(lengths, batch: int, seq: int) -> None:
-    """Prompt lengths [batch] of integers in 0..seq (their values checked where they are known, outside jit)."""
+def check_lengths(lengths, batch: int, seq: int, shortest: int = 0) -> None:
+    """Prompt lengths [batch] of integers in shortest..seq (their values checked where they are
+    known, outside jit)."""
     lengths = jnp.asarray(lengths)
     if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"lengths must be [batch] = ({batch},) integers; got shape {lengths.shape}, {lengths.dtype}")
@@ -312,8 +319,8 @@ def check_lengths(lengths, batch: int, seq: int) -> None:
         values = np.asarray(lengths)
     except jax.errors.TracerArrayConversionError:  # under jit: known only when it runs
         return
-    if not np.all((values >= 0) & (values <= seq)):
-        raise ValueError(f"lengths must be in 0..{seq} (the padded prompt's length); got {values.tolist()}")
+    if not np.all((values >= shortest) & (values <= seq)):
+        raise ValueError(f"lengths must be in {shortest}..{seq} (the padded prompt's length); got {values.tolist()}")
 
 
 def sympow_cache_step(
@@ -328,8 +335,8 @@ def sympow_cache_step(
     check_log_g: bool = True,
 ) -> tuple[Float[Array, "batch heads dv"], KeyValueCache]:
     """One token of decoding against a key/value cache (ops.key_value_cache), for states too large
-    to hold: the token is written into slot cache.length, and y = sum_j w_j v_j / sum_j w_j over
-    slots 0..length with w_j = (scale q . k_j)^p exp(G_t - G_j). Returns (y in v's dtype, the cache
+    to hold: row b's token is written into slot cache.length[b], and y = sum_j w_j v_j / sum_j w_j
+    over slots 0..length[b] with w_j = (scale q . k_j)^p exp(G_t - G_j). Returns (y in v's dtype, the cache
     with the token). O(length x dim) per head; past the cache's last slot y is NaN. Equals
     sympow_attention over the cached tokens and this one. Grouped heads (the cache per key/value
     head) and check_log_g as in sympow_attention."""
