@@ -189,14 +189,15 @@ KERNELS = {
 
 @pytest.mark.parametrize("name", KERNELS)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("dim, p", [(16, 2), (32, 2), (64, 2), (64, 4), (128, 2)])
-def test_attention_kernels_compile_for_sm90(name, dtype, dim, p):
+@pytest.mark.parametrize("dim, p, kv_heads", [(16, 2, 8), (32, 2, 8), (64, 2, 8), (64, 4, 8), (128, 2, 8), (64, 2, 2)])
+def test_attention_kernels_compile_for_sm90(name, dtype, dim, p, kv_heads):
     """With its GPU tiling each kernel compiles for an H100, fits its shared memory and spills (next to) no
-    registers."""
+    registers; also with 8 query heads over 2 key/value heads (the keys kernel then loops over a group)."""
     kernel, data_pointers, float32_pointers = KERNELS[name]
     pointers = {f"{n}_ptr": f"*{dtype}" for n in data_pointers} | {f"{n}_ptr": "*fp32" for n in float32_pointers}
-    q = jax.ShapeDtypeStruct((1, 65536, 8, dim), jnp.dtype(jnp.bfloat16 if dtype == "bf16" else jnp.float32))
-    constants = attention_plan(q, q, p, 1 / math.sqrt(dim), True, LaunchOptions()).scalars
+    dtype_of = jnp.dtype(jnp.bfloat16 if dtype == "bf16" else jnp.float32)
+    q, k = (jax.ShapeDtypeStruct((1, 65536, heads, dim), dtype_of) for heads in (8, kv_heads))
+    constants = attention_plan(q, k, k, p, 1 / math.sqrt(dim), True, LaunchOptions()).scalars
     check_sm90_compile(kernel, pointers, constants, attention_gpu_tilings(dim, ITEMSIZE[dtype])[kernel])
 
 

@@ -219,11 +219,7 @@ def triton_forms(impl: str, q, k, v, log_g, p: int, scale: float, chunk_size: in
     if p == 2 and q.shape[1] > chunk_size:
         y, log_normaliser = chunked_kernels.chunked(q, k, v, log_g, scale, chunk_size)
     else:
-        # The flash kernels' programs read one head's rows: each key/value head's keys, values
-        # and gate are repeated for its group of query heads (the repeat's gradient sums the group's).
-        group = q.shape[2] // k.shape[2]
-        repeated = (None if a is None else jnp.repeat(a, group, axis=2) for a in (k, v, log_g))
-        y, log_normaliser = flash_kernels.attention(q, *repeated, p, scale)
+        y, log_normaliser = flash_kernels.attention(q, k, v, log_g, p, scale)
     if initial_state is None and not return_state:
         return y, None
     q, k, v, log_g, initial_state = cast(jnp.float32, q, k, v, log_g, initial_state)

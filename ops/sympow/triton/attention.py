@@ -1,7 +1,8 @@
 """Flash-style gated power attention in log space: the whole op for short sequences and
 for states too large to hold (p = 4 at d = 64).
 
-Per (query block, batch x head) program, over key blocks up to the diagonal:
+Per (query block, batch x head) program, over key blocks up to the diagonal (with grouped heads,
+those of the query head's key/value head, read in place; the host sums a group's gradients):
 log w_ij = p log|s q_i . k_j| + G_i - G_j (j <= i), with G given as hi + lo in float32 pairs
 (ops.exact) so that G_i - G_j keeps float32's relative precision when |G| is large (strong
 gates over long sequences: |G| ~ 3000 at T = 500, gamma = 0.01), kept against a running row max m_i
@@ -20,16 +21,18 @@ import jax.numpy as jnp
 import triton.language as tl
 
 from ops.sympow.gate import exact_cumulative_gate, reverse_cumsum
+from ops.sympow.groups import grouped
 from ops.sympow.triton.launch import LaunchOptions, Plan, Tiling
 from ops.sympow.triton.tiles import (
     accumulate_key_gradients,
     accumulate_keys,
     accumulate_query_gradients,
-    head_bases,
     load_gates,
     load_keys,
     load_query_gradients,
     load_tile,
+    program_batch_head,
+    slice_bases,
     store_outputs,
     store_row,
     store_tile,
@@ -46,6 +49,7 @@ def power_attention_forward(
     log_normaliser_ptr,
     seq_len,
     HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
     DIM: tl.constexpr,
     DIM_V: tl.constexpr,
     SCALE: tl.constexpr,
@@ -56,18 +60,20 @@ def power_attention_forward(
 ):
     """y and the log-normaliser for one query block, over the key blocks up to its diagonal."""
     block_m = tl.program_id(0)
-    qk_base, v_base, row_base = head_bases(seq_len, HEADS, DIM, DIM_V)
-    # Every pointer below moves to this program's (batch, head).
-    q_ptr += qk_base
-    k_ptr += qk_base
-    v_ptr += v_base
-    y_ptr += v_base
-    g_ptr += row_base
-    g_lo_ptr += row_base
+    batch, head = program_batch_head(HEADS)
+    q_base, y_base, row_base = slice_bases(batch, head, seq_len, HEADS, DIM, DIM_V)
+    k_base, v_base, gate_base = slice_bases(batch, head // (HEADS // KV_HEADS), seq_len, KV_HEADS, DIM, DIM_V)
+    # Every pointer below moves to this program's (batch, query head) or its key/value head.
+    q_ptr += q_base
+    y_ptr += y_base
     log_normaliser_ptr += row_base
+    k_ptr += k_base
+    v_ptr += v_base
+    g_ptr += gate_base
+    g_lo_ptr += gate_base
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q = load_tile(q_ptr, rows, seq_len, HEADS, DIM)  # [BLOCK_M, DIM]
-    row_hi, row_lo = load_gates(g_ptr, g_lo_ptr, rows, seq_len, HEADS)
+    row_hi, row_lo = load_gates(g_ptr, g_lo_ptr, rows, seq_len, KV_HEADS)
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # [BLOCK_M]
     row_sum = tl.zeros([BLOCK_M], tl.float32)  # [BLOCK_M]
     acc = tl.zeros([BLOCK_M, DIM_V], tl.float32)  # [BLOCK_M, DIM_V]
@@ -86,7 +92,7 @@ def power_attention_forward(
         key_start=0,
         key_end=(block_m + 1) * BLOCK_M,
         seq_len=seq_len,
-        HEADS=HEADS,
+        KV_HEADS=KV_HEADS,
         DIM=DIM,
         DIM_V=DIM_V,
         SCALE=SCALE,
@@ -111,6 +117,7 @@ def power_attention_backward_keys(
     dg_ptr,
     seq_len,
     HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
     DIM: tl.constexpr,
     DIM_V: tl.constexpr,
     SCALE: tl.constexpr,
@@ -120,23 +127,27 @@ def power_attention_backward_keys(
     BLOCK_N: tl.constexpr,
 ):
     """dk, dv and the column part of dG for one key block, over the query blocks at or below its
-    diagonal: delta_i = dy_i . y_i, dG_j -= sum_i d log w_ij."""
+    diagonal: delta_i = dy_i . y_i, dG_j -= sum_i d log w_ij. With grouped heads the keys are the
+    query head's key/value head's, and dk, dv, dG this query head's share (the host sums the
+    group's: a loop over the group here spilled registers at float32, d 64)."""
     block_n = tl.program_id(0)
-    qk_base, v_base, row_base = head_bases(seq_len, HEADS, DIM, DIM_V)
-    # Every pointer below moves to this program's (batch, head).
-    q_ptr += qk_base
-    k_ptr += qk_base
-    dk_ptr += qk_base
-    v_ptr += v_base
-    dy_ptr += v_base
-    dv_ptr += v_base
-    g_ptr += row_base
-    g_lo_ptr += row_base
+    batch, head = program_batch_head(HEADS)
+    q_base, y_base, row_base = slice_bases(batch, head, seq_len, HEADS, DIM, DIM_V)
+    k_base, v_base, gate_base = slice_bases(batch, head // (HEADS // KV_HEADS), seq_len, KV_HEADS, DIM, DIM_V)
+    # Every pointer below moves to this program's (batch, query head) or its key/value head.
+    q_ptr += q_base
+    dk_ptr += q_base
+    dy_ptr += y_base
+    dv_ptr += y_base
     delta_ptr += row_base
     log_normaliser_ptr += row_base
     dg_ptr += row_base
+    k_ptr += k_base
+    v_ptr += v_base
+    g_ptr += gate_base
+    g_lo_ptr += gate_base
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k, v, col_hi, col_lo = load_keys(k_ptr, v_ptr, g_ptr, g_lo_ptr, cols, seq_len, HEADS, DIM, DIM_V)
+    k, v, col_hi, col_lo = load_keys(k_ptr, v_ptr, g_ptr, g_lo_ptr, cols, seq_len, KV_HEADS, DIM, DIM_V)
     dk = tl.zeros([BLOCK_N, DIM], tl.float32)  # [BLOCK_N, DIM]
     dv = tl.zeros([BLOCK_N, DIM_V], tl.float32)  # [BLOCK_N, DIM_V]
     dg = tl.zeros([BLOCK_N], tl.float32)  # [BLOCK_N]
@@ -159,6 +170,7 @@ def power_attention_backward_keys(
         query_end=seq_len,
         seq_len=seq_len,
         HEADS=HEADS,
+        KV_HEADS=KV_HEADS,
         DIM=DIM,
         DIM_V=DIM_V,
         SCALE=SCALE,
@@ -184,6 +196,7 @@ def power_attention_backward_queries(
     dg_rows_ptr,
     seq_len,
     HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
     DIM: tl.constexpr,
     DIM_V: tl.constexpr,
     SCALE: tl.constexpr,
@@ -197,21 +210,23 @@ def power_attention_backward_queries(
     (y_i does not change when its weights scale alike), but with it the rounding of each P_ij
     cancels in the reverse cumulative sum that makes d log_g, instead of growing with seq."""
     block_m = tl.program_id(0)
-    qk_base, v_base, row_base = head_bases(seq_len, HEADS, DIM, DIM_V)
-    # Every pointer below moves to this program's (batch, head).
-    q_ptr += qk_base
-    k_ptr += qk_base
-    dq_ptr += qk_base
-    v_ptr += v_base
-    dy_ptr += v_base
-    g_ptr += row_base
-    g_lo_ptr += row_base
+    batch, head = program_batch_head(HEADS)
+    q_base, y_base, row_base = slice_bases(batch, head, seq_len, HEADS, DIM, DIM_V)
+    k_base, v_base, gate_base = slice_bases(batch, head // (HEADS // KV_HEADS), seq_len, KV_HEADS, DIM, DIM_V)
+    # Every pointer below moves to this program's (batch, query head) or its key/value head.
+    q_ptr += q_base
+    dq_ptr += q_base
+    dy_ptr += y_base
     delta_ptr += row_base
     log_normaliser_ptr += row_base
-    dg_rows_ptr += row_base
+    dg_rows_ptr += row_base  # per query head: the host sums the group's
+    k_ptr += k_base
+    v_ptr += v_base
+    g_ptr += gate_base
+    g_lo_ptr += gate_base
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q, dy, delta, log_normaliser, row_hi, row_lo = load_query_gradients(
-        q_ptr, dy_ptr, delta_ptr, log_normaliser_ptr, g_ptr, g_lo_ptr, rows, seq_len, HEADS, DIM, DIM_V
+        q_ptr, dy_ptr, delta_ptr, log_normaliser_ptr, g_ptr, g_lo_ptr, rows, seq_len, HEADS, KV_HEADS, DIM, DIM_V
     )
     dq = tl.zeros([BLOCK_M, DIM], tl.float32)  # [BLOCK_M, DIM]
     dg = tl.zeros([BLOCK_M], tl.float32)  # [BLOCK_M]
@@ -232,7 +247,7 @@ def power_attention_backward_queries(
         key_start=0,
         key_end=(block_m + 1) * BLOCK_M,
         seq_len=seq_len,
-        HEADS=HEADS,
+        KV_HEADS=KV_HEADS,
         DIM=DIM,
         DIM_V=DIM_V,
         SCALE=SCALE,
@@ -260,9 +275,9 @@ def gpu_tilings(dim: int, itemsize: int) -> dict:
     }
 
 
-def attention_plan(q, v, p: int, scale: float, gated: bool, options: LaunchOptions) -> Plan:
+def attention_plan(q, k, v, p: int, scale: float, gated: bool, options: LaunchOptions) -> Plan:
     """The three kernels' launches for this problem: a program per block of query rows (per
-    block of key rows for the backward keys kernel) and per batch x head."""
+    block of key rows for the backward keys kernel) and per batch x query head."""
     batch, seq, heads, dim = q.shape
     tilings = options.tilings(gpu_tilings, dim, q.dtype.itemsize)
     row_blocks = {
@@ -271,14 +286,18 @@ def attention_plan(q, v, p: int, scale: float, gated: bool, options: LaunchOptio
         power_attention_backward_queries: tilings[power_attention_backward_queries].query_rows,
     }
     grids = {kernel: (math.ceil(seq / rows), batch * heads) for kernel, rows in row_blocks.items()}
-    scalars = dict(seq_len=seq, HEADS=heads, DIM=dim, DIM_V=v.shape[-1], SCALE=scale, POWER=p, GATED=gated)
+    scalars = dict(seq_len=seq, HEADS=heads, KV_HEADS=k.shape[2], DIM=dim, DIM_V=v.shape[-1])
+    scalars |= dict(SCALE=scale, POWER=p, GATED=gated)
     return Plan(options.runs_compiled(), tilings, grids, scalars)
 
 
 def attention_forward(q, k, v, gate, p: int, scale: float, gated: bool, options: LaunchOptions = LaunchOptions()):
     """(y, log normaliser) through the forward kernel; gate is the cumulative gate G as (hi, lo)."""
-    plan = attention_plan(q, v, p, scale, gated, options)
-    out_shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)]
+    plan = attention_plan(q, k, v, p, scale, gated, options)
+    out_shapes = [
+        jax.ShapeDtypeStruct((*q.shape[:3], v.shape[-1]), v.dtype),
+        jax.ShapeDtypeStruct(q.shape[:3], jnp.float32),
+    ]
     return plan.launch(power_attention_forward, [q, k, v, *gate], out_shapes)
 
 
@@ -305,13 +324,23 @@ def attention_backward(
     d_log_normaliser=None,
 ):
     """(dq, dk, dv, dG) through the two backward kernels; d_log_normaliser as in `log_weight_delta`."""
-    plan = attention_plan(q, v, p, scale, gated, options)
+    plan = attention_plan(q, k, v, p, scale, gated, options)
     inputs = [q, k, v, *gate, dy, log_weight_delta(dy, y, d_log_normaliser), log_normaliser]
     rows = jax.ShapeDtypeStruct(log_normaliser.shape, jnp.float32)
-    like = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
-    dk, dv, dgate_columns = plan.launch(power_attention_backward_keys, inputs, [like[1], like[2], rows])
-    dq, dgate_rows = plan.launch(power_attention_backward_queries, inputs, [like[0], rows])
-    return dq, dk, dv, dgate_rows + dgate_columns
+    shares = [jax.ShapeDtypeStruct((*q.shape[:3], x.shape[-1]), x.dtype) for x in (k, v)]  # per query head
+    dk, dv, dgate_columns = plan.launch(power_attention_backward_keys, inputs, [*shares, rows])
+    dq, dgate_rows = plan.launch(
+        power_attention_backward_queries, inputs, [jax.ShapeDtypeStruct(q.shape, q.dtype), rows]
+    )
+    kv_heads = k.shape[2]
+    dk, dv, dgate = (group_sum(x, kv_heads) for x in (dk, dv, dgate_rows + dgate_columns))
+    return dq, dk, dv, dgate
+
+
+def group_sum(x, kv_heads: int):
+    """x [batch, seq, heads, ...] summed over each key/value head's group of query heads (axis 2;
+    exact for equal heads, groups of one)."""
+    return grouped(x, kv_heads).sum(3, dtype=jnp.float32).astype(x.dtype)
 
 
 class AttentionResiduals(NamedTuple):
@@ -371,5 +400,5 @@ def attention(q, k, v, log_g, p: int, scale: float, options: LaunchOptions = Lau
     """The whole op through the flash-style kernels (O(T^2 d) work, O(T d) memory): (y, log normaliser)."""
     check_dims(q, v)
     gated = log_g is not None
-    log_g = log_g if gated else jnp.zeros(q.shape[:3], jnp.float32)
+    log_g = log_g if gated else jnp.zeros(k.shape[:3], jnp.float32)
     return triton_attention(q, k, v, log_g.astype(jnp.float32), p, scale, gated, options)

@@ -23,17 +23,31 @@ EPS = tl.constexpr(numerics.EPS)  # a kernel reads only constexpr globals
 
 # q, k and their gradients are [batch, seq, heads, DIM]; v, y and theirs [batch, seq, heads, DIM_V];
 # G and the per-row statistics [batch, seq, heads]; all contiguous. Program axis 1 runs over batch x heads.
+# With grouped heads k, v and G (and their gradients) have KV_HEADS heads, each serving HEADS //
+# KV_HEADS query heads, and the rest HEADS; a helper's HEADS (or KV_HEADS) is the stride of what it reads.
 @triton.jit
-def head_bases(seq_len, HEADS, DIM, DIM_V):
-    """Offsets of this program's (batch, head) in a [batch, seq, heads, DIM] array (q, k), a
-    [batch, seq, heads, DIM_V] array (v, y) and a [batch, seq, heads] array (gates, row statistics),
-    in int64: a whole batch may pass 2^31 elements (offsets within one batch entry stay int32)."""
-    batch_head = tl.program_id(1).to(tl.int64)
-    batch, head = batch_head // HEADS, batch_head % HEADS
+def slice_bases(batch, head, seq_len, HEADS, DIM, DIM_V):
+    """Offsets of (batch, head) in a [batch, seq, HEADS, DIM] array (q, k), a [batch, seq, HEADS,
+    DIM_V] array (v, y) and a [batch, seq, HEADS] array (gates, row statistics), in int64: a whole
+    batch may pass 2^31 elements (offsets within one batch entry stay int32)."""
     qk_base = batch * seq_len * HEADS * DIM + head * DIM
     v_base = batch * seq_len * HEADS * DIM_V + head * DIM_V
     row_base = batch * seq_len * HEADS + head
     return qk_base, v_base, row_base
+
+
+@triton.jit
+def program_batch_head(HEADS):
+    """This program's (batch, head) of axis 1's batch x HEADS, in int64."""
+    batch_head = tl.program_id(1).to(tl.int64)
+    return batch_head // HEADS, batch_head % HEADS
+
+
+@triton.jit
+def head_bases(seq_len, HEADS, DIM, DIM_V):
+    """slice_bases of this program's (batch, head)."""
+    batch, head = program_batch_head(HEADS)
+    return slice_bases(batch, head, seq_len, HEADS, DIM, DIM_V)
 
 
 @triton.jit
@@ -88,15 +102,15 @@ def load_keys(k_ptr, v_ptr, g_ptr, g_lo_ptr, cols, seq_len, HEADS, DIM, DIM_V):
 
 @triton.jit
 def load_query_gradients(
-    q_ptr, dy_ptr, delta_ptr, log_normaliser_ptr, g_ptr, g_lo_ptr, rows, seq_len, HEADS, DIM, DIM_V
+    q_ptr, dy_ptr, delta_ptr, log_normaliser_ptr, g_ptr, g_lo_ptr, rows, seq_len, HEADS, KV_HEADS, DIM, DIM_V
 ):
     """What a backward pass needs of a block of queries: q [rows, DIM], dy [rows, DIM_V], and per
-    row delta, the log-normaliser and the cumulative gate (hi, lo)."""
+    row delta, the log-normaliser and the cumulative gate (hi, lo), the gate's of the key/value head."""
     q = load_tile(q_ptr, rows, seq_len, HEADS, DIM)
     dy = load_tile(dy_ptr, rows, seq_len, HEADS, DIM=DIM_V)
     delta = load_row(delta_ptr, rows, seq_len, HEADS)
     log_normaliser = load_row(log_normaliser_ptr, rows, seq_len, HEADS)
-    g_hi, g_lo = load_gates(g_ptr, g_lo_ptr, rows, seq_len, HEADS)
+    g_hi, g_lo = load_gates(g_ptr, g_lo_ptr, rows, seq_len, KV_HEADS)
     return q, dy, delta, log_normaliser, g_hi, g_lo
 
 
@@ -135,7 +149,7 @@ def accumulate_keys(
     key_start,
     key_end,
     seq_len,
-    HEADS,
+    KV_HEADS,
     DIM,
     DIM_V,
     SCALE,
@@ -145,10 +159,10 @@ def accumulate_keys(
 ):
     """Fold keys key_start..key_end (block-aligned, causal mask applied) into the rows' running
     max and weight sum [rows] and weighted sum of values acc [rows, DIM_V], rescaling to the new
-    max as flash attention does."""
+    max as flash attention does. k, v and the gates have KV_HEADS heads."""
     for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k, v, col_hi, col_lo = load_keys(k_ptr, v_ptr, g_ptr, g_lo_ptr, cols, seq_len, HEADS, DIM, DIM_V)
+        k, v, col_hi, col_lo = load_keys(k_ptr, v_ptr, g_ptr, g_lo_ptr, cols, seq_len, KV_HEADS, DIM, DIM_V)
         gates = gate_differences(row_hi, row_lo, col_hi, col_lo)  # [BLOCK_M, BLOCK_N]
         log_w, _ = gated_log_weights(q, k, gates, rows, cols, seq_len, SCALE, POWER, GATED)
 
@@ -206,6 +220,7 @@ def accumulate_key_gradients(
     query_end,
     seq_len,
     HEADS,
+    KV_HEADS,
     DIM,
     DIM_V,
     SCALE,
@@ -215,12 +230,12 @@ def accumulate_key_gradients(
 ):
     """Add the gradients of one key block from queries query_start..query_end (block-aligned):
     dv_j += sum_i P_ij dy_i [cols, DIM_V], dk_j += sum_i d(q_i . k_j) q_i [cols, DIM],
-    dG_j -= sum_i d log w_ij [cols]."""
+    dG_j -= sum_i d log w_ij [cols]. The queries' arrays have HEADS heads, the gates KV_HEADS."""
     for start in range(query_start, query_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = (rows < seq_len)[:, None]  # [BLOCK_M, 1]
         q, dy, delta, log_normaliser, row_hi, row_lo = load_query_gradients(
-            q_ptr, dy_ptr, delta_ptr, log_normaliser_ptr, g_ptr, g_lo_ptr, rows, seq_len, HEADS, DIM, DIM_V
+            q_ptr, dy_ptr, delta_ptr, log_normaliser_ptr, g_ptr, g_lo_ptr, rows, seq_len, HEADS, KV_HEADS, DIM, DIM_V
         )
         gates = gate_differences(row_hi, row_lo, col_hi, col_lo)  # [BLOCK_M, cols]
         probabilities, d_log_w, d_dot = weight_gradients(
@@ -255,7 +270,7 @@ def accumulate_query_gradients(
     key_start,
     key_end,
     seq_len,
-    HEADS,
+    KV_HEADS,
     DIM,
     DIM_V,
     SCALE,
@@ -264,10 +279,10 @@ def accumulate_query_gradients(
     BLOCK_N,
 ):
     """Add dq_i += sum_j d(q_i . k_j) k_j [rows, DIM] and dG_i += sum_j d log w_ij [rows] over keys
-    key_start..key_end (block-aligned)."""
+    key_start..key_end (block-aligned); k, v and the gates have KV_HEADS heads."""
     for start in range(key_start, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k, v, col_hi, col_lo = load_keys(k_ptr, v_ptr, g_ptr, g_lo_ptr, cols, seq_len, HEADS, DIM, DIM_V)
+        k, v, col_hi, col_lo = load_keys(k_ptr, v_ptr, g_ptr, g_lo_ptr, cols, seq_len, KV_HEADS, DIM, DIM_V)
         gates = gate_differences(row_hi, row_lo, col_hi, col_lo)  # [rows, BLOCK_N]
         _, d_log_w, d_dot = weight_gradients(
             q, k, v, dy, delta, log_normaliser, gates, rows, cols, seq_len, SCALE, POWER, GATED
