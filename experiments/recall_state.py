@@ -5,9 +5,11 @@ all, and a gate cannot help (sympow_gated is the control).
 
     python experiments/recall_state.py                        # 12 runs, 3 to 5 minutes each on 2 cores
     python experiments/recall_state.py --pairs 8 16 32 --seeds 0 1 --out experiments/state_more
+    python experiments/recall_state.py --d-model 64 --head-dims 16 8 4 --out experiments/state_width64
 
 Each (variant, head dim, pairs, learning rate, seed) is one `train.py` run of the recall preset
-with 4 heads of the given dim (d_model = 4 x dim) and one `eval.py` at the training context on
+with 4 heads of the given dim (d_model = 4 x dim), or with --d-model fixed, d_model / dim heads
+(the state shrinks with the head dim while the model's width stays), and one `eval.py` at the training context on
 fresh heldout sequences. By default a sequence is the N pairs then their N queries (context
 4N): a one-layer model learns that within the budget where, with filler between the queries,
 it did not (docs/experiments.md). The state of a sympow layer is S [D, dim] and z [D] per head, D =
@@ -29,7 +31,7 @@ from ops import embedding_size
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
-HEADS = 4
+HEADS = 4  # without --d-model
 FLOAT_BYTES = 4
 
 
@@ -38,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "recall_state")
     parser.add_argument("--variants", nargs="+", default=["softmax", "sympow p=2", "sympow p=4", "sympow_gated p=2"])
     parser.add_argument("--head-dims", nargs="+", type=int, default=[8, 16, 32])
+    parser.add_argument("--d-model", type=int, help="fixed model width, d_model / head dim heads (default: 4 heads)")
     parser.add_argument("--pairs", nargs="+", type=int, default=[16], help="key-value pairs a sequence")
     parser.add_argument("--keys", type=int, default=32, help="keys to draw each sequence's pairs from")
     parser.add_argument("--values", type=int, default=16)
@@ -52,19 +55,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     if too_many := [n for n in args.pairs if 4 * n > context(args, n) + 1 or n > args.keys]:
         parser.error(f"pairs {too_many} do not fit --context {args.context} (4 tokens a pair) or --keys {args.keys}")
+    if args.d_model and (bad := [d for d in args.head_dims if args.d_model % d]):
+        parser.error(f"head dims {bad} do not divide --d-model {args.d_model}")
     return args
+
+
+def heads(args, head_dim: int) -> int:
+    return args.d_model // head_dim if args.d_model else HEADS
 
 
 def context(args, pairs: int) -> int:
     return args.context or 4 * pairs
 
 
-def state_bytes(variant: str, head_dim: int, context: int) -> int:
+def state_bytes(variant: str, head_dim: int, context: int, heads: int = HEADS) -> int:
     """Bytes of one layer's attention state: S and z per head, or a softmax key/value cache at the context."""
     attention, p = VARIANTS[variant]
     if attention == "softmax":
-        return 2 * context * HEADS * head_dim * FLOAT_BYTES
-    return HEADS * embedding_size(head_dim, p) * (head_dim + 1) * FLOAT_BYTES
+        return 2 * context * heads * head_dim * FLOAT_BYTES
+    return heads * embedding_size(head_dim, p) * (head_dim + 1) * FLOAT_BYTES
 
 
 def run_name(variant: str, head_dim: int, pairs: int, lr: float, seed: int) -> str:
@@ -74,7 +83,7 @@ def run_name(variant: str, head_dim: int, pairs: int, lr: float, seed: int) -> s
 def train_and_evaluate_point(args, variant: str, head_dim: int, pairs: int, lr: float, seed: int) -> dict:
     task = f"mqar:pairs={pairs},keys={args.keys},values={args.values}"
     train = ["--preset", "recall", "--data", task, *variant_flags(variant), "--context", str(context(args, pairs))]
-    train += ["--d-model", str(HEADS * head_dim), "--heads", str(HEADS)]
+    train += ["--d-model", str(heads(args, head_dim) * head_dim), "--heads", str(heads(args, head_dim))]
     train += ["--lr", str(lr), "--seed", str(seed), "--tokens-per-update", str(args.tokens_per_update)]
     train += ["--warmup", "20", "--log-every", "50", "--checkpoint-every", "200"]
     evaluate = ["--context", str(context(args, pairs)), "--windows", str(args.eval_sequences), "--bins", "8"]
@@ -88,27 +97,30 @@ def train_and_evaluate_point(args, variant: str, head_dim: int, pairs: int, lr: 
         seed=seed,
         steps=args.steps,
         context=context(args, pairs),
-        state_bytes=state_bytes(variant, head_dim, context(args, pairs)),
+        heads=heads(args, head_dim),
+        state_bytes=state_bytes(variant, head_dim, context(args, pairs), heads(args, head_dim)),
         train_accuracy=[(r["step"], r["accuracy"]) for r in metrics if "accuracy" in r],
         accuracy=accuracy(result, 0, context(args, pairs)),
     )
 
 
 def write_table(args, best: dict) -> str:
+    width = f"d_model {args.d_model}" if args.d_model else f"{HEADS} heads"
     lines = [
         f"`mqar:pairs=N,keys={args.keys},values={args.values}`, context {args.context or '4N'}, recall preset with "
-        f"{HEADS} heads, {args.steps} steps of {args.tokens_per_update} tokens, learning rates {args.lrs} "
+        f"{width}, {args.steps} steps of {args.tokens_per_update} tokens, learning rates {args.lrs} "
         f"(best per point shown), seeds {args.seeds}.",
         "",
-        "| variant | head dim | state bytes (one layer) | pairs | lr | accuracy |",
-        "|---|---|---|---|---|---|",
+        "| variant | head dim | heads | state bytes (one layer) | pairs | lr | accuracy |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (variant, head_dim, pairs), rs in sorted(
         best.items(), key=lambda item: (item[0][2], item[1][0]["state_bytes"])
     ):
         accuracies = ", ".join(f"{r['accuracy']:.1%}" for r in rs)
         lines.append(
-            f"| {variant} | {head_dim} | {rs[0]['state_bytes']:,} | {pairs} | {rs[0]['lr']:g} | {accuracies} |"
+            f"| {variant} | {head_dim} | {rs[0].get('heads', HEADS)} | {rs[0]['state_bytes']:,} | {pairs} "
+            f"| {rs[0]['lr']:g} | {accuracies} |"
         )
     return save_table(args.out, lines)
 

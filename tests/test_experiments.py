@@ -28,6 +28,15 @@ def test_state_bytes_of_each_variant():
     assert recall_state.state_bytes("sympow_gated p=2", 8, 128) == 4 * 36 * 9 * 4
     assert recall_state.state_bytes("sympow p=4", 16, 128) == 4 * 3876 * 17 * 4
     assert recall_state.state_bytes("softmax", 16, 128) == 2 * 128 * 64 * 4  # keys and values at the context
+    assert recall_state.state_bytes("sympow p=2", 8, 128, heads=8) == 8 * 36 * 9 * 4  # --d-model 64, head dim 8
+
+
+def test_a_fixed_width_gives_width_over_head_dim_heads():
+    args = recall_state.parse_args(["--d-model", "64", "--head-dims", "16", "8", "4"])
+    assert [recall_state.heads(args, d) for d in args.head_dims] == [4, 8, 16]
+    assert recall_state.heads(recall_state.parse_args([]), 8) == 4  # without --d-model: 4 heads, d_model 4 x dim
+    with pytest.raises(SystemExit):
+        recall_state.parse_args(["--d-model", "64", "--head-dims", "24"])
 
 
 def test_accuracy_and_loss_over_a_span_weigh_positions_by_their_targets():
