@@ -366,18 +366,19 @@ CHUNKED_KERNELS = {
 
 @pytest.mark.parametrize("name", CHUNKED_KERNELS)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("dim", TRITON_DIMS)
-def test_chunked_kernels_compile_for_sm90(name, dtype, dim):
+@pytest.mark.parametrize("dim, kv_heads", [(dim, 8) for dim in TRITON_DIMS] + [(64, 2)])
+def test_chunked_kernels_compile_for_sm90(name, dtype, dim, kv_heads):
     """With its GPU tiling each kernel compiles for an H100, fits its shared memory and spills (next to) no
-    registers."""
+    registers; also with 8 query heads over 2 key/value heads (the scans then loop over a group's queries)."""
     kernel, data_pointers, float32_pointers = CHUNKED_KERNELS[name]
     tables = {"narrow_blocks_ptr": "*i32", "wide_blocks_ptr": "*i32"}
     tables = {name: kind for name, kind in tables.items() if name in inspect.signature(kernel).parameters}
     pointers = (
         {f"{n}_ptr": f"*{dtype}" for n in data_pointers} | {f"{n}_ptr": "*fp32" for n in float32_pointers} | tables
     )
-    q = jax.ShapeDtypeStruct((1, 65536, 8, dim), jnp.dtype(jnp.bfloat16 if dtype == "bf16" else jnp.float32))
-    constants = chunked_plan(q, q, 1 / math.sqrt(dim), 256, LaunchOptions()).launches.scalars
+    dtype_of = jnp.dtype(jnp.bfloat16 if dtype == "bf16" else jnp.float32)
+    q, k = (jax.ShapeDtypeStruct((1, 65536, heads, dim), dtype_of) for heads in (8, kv_heads))
+    constants = chunked_plan(q, k, k, 1 / math.sqrt(dim), 256, LaunchOptions()).launches.scalars
     check_sm90_compile(kernel, pointers, constants, gpu_tilings(dim, ITEMSIZE[dtype])[kernel])
 
 

@@ -21,9 +21,11 @@ CHUNK, SCALE = 16, 0.25  # 16: the interpreter's tile rows
 INTERPRETED = LaunchOptions(compiled=False)
 
 
-def inputs(gamma, seq=3 * CHUNK, dim=16, dim_v=16, seed=0):
-    q, k, v, log_g = attention_inputs(1, seq, 2, dim, gamma=gamma, seed=seed, dim_v=dim_v)
-    return q, k, v, jnp.zeros(q.shape[:3]) if log_g is None else log_g
+def inputs(gamma, seq=3 * CHUNK, dim=16, dim_v=16, seed=0, heads=2, kv_heads=2):
+    """q over `heads` heads; k, v and log_g over the first kv_heads of them (grouped when fewer)."""
+    q, k, v, log_g = attention_inputs(1, seq, heads, dim, gamma=gamma, seed=seed, dim_v=dim_v)
+    log_g = jnp.zeros(q.shape[:3]) if log_g is None else log_g
+    return q, *(a[:, :, :kv_heads] for a in (k, v, log_g))
 
 
 def assert_stage_within_rule(kernel, plain, oracle, *args):
@@ -130,10 +132,11 @@ def attend_with(options: LaunchOptions):
     return run
 
 
-@pytest.fixture(scope="module")
-def mixed_inputs_and_all_kernels():
-    """40 tokens (a partial last chunk), and the all-kernel path's output and gradients there."""
-    inputs32 = [a.astype(jnp.float32) for a in inputs(0.8, seq=40, dim=32, seed=3)]
+@pytest.fixture(scope="module", params=[2, 4], ids=["equal-heads", "4-over-2-heads"])
+def mixed_inputs_and_all_kernels(request):
+    """40 tokens (a partial last chunk), over 2 key/value heads serving 2 or 4 query heads, and the
+    all-kernel path's output and gradients there."""
+    inputs32 = [a.astype(jnp.float32) for a in inputs(0.8, seq=40, dim=32, seed=3, heads=request.param)]
     return inputs32, output_and_gradients(attend_with(INTERPRETED), *inputs32)
 
 

@@ -5,7 +5,8 @@
 
 1. versions, then one forward + backward launch of each kernel family (chunked p = 2, flash
    p = 2 and p = 4) at a small shape against the pure-JAX form; if one raises, no later stage
-   starts (the error is printed);
+   starts (the error is printed); then each family with two query heads to a key/value head
+   (an error there is printed, and the later stages still run);
 2. the bf16 precision rule (docs/kernels.md) on the cases most likely to fail first;
 3. forward + backward at T = 65536, 16384 and 4096 (batch 1, 8 heads, d = 64, p = 2, bf16,
    gated): the Triton path, the pure-JAX chunked form, cuDNN flash attention and the authors'
@@ -143,11 +144,13 @@ def stage_errors(kernel_stages, chunk, reference, as_dtype, q, k, v, log_g):
     return [relative_error(a, b) for a, b in zip(got, reference)]
 
 
-def precision_row(name, p, seq, heads, dim, chunk, gamma, dtype, floor, kernel_stages=STAGES) -> dict:
+def precision_row(name, p, seq, heads, dim, chunk, gamma, dtype, floor, kernel_stages=STAGES, group=1) -> dict:
     """The kernels' errors in y, dq, dk, dv, d log_g against float64, beside the pure-JAX form's
     in the same dtype; within the rule: at most twice it (or floor). kernel_stages: for the
-    chunked kernels (p = 2, gated), only these stages as kernels."""
-    q, k, v, log_g = inputs(seq, heads, dim, gamma, seed=seq + dim)
+    chunked kernels (p = 2, gated), only these stages as kernels. group: query heads per
+    key/value head (heads x group query heads)."""
+    q, k, v, log_g = inputs(seq, heads * group, dim, gamma, seed=seq + dim)
+    k, v, log_g = (a[:, :, :heads] for a in (k, v, log_g))
     scale = 1 / math.sqrt(dim)
     gated = gamma is not None
     reference = output_and_gradients(
@@ -162,7 +165,9 @@ def precision_row(name, p, seq, heads, dim, chunk, gamma, dtype, floor, kernel_s
         n: (a / b if b else math.inf if a else 1.0) for n, a, b in zip(("y", "dq", "dk", "dv", "dlog_g"), kernel, plain)
     }
     ok = all(a <= max(2 * b, floor) for a, b in zip(kernel, plain))
-    case = f"{name} p={p} T={seq} d={dim} chunk={chunk} gamma={gamma}"
+    case = f"{name} p={p} T={seq} d={dim} chunk={chunk} gamma={gamma}" + (
+        f" heads {heads * group}/{heads}" if group > 1 else ""
+    )
     return dict(
         case=case, ok=ok, result="error ratio kernel/pure JAX: " + ", ".join(f"{n} {r:.2f}" for n, r in ratios.items())
     )
@@ -175,18 +180,21 @@ def rule_floor(shapes: Shapes) -> float:
 def stage_launch(shapes: Shapes) -> list[dict]:
     """Each kernel family once, forward + backward: past one chunk (the chunked kernels, both
     stages and each alone, so that LaunchOptions.kernel_stages can take those that pass) and
-    within one (the flash-style kernels, p = 2 and 4)."""
+    within one (the flash-style kernels, p = 2 and 4); then both with two query heads to a
+    key/value head."""
     seq, heads, dim, chunk = shapes.launch
     rows = []
-    cases = [("chunked kernels", 2, seq, STAGES)]
-    cases += [(f"chunked, {stage} stage alone as kernels", 2, seq, (stage,)) for stage in STAGES]
-    cases += [("flash kernels", 2, chunk, STAGES), ("flash kernels", 4, chunk, STAGES)]
-    for name, p, length, stages in cases:
+    cases = [("chunked kernels", 2, seq, STAGES, 1)]
+    cases += [(f"chunked, {stage} stage alone as kernels", 2, seq, (stage,), 1) for stage in STAGES]
+    cases += [("flash kernels", 2, chunk, STAGES, 1), ("flash kernels", 4, chunk, STAGES, 1)]
+    cases += [("chunked kernels, grouped", 2, seq, STAGES, 2), ("flash kernels, grouped", 2, chunk, STAGES, 2)]
+    for name, p, length, stages, group in cases:
         try:
-            row = precision_row(name, p, length, heads, dim, chunk, 0.9, shapes.dtype, rule_floor(shapes), stages)
+            floor = rule_floor(shapes)
+            row = precision_row(name, p, length, heads, dim, chunk, 0.9, shapes.dtype, floor, stages, group)
             rows.append(row)
-        except Exception as error:  # a kernel that does not compile or launch: say so, and stop
-            rows.append(dict(case=f"{name} p={p}", ok=False, error=True, result=describe_error(error)))
+        except Exception as error:  # a kernel that does not compile or launch: say so, and stop (not for groups)
+            rows.append(dict(case=f"{name} p={p}", ok=False, error=group == 1, result=describe_error(error)))
     return rows
 
 

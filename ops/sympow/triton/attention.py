@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import triton.language as tl
 
 from ops.sympow.gate import exact_cumulative_gate, reverse_cumsum
-from ops.sympow.groups import grouped
-from ops.sympow.triton.launch import LaunchOptions, Plan, Tiling
+from ops.sympow.groups import group_sum
+from ops.sympow.triton.launch import LaunchOptions, Plan, Tiling, per_query_head
 from ops.sympow.triton.tiles import (
     accumulate_key_gradients,
     accumulate_keys,
@@ -294,10 +294,7 @@ def attention_plan(q, k, v, p: int, scale: float, gated: bool, options: LaunchOp
 def attention_forward(q, k, v, gate, p: int, scale: float, gated: bool, options: LaunchOptions = LaunchOptions()):
     """(y, log normaliser) through the forward kernel; gate is the cumulative gate G as (hi, lo)."""
     plan = attention_plan(q, k, v, p, scale, gated, options)
-    out_shapes = [
-        jax.ShapeDtypeStruct((*q.shape[:3], v.shape[-1]), v.dtype),
-        jax.ShapeDtypeStruct(q.shape[:3], jnp.float32),
-    ]
+    out_shapes = [*per_query_head(q, v), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)]
     return plan.launch(power_attention_forward, [q, k, v, *gate], out_shapes)
 
 
@@ -327,20 +324,13 @@ def attention_backward(
     plan = attention_plan(q, k, v, p, scale, gated, options)
     inputs = [q, k, v, *gate, dy, log_weight_delta(dy, y, d_log_normaliser), log_normaliser]
     rows = jax.ShapeDtypeStruct(log_normaliser.shape, jnp.float32)
-    shares = [jax.ShapeDtypeStruct((*q.shape[:3], x.shape[-1]), x.dtype) for x in (k, v)]  # per query head
-    dk, dv, dgate_columns = plan.launch(power_attention_backward_keys, inputs, [*shares, rows])
+    dk, dv, dgate_columns = plan.launch(power_attention_backward_keys, inputs, [*per_query_head(q, k, v), rows])
     dq, dgate_rows = plan.launch(
         power_attention_backward_queries, inputs, [jax.ShapeDtypeStruct(q.shape, q.dtype), rows]
     )
     kv_heads = k.shape[2]
     dk, dv, dgate = (group_sum(x, kv_heads) for x in (dk, dv, dgate_rows + dgate_columns))
     return dq, dk, dv, dgate
-
-
-def group_sum(x, kv_heads: int):
-    """x [batch, seq, heads, ...] summed over each key/value head's group of query heads (axis 2;
-    exact for equal heads, groups of one)."""
-    return grouped(x, kv_heads).sum(3, dtype=jnp.float32).astype(x.dtype)
 
 
 class AttentionResiduals(NamedTuple):

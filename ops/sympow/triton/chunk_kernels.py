@@ -6,7 +6,12 @@ with r = sqrt(scale) and w_ij the gated power weights inside the chunk, evaluate
 the flash-attention helpers (ops.sympow.triton.tiles); the state, in the tiled layout, is the
 first term of the running row max and sums.
 
-Kernels, and their programs (axis 0, axis 1 batch x head):
+Every program runs for one query head (axis 1: batch x HEADS) and reads its key/value head's
+keys, values, gate and states in place (HEADS // KV_HEADS query heads to a key/value head). The
+key-block kernels write a query head's share of dk, dv and dL, which the host sums over the
+group; the state's part of a key's gradient is added by the group's first query head alone.
+
+Kernels, and their programs (axis 0, axis 1 batch x query head):
     power_chunk_forward               (query block): y and the log-normaliser.
     power_chunk_backward_queries      (query block): dq and the row part of dL.
     power_chunk_backward_local_keys   (key block): dk, dv and the column part of dL from the chunk's queries
@@ -37,15 +42,27 @@ from ops.sympow.triton.tiles import (
     accumulate_key_gradients,
     accumulate_keys,
     accumulate_query_gradients,
-    head_bases,
     load_gates,
     load_keys,
     load_query_gradients,
     load_tile,
+    program_batch_head,
+    slice_bases,
     store_outputs,
     store_row,
     store_tile,
 )
+
+
+@triton.jit
+def query_and_key_value_bases(seq_len, HEADS, KV_HEADS, DIM, DIM_V):
+    """This program's batch, query head and key/value head, with slice_bases of the query head
+    (q, y, rows) and of the key/value head (k, v, gates)."""
+    batch, head = program_batch_head(HEADS)
+    kv_head = head // (HEADS // KV_HEADS)
+    q_base, y_base, row_base = slice_bases(batch, head, seq_len, HEADS, DIM, DIM_V)
+    k_base, v_base, gate_base = slice_bases(batch, kv_head, seq_len, KV_HEADS, DIM, DIM_V)
+    return batch, head, kv_head, q_base, y_base, row_base, k_base, v_base, gate_base
 
 
 def power_chunk_forward(
@@ -62,6 +79,7 @@ def power_chunk_forward(
     log_normaliser_ptr,
     seq_len,
     HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
     DIM: tl.constexpr,
     DIM_V: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -74,18 +92,20 @@ def power_chunk_forward(
     """y for one query block: the state entering its chunk, queried, is the first term of the
     running row max and sums; the chunk's keys up to the diagonal follow as in flash attention."""
     block_m = tl.program_id(0)
-    qk_base, v_base, row_base = head_bases(seq_len, HEADS, DIM, DIM_V)
-    # Every pointer below moves to this program's (batch, head).
-    q_ptr += qk_base
-    k_ptr += qk_base
-    v_ptr += v_base
-    y_ptr += v_base
-    l_ptr += row_base
-    l_lo_ptr += row_base
+    batch, head, kv_head, q_base, y_base, row_base, k_base, v_base, gate_base = query_and_key_value_bases(
+        seq_len, HEADS, KV_HEADS, DIM, DIM_V
+    )
+    # Every pointer below moves to this program's (batch, query head) or its key/value head.
+    q_ptr += q_base
+    y_ptr += y_base
     log_normaliser_ptr += row_base
+    k_ptr += k_base
+    v_ptr += v_base
+    l_ptr += gate_base
+    l_lo_ptr += gate_base
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     chunk = block_m * BLOCK_M // CHUNK
-    row_hi, row_lo = load_gates(g_ptr=l_ptr, g_lo_ptr=l_lo_ptr, positions=rows, seq_len=seq_len, HEADS=HEADS)
+    row_hi, row_lo = load_gates(g_ptr=l_ptr, g_lo_ptr=l_lo_ptr, positions=rows, seq_len=seq_len, HEADS=KV_HEADS)
 
     numerator = tl.zeros([BLOCK_M, DIM_V], tl.float32)  # [BLOCK_M, DIM_V]
     denominator = tl.zeros([BLOCK_M], tl.float32)  # [BLOCK_M]
@@ -95,7 +115,7 @@ def power_chunk_forward(
             q_ptr, rows, narrow, wide, scale=ROOT_SCALE, seq_len=seq_len, HEADS=HEADS, DIM=DIM
         )
         phi = tile_features(x_narrow=q_narrow, x_wide=q_wide, ROWS=BLOCK_M)  # [BLOCK_M, TILE_FEATURES]
-        tile_index = state_tile_index(chunk, feature_tile, seq_len, HEADS, CHUNK, FEATURE_TILES)
+        tile_index = state_tile_index(batch, kv_head, chunk, feature_tile, seq_len, KV_HEADS, CHUNK, FEATURE_TILES)
         state, norm = load_state(s_ptr, z_ptr, tile_index, DIM_V)
         # [BLOCK_M, TILE_FEATURES] @ [TILE_FEATURES, DIM_V] -> [BLOCK_M, DIM_V]
         numerator += tl.dot(as_input(phi, q_ptr), as_input(state, q_ptr))
@@ -124,7 +144,7 @@ def power_chunk_forward(
         key_start=chunk * CHUNK,
         key_end=(block_m + 1) * BLOCK_M,
         seq_len=seq_len,
-        KV_HEADS=HEADS,
+        KV_HEADS=KV_HEADS,
         DIM=DIM,
         DIM_V=DIM_V,
         SCALE=SCALE,
@@ -152,6 +172,7 @@ def power_chunk_backward_queries(
     dl_rows_ptr,
     seq_len,
     HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
     DIM: tl.constexpr,
     DIM_V: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -165,18 +186,20 @@ def power_chunk_backward_queries(
     plus the state part d phi(r q_i) = share_i (S_m dy_i - delta_i z_m), which gives L_i
     phi(r q_i) . d phi(r q_i). (The row part is 0 in exact arithmetic; see power_attention_backward_queries.)"""
     block_m = tl.program_id(0)
-    qk_base, v_base, row_base = head_bases(seq_len, HEADS, DIM, DIM_V)
-    # Every pointer below moves to this program's (batch, head).
-    q_ptr += qk_base
-    k_ptr += qk_base
-    dq_ptr += qk_base
-    v_ptr += v_base
-    dy_ptr += v_base
-    l_ptr += row_base
-    l_lo_ptr += row_base
+    batch, head, kv_head, q_base, y_base, row_base, k_base, v_base, gate_base = query_and_key_value_bases(
+        seq_len, HEADS, KV_HEADS, DIM, DIM_V
+    )
+    # Every pointer below moves to this program's (batch, query head) or its key/value head.
+    q_ptr += q_base
+    dq_ptr += q_base
+    dy_ptr += y_base
     delta_ptr += row_base
     log_normaliser_ptr += row_base
-    dl_rows_ptr += row_base
+    dl_rows_ptr += row_base  # this query head's share: the host sums the group's
+    k_ptr += k_base
+    v_ptr += v_base
+    l_ptr += gate_base
+    l_lo_ptr += gate_base
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     chunk = block_m * BLOCK_M // CHUNK
     q, dy, delta, log_normaliser, row_hi, row_lo = load_query_gradients(
@@ -189,7 +212,7 @@ def power_chunk_backward_queries(
         rows=rows,
         seq_len=seq_len,
         HEADS=HEADS,
-        KV_HEADS=HEADS,
+        KV_HEADS=KV_HEADS,
         DIM=DIM,
         DIM_V=DIM_V,
     )
@@ -212,7 +235,7 @@ def power_chunk_backward_queries(
         key_start=chunk * CHUNK,
         key_end=(block_m + 1) * BLOCK_M,
         seq_len=seq_len,
-        KV_HEADS=HEADS,
+        KV_HEADS=KV_HEADS,
         DIM=DIM,
         DIM_V=DIM_V,
         SCALE=SCALE,
@@ -221,7 +244,7 @@ def power_chunk_backward_queries(
         BLOCK_N=BLOCK_N,
     )
 
-    share = state_shares(l_ptr, log_normaliser_ptr, rows, seq_len, HEADS)
+    share = state_shares(l_ptr, log_normaliser_ptr, rows, seq_len, HEADS, KV_HEADS)
     d_numerator = as_input(dy * share[:, None], dy_ptr)  # [BLOCK_M, DIM_V]
     d_norm = -delta * share  # [BLOCK_M]
     d_narrow_blocks = tl.zeros([BLOCK_M, DIM // NARROW, NARROW], tl.float32)  # [BLOCK_M, DIM / NARROW, NARROW]
@@ -231,7 +254,7 @@ def power_chunk_backward_queries(
         q_narrow, q_wide = scaled_blocks(
             q_ptr, rows, narrow, wide, scale=ROOT_SCALE, seq_len=seq_len, HEADS=HEADS, DIM=DIM
         )
-        tile_index = state_tile_index(chunk, feature_tile, seq_len, HEADS, CHUNK, FEATURE_TILES)
+        tile_index = state_tile_index(batch, kv_head, chunk, feature_tile, seq_len, KV_HEADS, CHUNK, FEATURE_TILES)
         state, norm = load_state(s_ptr, z_ptr, tile_index, DIM_V)
         # [BLOCK_M, DIM_V] @ [DIM_V, TILE_FEATURES] -> [BLOCK_M, TILE_FEATURES]
         d_phi = tl.dot(d_numerator, tl.trans(as_input(state, dy_ptr))) + d_norm[:, None] * norm[None, :]
@@ -269,6 +292,7 @@ def local_key_gradients(
     l_lo_ptr,
     seq_len,
     HEADS,
+    KV_HEADS,
     DIM,
     DIM_V,
     CHUNK,
@@ -277,7 +301,7 @@ def local_key_gradients(
     BLOCK_N,
 ):
     """dk [BLOCK_N, DIM], dv [BLOCK_N, DIM_V] and dL [BLOCK_N] of a key block from the queries of its
-    chunk, as in flash attention."""
+    chunk (of one query head: its share), as in flash attention."""
     dk = tl.zeros([BLOCK_N, DIM], tl.float32)  # [BLOCK_N, DIM]
     dv = tl.zeros([BLOCK_N, DIM_V], tl.float32)  # [BLOCK_N, DIM_V]
     dl = tl.zeros([BLOCK_N], tl.float32)  # [BLOCK_N]
@@ -300,7 +324,7 @@ def local_key_gradients(
         query_end=tl.minimum((chunk + 1) * CHUNK, seq_len),
         seq_len=seq_len,
         HEADS=HEADS,
-        KV_HEADS=HEADS,
+        KV_HEADS=KV_HEADS,
         DIM=DIM,
         DIM_V=DIM_V,
         SCALE=SCALE,
@@ -324,6 +348,7 @@ def power_chunk_backward_local_keys(
     dl_ptr,
     seq_len,
     HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
     DIM: tl.constexpr,
     DIM_V: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -333,23 +358,26 @@ def power_chunk_backward_local_keys(
 ):
     """dk, dv and dL for one key block from the queries of its chunk alone (local_key_gradients)."""
     block_n = tl.program_id(0)
-    qk_base, v_base, row_base = head_bases(seq_len, HEADS, DIM, DIM_V)
-    # Every pointer below moves to this program's (batch, head).
-    q_ptr += qk_base
-    k_ptr += qk_base
-    dk_ptr += qk_base
-    v_ptr += v_base
-    dy_ptr += v_base
-    dv_ptr += v_base
-    l_ptr += row_base
-    l_lo_ptr += row_base
+    batch, head, kv_head, q_base, y_base, row_base, k_base, v_base, gate_base = query_and_key_value_bases(
+        seq_len, HEADS, KV_HEADS, DIM, DIM_V
+    )
+    # Every pointer below moves to this program's (batch, query head) or its key/value head; dk,
+    # dv and dL are this query head's shares (the host sums the group's).
+    q_ptr += q_base
+    dk_ptr += q_base
+    dy_ptr += y_base
+    dv_ptr += y_base
     delta_ptr += row_base
     log_normaliser_ptr += row_base
     dl_ptr += row_base
+    k_ptr += k_base
+    v_ptr += v_base
+    l_ptr += gate_base
+    l_lo_ptr += gate_base
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     chunk = block_n * BLOCK_N // CHUNK
     k, v, col_hi, col_lo = load_keys(
-        k_ptr, v_ptr, g_ptr=l_ptr, g_lo_ptr=l_lo_ptr, cols=cols, seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V
+        k_ptr, v_ptr, g_ptr=l_ptr, g_lo_ptr=l_lo_ptr, cols=cols, seq_len=seq_len, HEADS=KV_HEADS, DIM=DIM, DIM_V=DIM_V
     )
     dk, dv, dl = local_key_gradients(
         k,
@@ -367,6 +395,7 @@ def power_chunk_backward_local_keys(
         l_lo_ptr,
         seq_len,
         HEADS,
+        KV_HEADS,
         DIM,
         DIM_V,
         CHUNK,
@@ -398,6 +427,7 @@ def power_chunk_backward_keys(
     through_state_ptr,
     seq_len,
     HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
     DIM: tl.constexpr,
     DIM_V: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -409,26 +439,30 @@ def power_chunk_backward_keys(
 ):
     """dk, dv and dL for one key block: from the chunk's queries (local_key_gradients) and from the
     keys' shares in the state after their chunk (state_key_gradients), whose end-gate part
-    through_state is stored too."""
+    through_state is stored too. ds and dz are the key/value head's, so the group's first query
+    head alone adds their part (the others store through_state 0)."""
     block_n = tl.program_id(0)
-    qk_base, v_base, row_base = head_bases(seq_len, HEADS, DIM, DIM_V)
-    # Every pointer below moves to this program's (batch, head).
-    q_ptr += qk_base
-    k_ptr += qk_base
-    dk_ptr += qk_base
-    v_ptr += v_base
-    dy_ptr += v_base
-    dv_ptr += v_base
-    l_ptr += row_base
-    l_lo_ptr += row_base
+    batch, head, kv_head, q_base, y_base, row_base, k_base, v_base, gate_base = query_and_key_value_bases(
+        seq_len, HEADS, KV_HEADS, DIM, DIM_V
+    )
+    # Every pointer below moves to this program's (batch, query head) or its key/value head; dk,
+    # dv and dL are this query head's shares (the host sums the group's).
+    q_ptr += q_base
+    dk_ptr += q_base
+    dy_ptr += y_base
+    dv_ptr += y_base
     delta_ptr += row_base
     log_normaliser_ptr += row_base
     dl_ptr += row_base
     through_state_ptr += row_base
+    k_ptr += k_base
+    v_ptr += v_base
+    l_ptr += gate_base
+    l_lo_ptr += gate_base
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     chunk = block_n * BLOCK_N // CHUNK
     k, v, col_hi, col_lo = load_keys(
-        k_ptr, v_ptr, g_ptr=l_ptr, g_lo_ptr=l_lo_ptr, cols=cols, seq_len=seq_len, HEADS=HEADS, DIM=DIM, DIM_V=DIM_V
+        k_ptr, v_ptr, g_ptr=l_ptr, g_lo_ptr=l_lo_ptr, cols=cols, seq_len=seq_len, HEADS=KV_HEADS, DIM=DIM, DIM_V=DIM_V
     )
     dk, dv, dl = local_key_gradients(
         k,
@@ -446,6 +480,7 @@ def power_chunk_backward_keys(
         l_lo_ptr,
         seq_len,
         HEADS,
+        KV_HEADS,
         DIM,
         DIM_V,
         CHUNK,
@@ -453,26 +488,33 @@ def power_chunk_backward_keys(
         BLOCK_M,
         BLOCK_N,
     )
-    root_decay = key_root_decay(l_ptr, l_lo_ptr, cols, chunk, seq_len, HEADS, CHUNK, ROOT_SCALE)  # [BLOCK_N]
-    dk_state, dv_state, through_state = state_key_gradients(
-        k_ptr,
-        v,
-        ds_ptr,
-        dz_ptr,
-        narrow_blocks_ptr,
-        wide_blocks_ptr,
-        root_decay,
-        cols,
-        chunk,
-        seq_len,
-        HEADS,
-        DIM,
-        DIM_V,
-        CHUNK,
-        FEATURE_TILES,
-        BLOCK_N,
-    )
-    store_tile(dk_ptr, cols, dk + dk_state, seq_len, HEADS, DIM)
-    store_tile(dv_ptr, cols, dv + dv_state, seq_len, HEADS, DIM=DIM_V)
-    store_row(dl_ptr, cols, dl - through_state, seq_len, HEADS)
+    through_state = tl.zeros([BLOCK_N], tl.float32)  # [BLOCK_N]
+    if head % (HEADS // KV_HEADS) == 0:
+        root_decay = key_root_decay(l_ptr, l_lo_ptr, cols, chunk, seq_len, KV_HEADS, CHUNK, ROOT_SCALE)  # [BLOCK_N]
+        dk_state, dv_state, through_state = state_key_gradients(
+            k_ptr,
+            v,
+            ds_ptr,
+            dz_ptr,
+            narrow_blocks_ptr,
+            wide_blocks_ptr,
+            root_decay,
+            cols,
+            batch,
+            kv_head,
+            chunk,
+            seq_len,
+            KV_HEADS,
+            DIM,
+            DIM_V,
+            CHUNK,
+            FEATURE_TILES,
+            BLOCK_N,
+        )
+        dk += dk_state
+        dv += dv_state
+        dl -= through_state
+    store_tile(dk_ptr, cols, dk, seq_len, HEADS, DIM)
+    store_tile(dv_ptr, cols, dv, seq_len, HEADS, DIM=DIM_V)
+    store_row(dl_ptr, cols, dl, seq_len, HEADS)
     store_row(through_state_ptr, cols, through_state, seq_len, HEADS)

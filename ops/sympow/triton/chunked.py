@@ -12,6 +12,10 @@ per-chunk state gradients through memory.
 In every backward pass L is the chunk-local gate: E_m, L at chunk m's last position, collects
 what the scan's decays and the keys' shares of the state give it, and d log_g_u sums dL_t over
 t >= u in u's chunk.
+
+With grouped heads the states are per key/value head, scanned once each, and the kernels read a
+key/value head's keys, values, gate and states in place for each of its query heads; what the
+key-block kernels write per query head (dk, dv, dL) the host sums over the group (group_sum).
 """
 
 import functools
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 from ops.sympow import chunk
 from ops.sympow.chunk import split_chunks
 from ops.sympow.gate import chunk_local_gates, reverse_cumsum
+from ops.sympow.groups import group_sum
 from ops.sympow.numerics import compute_dtype
 from ops.sympow.triton.attention import check_dims, log_weight_delta
 from ops.sympow.triton.chunk_kernels import (
@@ -32,7 +37,7 @@ from ops.sympow.triton.chunk_kernels import (
     power_chunk_forward,
 )
 from ops.sympow.triton.chunked_plan import chunk_gates, chunk_multiple, chunked_plan
-from ops.sympow.triton.launch import STAGES, LaunchOptions
+from ops.sympow.triton.launch import STAGES, LaunchOptions, per_query_head
 from ops.sympow.triton.state_kernels import (
     power_state_backward_keys,
     power_state_gradient_scan,
@@ -68,7 +73,7 @@ def kernel_states(k, v, log_g, scale: float, chunk_size: int, options: LaunchOpt
 
 
 def kernel_states_forward(k, v, log_g, scale, chunk_size, options):
-    plan = chunked_plan(k, v, scale, chunk_size, options)
+    plan = chunked_plan(k, k, v, scale, chunk_size, options)
     L = chunk_gates(log_g, chunk_size)
     S, z = plan.launches.launch(power_state_scan, [k, v, *L, *plan.tables], [plan.state, plan.norm])
     return (S, z), (k, v, log_g, L, S, z)
@@ -76,7 +81,7 @@ def kernel_states_forward(k, v, log_g, scale, chunk_size, options):
 
 def kernel_states_backward(scale, chunk_size, options, saved, cotangents):
     k, v, log_g, L, S, z = saved
-    plan = chunked_plan(k, v, scale, chunk_size, options)
+    plan = chunked_plan(k, k, v, scale, chunk_size, options)
     launch = plan.launches.launch
     d_added_S, d_added_z, d_end_gate_parts = launch(
         power_state_gradient_scan,
@@ -84,7 +89,7 @@ def kernel_states_backward(scale, chunk_size, options, saved, cotangents):
         [plan.state.update(dtype=v.dtype), plan.norm, plan.end_gate_parts],
     )
     dk, dv, through_state = launch(
-        power_state_backward_keys, [k, v, *L, d_added_S, d_added_z, *plan.tables], [*like(k, v), plan.rows]
+        power_state_backward_keys, [k, v, *L, d_added_S, d_added_z, *plan.tables], [*like(k, v), plan.key_rows]
     )
     dL = -split_chunks(through_state, chunk_size)
     dL = dL.at[:, :, -1].add(end_gate_gradient(d_end_gate_parts, through_state, chunk_size))
@@ -114,16 +119,18 @@ def kernel_outputs(q, k, v, log_g, S, z, scale: float, chunk_size: int, options:
 
 
 def kernel_outputs_forward(q, k, v, log_g, S, z, scale, chunk_size, options):
-    plan = chunked_plan(q, v, scale, chunk_size, options)
+    plan = chunked_plan(q, k, v, scale, chunk_size, options)
     L = chunk_gates(log_g, chunk_size)
-    outputs = plan.launches.launch(power_chunk_forward, [q, k, v, *L, S, z, *plan.tables], [*like(v), plan.rows])
+    outputs = plan.launches.launch(
+        power_chunk_forward, [q, k, v, *L, S, z, *plan.tables], [*per_query_head(q, v), plan.rows]
+    )
     return tuple(outputs), (q, k, v, log_g, L, S, z, *outputs)
 
 
 def kernel_outputs_backward(scale, chunk_size, options, saved, cotangents):
     q, k, v, log_g, L, S, z, y, log_normaliser = saved
     dy, d_log_normaliser = cotangents
-    plan = chunked_plan(q, v, scale, chunk_size, options)
+    plan = chunked_plan(q, k, v, scale, chunk_size, options)
     launch = plan.launches.launch
     delta = log_weight_delta(dy, y, d_log_normaliser)
     rows = [q, k, v, *L, dy, delta, log_normaliser]
@@ -131,8 +138,9 @@ def kernel_outputs_backward(scale, chunk_size, options, saved, cotangents):
     dS, dz = launch(
         power_state_query_gradients, [q, L[0], dy, delta, log_normaliser, *plan.tables], [plan.state, plan.norm]
     )
-    dk, dv, dL_columns = launch(power_chunk_backward_local_keys, rows, [*like(k, v), plan.rows])
-    return dq, dk, dv, log_gate_gradient(split_chunks(dL_rows + dL_columns, chunk_size), log_g), dS, dz
+    dk, dv, dL_columns = launch(power_chunk_backward_local_keys, rows, [*per_query_head(q, k, v), plan.rows])
+    dk, dv, dL = (group_sum(x, k.shape[2]) for x in (dk, dv, dL_rows + dL_columns))
+    return dq, dk, dv, log_gate_gradient(split_chunks(dL, chunk_size), log_g), dS, dz
 
 
 kernel_outputs.defvjp(kernel_outputs_forward, kernel_outputs_backward)
@@ -145,7 +153,7 @@ def jax_outputs(q, k, v, log_g, S, z, scale: float, chunk_size: int, options: La
     S, z = exact_from_tiled(S, z, q.shape[-1])
     qc, kc, vc = (split_chunks(a.astype(compute_dtype(q)), chunk_size) for a in (q, k, v))
     y, log_normaliser = chunk.chunk_outputs(qc, kc, vc, L, S, z, 2, scale, with_log_normaliser=True)
-    batch, seq, heads, dim_v = v.shape
+    batch, seq, heads, dim_v = *q.shape[:3], v.shape[-1]
     y = y.reshape(batch, -1, heads, dim_v)[:, :seq].astype(v.dtype)
     return y, log_normaliser.reshape(batch, -1, heads)[:, :seq]
 
@@ -168,10 +176,10 @@ class ChunkedResiduals(NamedTuple):
 
 def chunked_forward(q, k, v, L, scale: float, chunk_size: int, options: LaunchOptions = LaunchOptions()):
     """(y, log normaliser, S, z) through the state scan and the chunk output kernel; L as (hi, lo)."""
-    plan = chunked_plan(q, v, scale, chunk_size, options)
+    plan = chunked_plan(q, k, v, scale, chunk_size, options)
     S, z = plan.launches.launch(power_state_scan, [k, v, *L, *plan.tables], [plan.state, plan.norm])
     y, log_normaliser = plan.launches.launch(
-        power_chunk_forward, [q, k, v, *L, S, z, *plan.tables], [*like(v), plan.rows]
+        power_chunk_forward, [q, k, v, *L, S, z, *plan.tables], [*per_query_head(q, v), plan.rows]
     )
     return y, log_normaliser, S, z
 
@@ -194,7 +202,7 @@ def chunked_backward(
     """(dq, dk, dv, dL) through the three fused backward kernels; dL [batch, chunks, chunk, heads]
     is the gradient of the chunk-local gates. d_log_normaliser: a gradient in the log-normaliser
     too (see `log_weight_delta`)."""
-    plan = chunked_plan(q, v, scale, chunk_size, options)
+    plan = chunked_plan(q, k, v, scale, chunk_size, options)
     launch = plan.launches.launch
     delta = log_weight_delta(dy, y, d_log_normaliser)
     rows = [q, k, v, *L, dy, delta, log_normaliser]
@@ -207,9 +215,12 @@ def chunked_backward(
         [plan.state.update(dtype=v.dtype), plan.norm, plan.end_gate_parts],
     )
     dk, dv, dL_columns, through_state = launch(
-        power_chunk_backward_keys, [*rows, d_state, d_norm, *plan.tables], [*like(k, v), plan.rows, plan.rows]
+        power_chunk_backward_keys,
+        [*rows, d_state, d_norm, *plan.tables],
+        [*per_query_head(q, k, v), plan.rows, plan.rows],
     )
-    dL = split_chunks(dL_rows + dL_columns, chunk_size)
+    dk, dv, dL, through_state = (group_sum(x, k.shape[2]) for x in (dk, dv, dL_rows + dL_columns, through_state))
+    dL = split_chunks(dL, chunk_size)
     return dq, dk, dv, dL.at[:, :, -1].add(end_gate_gradient(d_end_gate_parts, through_state, chunk_size))
 
 
@@ -239,8 +250,7 @@ triton_chunked.defvjp(triton_chunked_forward, triton_chunked_backward)
 def chunked(q, k, v, log_g, scale: float, chunk_size: int, options: LaunchOptions = LaunchOptions()):
     """Gated power attention with p = 2 through the chunked stages, those in options.kernel_stages
     as kernels (O(T c d + T D' d) work, states per chunk): (y, log normaliser). With grouped
-    heads (k, v, log_g over fewer heads than q) the states are scanned once per key/value head,
-    and the stages are composed unfused."""
+    heads (k, v, log_g over fewer heads than q) the states are those of the key/value heads."""
     check_dims(q, v)
     multiple = chunk_multiple(q, options)
     if chunk_size % multiple:
@@ -249,13 +259,9 @@ def chunked(q, k, v, log_g, scale: float, chunk_size: int, options: LaunchOption
             f"got {chunk_size}"
         )
     log_g = jnp.zeros(k.shape[:3], jnp.float32) if log_g is None else log_g.astype(jnp.float32)
-    group = q.shape[2] // k.shape[2]
-    if group == 1 and set(options.kernel_stages) == set(STAGES):
+    if set(options.kernel_stages) == set(STAGES):
         return triton_chunked(q, k, v, log_g, scale, chunk_size, options)
     states = kernel_states if "states" in options.kernel_stages else jax_states
     outputs = kernel_outputs if "outputs" in options.kernel_stages else jax_outputs
-    S, z = states(k, v, log_g, scale, chunk_size, options)  # once per key/value head
-    # The output kernels' programs read the rows of one head: each key/value head's keys, values,
-    # gate and states are repeated for its group of query heads (the repeat's gradient sums the group's).
-    k, v, log_g, S, z = (jnp.repeat(a, group, axis=2) for a in (k, v, log_g, S, z))
+    S, z = states(k, v, log_g, scale, chunk_size, options)
     return outputs(q, k, v, log_g, S, z, scale, chunk_size, options)

@@ -25,9 +25,12 @@ from ops.sympow.triton.state_kernels import (
 )
 from ops.sympow.triton.tiled_state import TILE_FEATURES, tile_tables
 
+# Programs per batch x key/value head: the scans, and the state stage's key blocks.
 SCANS = (power_state_scan, power_state_scan_backward, power_state_gradient_scan)
+STATE_KEY_BLOCKS = (power_state_backward_keys,)
+# Programs per batch x query head.
 QUERY_BLOCKS = (power_chunk_forward, power_chunk_backward_queries)
-KEY_BLOCKS = (power_chunk_backward_keys, power_chunk_backward_local_keys, power_state_backward_keys)
+KEY_BLOCKS = (power_chunk_backward_keys, power_chunk_backward_local_keys)
 
 
 def gpu_tilings(dim: int, itemsize: int) -> dict:
@@ -65,18 +68,21 @@ class ChunkedPlan(NamedTuple):
     between them and the feature tile tables."""
 
     launches: Plan
-    state: jax.ShapeDtypeStruct  # [batch, chunks, heads, feature tiles, TILE_FEATURES, dim_v]
-    norm: jax.ShapeDtypeStruct  # [batch, chunks, heads, feature tiles, TILE_FEATURES]
-    rows: jax.ShapeDtypeStruct  # [batch, seq, heads]
-    end_gate_parts: jax.ShapeDtypeStruct  # [batch, chunks, heads, feature tiles, value column blocks]
+    state: jax.ShapeDtypeStruct  # [batch, chunks, kv_heads, feature tiles, TILE_FEATURES, dim_v]
+    norm: jax.ShapeDtypeStruct  # [batch, chunks, kv_heads, feature tiles, TILE_FEATURES]
+    rows: jax.ShapeDtypeStruct  # [batch, seq, heads]: per query row
+    key_rows: jax.ShapeDtypeStruct  # [batch, seq, kv_heads]: per key row
+    end_gate_parts: jax.ShapeDtypeStruct  # [batch, chunks, kv_heads, feature tiles, value column blocks]
     tables: list[jax.Array]
 
 
-def chunked_plan(q, v, scale: float, chunk_size: int, options: LaunchOptions) -> ChunkedPlan:
-    """Programs per block of query (or key) rows and per batch x head; the scans' per feature
-    tile x block of value columns and per batch x head (and per chunk, for the query gradients of
-    the entering states). The kernels count chunks from seq_len."""
+def chunked_plan(q, k, v, scale: float, chunk_size: int, options: LaunchOptions) -> ChunkedPlan:
+    """Programs per block of query (or key) rows and per batch x query head; the scans' per feature
+    tile x block of value columns and per batch x key/value head (and per chunk, for the query
+    gradients of the entering states), as are the state stage's key blocks. The kernels count
+    chunks from seq_len. (The state stage alone passes k for q.)"""
     batch, seq, heads, dim = q.shape
+    kv_heads = k.shape[2]
     dim_v = v.shape[-1]
     tilings = options.tilings(gpu_tilings, dim, q.dtype.itemsize)
     tables = tile_tables(dim)
@@ -84,6 +90,7 @@ def chunked_plan(q, v, scale: float, chunk_size: int, options: LaunchOptions) ->
     scalars = dict(
         seq_len=seq,
         HEADS=heads,
+        KV_HEADS=kv_heads,
         DIM=dim,
         DIM_V=dim_v,
         CHUNK=chunk_size,
@@ -94,16 +101,18 @@ def chunked_plan(q, v, scale: float, chunk_size: int, options: LaunchOptions) ->
         VALUE_BLOCKS=dim_v // value_block,
     )
     chunks = math.ceil(seq / chunk_size)
-    scan_grid = (len(tables[0]) * scalars["VALUE_BLOCKS"], batch * heads)
+    scan_grid = (len(tables[0]) * scalars["VALUE_BLOCKS"], batch * kv_heads)
     grids = dict.fromkeys(SCANS, scan_grid) | {power_state_query_gradients: (*scan_grid, chunks)}
     grids |= {kernel: (math.ceil(seq / tilings[kernel].query_rows), batch * heads) for kernel in QUERY_BLOCKS}
     grids |= {kernel: (math.ceil(seq / tilings[kernel].key_rows), batch * heads) for kernel in KEY_BLOCKS}
-    state = jax.ShapeDtypeStruct((batch, chunks, heads, len(tables[0]), TILE_FEATURES.value, dim_v), jnp.float32)
+    grids |= {kernel: (math.ceil(seq / tilings[kernel].key_rows), batch * kv_heads) for kernel in STATE_KEY_BLOCKS}
+    state = jax.ShapeDtypeStruct((batch, chunks, kv_heads, len(tables[0]), TILE_FEATURES.value, dim_v), jnp.float32)
     return ChunkedPlan(
         launches=Plan(options.runs_compiled(), tilings, grids, scalars),
         state=state,
         norm=jax.ShapeDtypeStruct(state.shape[:-1], jnp.float32),
         rows=jax.ShapeDtypeStruct((batch, seq, heads), jnp.float32),
+        key_rows=jax.ShapeDtypeStruct((batch, seq, kv_heads), jnp.float32),
         end_gate_parts=jax.ShapeDtypeStruct((*state.shape[:4], scalars["VALUE_BLOCKS"]), jnp.float32),
         tables=[jnp.asarray(t) for t in tables],
     )

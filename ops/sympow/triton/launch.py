@@ -195,6 +195,13 @@ class Plan:
         return launch(kernel, self.grids[kernel], inputs, out_shapes, tiles, self.compiled, **scalars)
 
 
+def per_query_head(q, *arrays) -> list[jax.ShapeDtypeStruct]:
+    """Shapes of kernel outputs that hold, for each query head of q [batch, seq, heads, dim], a row
+    of each array's last axis in its dtype: y of v, and a query head's share of a key/value head's
+    gradient (the host sums a group's shares)."""
+    return [jax.ShapeDtypeStruct((*q.shape[:3], a.shape[-1]), a.dtype) for a in arrays]
+
+
 # Triton's hint that an argument is a multiple of 16: bytes for a pointer, units for an int.
 DIVISIBLE_BY_16 = [["tt.divisibility", 16]]
 

@@ -47,11 +47,10 @@ TILE_FEATURES = tl.constexpr(NARROW_BLOCK * WIDE_BLOCK)
 # heads, feature tiles, TILE_FEATURES]; the tables narrow_blocks and wide_blocks give each feature
 # tile's blocks (A, B), A in units of NARROW dims and B of WIDE.
 @triton.jit
-def state_tile_index(chunk, feature_tile, seq_len, HEADS, CHUNK, FEATURE_TILES):
-    """Index of this program's (batch, chunk, head, feature tile) among the states' tiles, in
-    int64: times the TILE_FEATURES x DIM_V elements of a tile it can pass 2^31."""
-    batch_head = tl.program_id(1).to(tl.int64)
-    batch, head = batch_head // HEADS, batch_head % HEADS
+def state_tile_index(batch, head, chunk, feature_tile, seq_len, HEADS, CHUNK, FEATURE_TILES):
+    """Index of (batch, chunk, head, feature tile) among the tiles of states of HEADS heads (the
+    key/value heads), in int64 as batch is: times the TILE_FEATURES x DIM_V elements of a tile it
+    can pass 2^31."""
     return ((batch * tl.cdiv(seq_len, CHUNK) + chunk) * HEADS + head) * FEATURE_TILES + feature_tile
 
 
@@ -169,10 +168,10 @@ def key_root_decay(l_ptr, l_lo_ptr, cols, chunk, seq_len, HEADS, CHUNK, ROOT_SCA
 
 
 @triton.jit
-def state_shares(l_ptr, log_normaliser_ptr, rows, seq_len, HEADS):
+def state_shares(l_ptr, log_normaliser_ptr, rows, seq_len, HEADS, KV_HEADS):
     """exp(L_i - log normaliser_i) [rows]: how a unit of state numerator or norm weighs in y_i (0 for a row
-    with no weight)."""
-    L = load_row(l_ptr, rows, seq_len, HEADS)
+    with no weight). The log-normaliser is the query head's (HEADS), L its key/value head's."""
+    L = load_row(l_ptr, rows, seq_len, KV_HEADS)
     log_normaliser = load_row(log_normaliser_ptr, rows, seq_len, HEADS)
     return tl.exp(L - log_normaliser)
 

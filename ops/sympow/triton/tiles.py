@@ -44,13 +44,6 @@ def program_batch_head(HEADS):
 
 
 @triton.jit
-def head_bases(seq_len, HEADS, DIM, DIM_V):
-    """slice_bases of this program's (batch, head)."""
-    batch, head = program_batch_head(HEADS)
-    return slice_bases(batch, head, seq_len, HEADS, DIM, DIM_V)
-
-
-@triton.jit
 def load_columns(x_ptr, positions, block, seq_len, HEADS, DIM, WIDTH):
     """Rows `positions`, columns block * WIDTH .. (block + 1) * WIDTH of this head's [seq, DIM]
     slice: [len(positions), WIDTH], zeros past seq_len."""
