@@ -31,8 +31,7 @@ from ops.sympow.triton.tiles import (
     load_keys,
     load_query_gradients,
     load_tile,
-    program_batch_head,
-    slice_bases,
+    query_and_key_value_bases,
     store_outputs,
     store_row,
     store_tile,
@@ -60,9 +59,9 @@ def power_attention_forward(
 ):
     """y and the log-normaliser for one query block, over the key blocks up to its diagonal."""
     block_m = tl.program_id(0)
-    batch, head = program_batch_head(HEADS)
-    q_base, y_base, row_base = slice_bases(batch, head, seq_len, HEADS, DIM, DIM_V)
-    k_base, v_base, gate_base = slice_bases(batch, head // (HEADS // KV_HEADS), seq_len, KV_HEADS, DIM, DIM_V)
+    batch, head, kv_head, q_base, y_base, row_base, k_base, v_base, gate_base = query_and_key_value_bases(
+        seq_len, HEADS, KV_HEADS, DIM, DIM_V
+    )
     # Every pointer below moves to this program's (batch, query head) or its key/value head.
     q_ptr += q_base
     y_ptr += y_base
@@ -131,9 +130,9 @@ def power_attention_backward_keys(
     query head's key/value head's, and dk, dv, dG this query head's share (the host sums the
     group's: a loop over the group here spilled registers at float32, d 64)."""
     block_n = tl.program_id(0)
-    batch, head = program_batch_head(HEADS)
-    q_base, y_base, row_base = slice_bases(batch, head, seq_len, HEADS, DIM, DIM_V)
-    k_base, v_base, gate_base = slice_bases(batch, head // (HEADS // KV_HEADS), seq_len, KV_HEADS, DIM, DIM_V)
+    batch, head, kv_head, q_base, y_base, row_base, k_base, v_base, gate_base = query_and_key_value_bases(
+        seq_len, HEADS, KV_HEADS, DIM, DIM_V
+    )
     # Every pointer below moves to this program's (batch, query head) or its key/value head.
     q_ptr += q_base
     dk_ptr += q_base
@@ -210,9 +209,9 @@ def power_attention_backward_queries(
     (y_i does not change when its weights scale alike), but with it the rounding of each P_ij
     cancels in the reverse cumulative sum that makes d log_g, instead of growing with seq."""
     block_m = tl.program_id(0)
-    batch, head = program_batch_head(HEADS)
-    q_base, y_base, row_base = slice_bases(batch, head, seq_len, HEADS, DIM, DIM_V)
-    k_base, v_base, gate_base = slice_bases(batch, head // (HEADS // KV_HEADS), seq_len, KV_HEADS, DIM, DIM_V)
+    batch, head, kv_head, q_base, y_base, row_base, k_base, v_base, gate_base = query_and_key_value_bases(
+        seq_len, HEADS, KV_HEADS, DIM, DIM_V
+    )
     # Every pointer below moves to this program's (batch, query head) or its key/value head.
     q_ptr += q_base
     dq_ptr += q_base

@@ -46,23 +46,11 @@ from ops.sympow.triton.tiles import (
     load_keys,
     load_query_gradients,
     load_tile,
-    program_batch_head,
-    slice_bases,
+    query_and_key_value_bases,
     store_outputs,
     store_row,
     store_tile,
 )
-
-
-@triton.jit
-def query_and_key_value_bases(seq_len, HEADS, KV_HEADS, DIM, DIM_V):
-    """This program's batch, query head and key/value head, with slice_bases of the query head
-    (q, y, rows) and of the key/value head (k, v, gates)."""
-    batch, head = program_batch_head(HEADS)
-    kv_head = head // (HEADS // KV_HEADS)
-    q_base, y_base, row_base = slice_bases(batch, head, seq_len, HEADS, DIM, DIM_V)
-    k_base, v_base, gate_base = slice_bases(batch, kv_head, seq_len, KV_HEADS, DIM, DIM_V)
-    return batch, head, kv_head, q_base, y_base, row_base, k_base, v_base, gate_base
 
 
 def power_chunk_forward(

@@ -44,6 +44,17 @@ def program_batch_head(HEADS):
 
 
 @triton.jit
+def query_and_key_value_bases(seq_len, HEADS, KV_HEADS, DIM, DIM_V):
+    """This program's batch, query head and key/value head, with slice_bases of the query head
+    (q, y, rows) and of the key/value head (k, v, gates)."""
+    batch, head = program_batch_head(HEADS)
+    kv_head = head // (HEADS // KV_HEADS)
+    q_base, y_base, row_base = slice_bases(batch, head, seq_len, HEADS, DIM, DIM_V)
+    k_base, v_base, gate_base = slice_bases(batch, kv_head, seq_len, KV_HEADS, DIM, DIM_V)
+    return batch, head, kv_head, q_base, y_base, row_base, k_base, v_base, gate_base
+
+
+@triton.jit
 def load_columns(x_ptr, positions, block, seq_len, HEADS, DIM, WIDTH):
     """Rows `positions`, columns block * WIDTH .. (block + 1) * WIDTH of this head's [seq, DIM]
     slice: [len(positions), WIDTH], zeros past seq_len."""
