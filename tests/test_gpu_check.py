@@ -78,4 +78,3 @@ def test_a_grouped_case_that_fails_to_launch_does_not_stop_the_check(tmp_path, m
     stages = json.loads((tmp_path / "results.json").read_text())["stages"]
     assert [row["ok"] for row in stages["launch"]] == [True] * 5 + [False, False]
     assert all(stages[stage] == [dict(case="later", ok=True, result="ran")] for stage in ("speed", "p4", "tune"))
-
