@@ -137,11 +137,19 @@ def plot(args, best: dict) -> None:
             if not points:
                 continue
             x, y, dims = zip(*points)
-            panel.plot(x, y, marker="o", label=variant)
+            (line,) = panel.plot(x, y, marker="o", label=variant)
             for xi, yi, dim in points:
                 panel.annotate(f"d={dim}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+            # Each seed too: a mean of 10% and 95% is no run's result.
+            seeds = [
+                (r["state_bytes"], r["accuracy"])
+                for (v, _, n), rs in best.items()
+                if v == variant and n == pairs
+                for r in rs
+            ]
+            panel.scatter(*zip(*seeds), marker="x", color=line.get_color(), alpha=0.6, s=20)
         panel.set(xscale="log", xlabel="state bytes, one layer (softmax: its key/value cache)", ylabel="accuracy")
-        panel.set(ylim=(0, 1.02), title=f"MQAR, {pairs} pairs, context {context(args, pairs)}")
+        panel.set(ylim=(0, 1.02), title=f"MQAR, {pairs} pairs, context {context(args, pairs)} (o: mean, x: a seed)")
     panels[0][0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(args.out / "accuracy_by_state.png", dpi=120)
