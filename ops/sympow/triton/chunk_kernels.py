@@ -7,9 +7,10 @@ the flash-attention helpers (ops.sympow.triton.tiles); the state, in the tiled l
 first term of the running row max and sums.
 
 Every program runs for one query head (axis 1: batch x HEADS) and reads its key/value head's
-keys, values, gate and states in place (HEADS // KV_HEADS query heads to a key/value head). The
-key-block kernels write a query head's share of dk, dv and dL, which the host sums over the
-group; the state's part of a key's gradient is added by the group's first query head alone.
+keys, values, gate and states in place (HEADS // KV_HEADS query heads to a key/value head). What
+a kernel writes of a key/value head's gradient (dk, dv, dL) is its query head's share, which the
+host sums over the group; the state's part of a key's gradient is added by the group's first
+query head alone.
 
 Kernels, and their programs (axis 0, axis 1 batch x query head):
     power_chunk_forward               (query block): y and the log-normaliser.

@@ -1,6 +1,6 @@
 """The chunked kernels' state stage and the state's gradients (p = 2): the scan that makes the
 state entering every chunk, and the scans and key-block kernels that take gradients back
-through it. Per batch x head, with L the chunk-local cumulative gate and E_m the last L of
+through it. Per batch x key/value head, with L the chunk-local cumulative gate and E_m the last L of
 chunk m (as in ops.sympow.chunk), in the tiled layout of ops.sympow.triton.tiled_state:
     S_0 = 0,  S_{m+1} = exp(E_m) S_m + sum_{j in m} c phi(exp((E_m - L_j)/2) r k_j) v_j^T   (z likewise, with 1)
 The running states and the stored S and z are float32; the state matmuls take their operands in
