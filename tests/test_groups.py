@@ -14,7 +14,7 @@ import ops
 from ops.sympow import naive
 from ops.sympow.api import check_shapes
 
-HEADS, KV_HEADS = 4, 2
+BATCH, HEADS, KV_HEADS = 2, 4, 2
 GROUP = HEADS // KV_HEADS
 
 
@@ -56,8 +56,9 @@ NAMES = "y S z dq dk dv dlog_g dS0 dz0".split()
 
 
 def inputs_and_state(seq: int, dim: int, p: int, seed: int, dtype=jnp.float64):
-    q = attention_inputs(1, seq, HEADS, dim, seed=seed, dtype=dtype)[0]
-    earlier_and_now = attention_inputs(1, 9 + seq, KV_HEADS, dim, gamma=0.7, seed=seed + 1, dtype=dtype)
+    """Two sequences, so that a key/value head's rows are found across the batch stride too."""
+    q = attention_inputs(BATCH, seq, HEADS, dim, seed=seed, dtype=dtype)[0]
+    earlier_and_now = attention_inputs(BATCH, 9 + seq, KV_HEADS, dim, gamma=0.7, seed=seed + 1, dtype=dtype)
     k, v, log_g = earlier_and_now[1:]
     state = state_before(*(a[:, :9] for a in (k, v, log_g)), p)
     return q, *(a[:, 9:] for a in (k, v, log_g)), state
@@ -118,7 +119,8 @@ def test_grouped_decoding_steps_equal_the_oracle(p):
     """sympow_step (the state per key/value head) and sympow_cache_step (the cache per key/value
     head) token by token after a prompt of 5, against the oracle with repeated heads."""
     q, k, v, log_g, _ = inputs_and_state(9, 4, p, seed=13)
-    y_expected = oracle_by_repetition(q, k, v, log_g, ops.zero_state(1, KV_HEADS, 4, 4, p=p, dtype=jnp.float64), p)[0]
+    no_state = ops.zero_state(BATCH, KV_HEADS, 4, 4, p=p, dtype=jnp.float64)
+    y_expected = oracle_by_repetition(q, k, v, log_g, no_state, p)[0]
     _, state = ops.sympow_attention(*(a[:, :5] for a in (q, k, v, log_g)), p=p, return_state=True)
     cache = ops.key_value_cache(k[:, :5], v[:, :5], log_g[:, :5], 9)
     assert cache.k.shape[2] == KV_HEADS and state.S.shape[1] == KV_HEADS
@@ -150,5 +152,5 @@ def test_bad_groupings_are_refused(shapes, message):
 
 def test_a_state_of_query_heads_is_refused_with_grouped_heads():
     q, k, v, log_g, _ = inputs_and_state(5, 4, 2, seed=3)
-    with pytest.raises(ValueError, match=r"kv_heads, D, dim_v\] = \(1, 2, 10, 4\)"):
-        ops.sympow_attention(q, k, v, log_g, initial_state=ops.zero_state(1, HEADS, 4, 4, dtype=jnp.float64))
+    with pytest.raises(ValueError, match=r"kv_heads, D, dim_v\] = \(2, 2, 10, 4\)"):
+        ops.sympow_attention(q, k, v, log_g, initial_state=ops.zero_state(BATCH, HEADS, 4, 4, dtype=jnp.float64))

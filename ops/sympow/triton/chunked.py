@@ -53,18 +53,18 @@ def like(*arrays) -> list[jax.ShapeDtypeStruct]:
 
 
 def log_gate_gradient(dL, like_log_g):
-    """d log_g [batch, seq, heads] from dL [batch, chunks, chunk, heads] of the chunk-local gate."""
-    batch, seq, heads = like_log_g.shape
-    return reverse_cumsum(dL, axis=2).reshape(batch, -1, heads)[:, :seq].astype(like_log_g.dtype)
+    """d log_g [batch, seq, kv_heads] from dL [batch, chunks, chunk, kv_heads] of the chunk-local gate."""
+    batch, seq, kv_heads = like_log_g.shape
+    return reverse_cumsum(dL, axis=2).reshape(batch, -1, kv_heads)[:, :seq].astype(like_log_g.dtype)
 
 
 def end_gate_gradient(d_end_gate_parts, through_state, chunk_size: int):
-    """dE_m [batch, chunks, heads]: the scan's parts and the keys' shares of the state after chunk m."""
+    """dE_m [batch, chunks, kv_heads]: the scan's parts and the keys' shares of the state after chunk m."""
     return jnp.sum(d_end_gate_parts, axis=(3, 4)) + jnp.sum(split_chunks(through_state, chunk_size), axis=2)
 
 
-# The state stage: k, v, log_g -> the tiled states S [batch, chunks, heads, tiles, TILE_FEATURES, dim_v]
-# and z [batch, chunks, heads, tiles, TILE_FEATURES] entering each chunk.
+# The state stage: k, v, log_g -> the tiled states S [batch, chunks, kv_heads, tiles, TILE_FEATURES, dim_v]
+# and z [batch, chunks, kv_heads, tiles, TILE_FEATURES] entering each chunk.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -199,7 +199,7 @@ def chunked_backward(
     options=LaunchOptions(),
     d_log_normaliser=None,
 ):
-    """(dq, dk, dv, dL) through the three fused backward kernels; dL [batch, chunks, chunk, heads]
+    """(dq, dk, dv, dL) through the three fused backward kernels; dL [batch, chunks, chunk, kv_heads]
     is the gradient of the chunk-local gates. d_log_normaliser: a gradient in the log-normaliser
     too (see `log_weight_delta`)."""
     plan = chunked_plan(q, k, v, scale, chunk_size, options)

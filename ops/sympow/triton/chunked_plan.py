@@ -119,7 +119,7 @@ def chunked_plan(q, k, v, scale: float, chunk_size: int, options: LaunchOptions)
 
 
 def chunk_gates(log_g, chunk_size: int):
-    """L: the cumulative gate restarted at each chunk, [batch, seq, heads], as a pair (hi, lo) of
+    """L: the cumulative gate restarted at each chunk, [batch, seq, kv_heads], as a pair (hi, lo) of
     float32. Differences of L (intra-chunk weights, key decays to the chunk end) take both
     parts, as the flash kernels do; decays from the chunk's start, exp(E_m) and exp(L_i), take
     hi, as ops.sympow.chunk does."""

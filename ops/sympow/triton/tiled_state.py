@@ -43,9 +43,10 @@ NARROW = tl.constexpr(NARROW_BLOCK)
 TILE_FEATURES = tl.constexpr(NARROW_BLOCK * WIDE_BLOCK)
 
 
-# States are [batch, chunks, heads, feature tiles, TILE_FEATURES, DIM_V] and norms [batch, chunks,
-# heads, feature tiles, TILE_FEATURES]; the tables narrow_blocks and wide_blocks give each feature
-# tile's blocks (A, B), A in units of NARROW dims and B of WIDE.
+# States are [batch, chunks, kv_heads, feature tiles, TILE_FEATURES, DIM_V] and norms [batch,
+# chunks, kv_heads, feature tiles, TILE_FEATURES] (a state belongs to its key/value head); the
+# tables narrow_blocks and wide_blocks give each feature tile's blocks (A, B), A in units of
+# NARROW dims and B of WIDE.
 @triton.jit
 def state_tile_index(batch, head, chunk, feature_tile, seq_len, HEADS, CHUNK, FEATURE_TILES):
     """Index of (batch, chunk, head, feature tile) among the tiles of states of HEADS heads (the

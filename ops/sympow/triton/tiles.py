@@ -5,7 +5,8 @@ blocks up to the diagonal; the chunked kernels (chunk_kernels.py, state_kernels.
 
 Conventions (both kernel families): pointers are lowercase and end in `_ptr`, constexprs are
 uppercase, seq_len is the one run-time scalar; a kernel first moves its pointers to its
-program's (batch, head), so helpers index one head's [seq, width] slice. An argument is passed
+program's (batch, head) (a group loop: to each of its query heads' in turn), so helpers index
+one head's [seq, width] slice. An argument is passed
 by position where it cannot be mistaken for its neighbour (a variable of the parameter's own
 name, the one pointer, rows or cols as positions), by keyword from the first that could. A
 `# [rows, cols]` comment (or the loader's docstring) gives each tile's shape, in BLOCK_M (query
@@ -22,9 +23,10 @@ EPS = tl.constexpr(numerics.EPS)  # a kernel reads only constexpr globals
 
 
 # q, k and their gradients are [batch, seq, heads, DIM]; v, y and theirs [batch, seq, heads, DIM_V];
-# G and the per-row statistics [batch, seq, heads]; all contiguous. Program axis 1 runs over batch x heads.
-# With grouped heads k, v and G (and their gradients) have KV_HEADS heads, each serving HEADS //
-# KV_HEADS query heads, and the rest HEADS; a helper's HEADS (or KV_HEADS) is the stride of what it reads.
+# G and the per-row statistics [batch, seq, heads]; all contiguous. Program axis 1 runs over
+# batch x heads (the scans' over batch x KV_HEADS). With grouped heads k, v and G (and their
+# gradients) have KV_HEADS heads, each serving HEADS // KV_HEADS query heads, and the rest HEADS;
+# a helper's HEADS (or KV_HEADS) is the stride of what it reads.
 @triton.jit
 def slice_bases(batch, head, seq_len, HEADS, DIM, DIM_V):
     """Offsets of (batch, head) in a [batch, seq, HEADS, DIM] array (q, k), a [batch, seq, HEADS,
