@@ -1,8 +1,9 @@
 """The paper's context scaling (Fig. 1) on bytes: heldout loss against the training context, at a
 fixed number of tokens per update (the paper's batching: longer contexts, fewer sequences).
 
-    python experiments/bytes_context.py                       # 9 runs, 3 to 10 minutes each on 2 cores
-    python experiments/bytes_context.py --seeds 0 1 --steps 1000 --out experiments/bytes_more
+    python experiments/bytes_context.py                       # the quick grid: 6 runs, 1 to 3 minutes each on 2 cores
+    python experiments/bytes_context.py --grid full           # docs/experiments.md's grid: 9 runs, 3 to 10 minutes each
+    python experiments/bytes_context.py --grid full --seeds 0 1 --steps 1000 --out experiments/bytes_more
 
 The data is the embedded corpus (the standard library's sources) as bytes, vocabulary 256, so a
 tiny model spends its time in its layers, not in a 50257-way softmax. Each (variant, training
@@ -22,7 +23,9 @@ import numpy as np
 from runs import (
     ROOT,
     VARIANTS,
+    add_grid_option,
     best_per_point,
+    fill_from_grid,
     mean_loss,
     run_grid,
     save_table,
@@ -34,19 +37,27 @@ from runs import (
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
+# quick: the three variants at two contexts, early in training (where every variant's loss rises
+# with the context: the budget, not the state, docs/experiments.md).
+GRIDS = dict(
+    quick=dict(out=ROOT / "experiments" / "quick" / "bytes_context", contexts=[256, 1024], steps=200),
+    full=dict(out=ROOT / "experiments" / "bytes_context", contexts=[256, 1024, 4096], steps=300),
+)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "bytes_context")
+    add_grid_option(parser, GRIDS)
+    parser.add_argument("--out", type=Path, help="default: the grid's folder")
     parser.add_argument("--preset", default="bytes", help="train.py's model preset (bytes: 2 layers, 4 heads of 16)")
     parser.add_argument("--variants", nargs="+", default=["softmax", "sympow p=2", "sympow_gated p=2"])
-    parser.add_argument("--contexts", nargs="+", type=int, default=[256, 1024, 4096])
+    parser.add_argument("--contexts", nargs="+", type=int, help="default: the grid's")
     parser.add_argument("--lrs", nargs="+", type=float, default=[3e-3])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, help="default: the grid's")
     parser.add_argument("--tokens-per-update", type=int, default=8192)
     parser.add_argument("--eval-windows", type=int, default=32, help="heldout windows per evaluation")
-    args = parser.parse_args(argv)
+    args = fill_from_grid(parser.parse_args(argv), GRIDS)
     if unknown := set(args.variants) - set(VARIANTS):
         parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     if too_long := [c for c in args.contexts if c > args.tokens_per_update]:

@@ -4,6 +4,7 @@ continued (to a larger --steps) otherwise."""
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,30 @@ VARIANTS = {  # name: (attention, p)
     "sympow p=4": ("sympow", 4),
     "sympow_gated p=4": ("sympow_gated", 4),
 }
+
+
+def add_grid_option(parser, grids: dict[str, dict]) -> None:
+    """--grid: which named grid fills the options left unset. Every experiment has a `quick` grid
+    (the default: the three experiments' quick grids together take under an hour on 2 cores,
+    written under experiments/quick/) and a `full` one (the grids docs/experiments.md reports,
+    in the experiment's own folder)."""
+    described = "; ".join(f"{name}: {describe(grid)}" for name, grid in grids.items())
+    parser.add_argument("--grid", choices=list(grids), default="quick", help=f"options left unset ({described})")
+
+
+def describe(grid: dict) -> str:
+    """The grid as the command-line options that give it, e.g. `--contexts 64 256`."""
+    word = lambda value: shlex.quote(str(value.relative_to(ROOT) if isinstance(value, Path) else value))  # noqa: E731
+    words = lambda value: " ".join(map(word, value if isinstance(value, list) else [value]))  # noqa: E731
+    return " ".join(f"--{name.replace('_', '-')} {words(value)}" for name, value in grid.items())
+
+
+def fill_from_grid(args, grids: dict[str, dict]):
+    """ARGS with every option still None taken from the chosen --grid."""
+    for name, value in grids[args.grid].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def variant_flags(variant: str) -> list[str]:

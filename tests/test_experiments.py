@@ -17,7 +17,9 @@ from sympow import checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))  # the experiments import their shared module as `runs`
 
+import bytes_context  # noqa: E402
 import gate_memory  # noqa: E402
+import recall_context  # noqa: E402
 import recall_state  # noqa: E402
 import runs  # noqa: E402
 
@@ -37,6 +39,23 @@ def test_a_fixed_width_gives_width_over_head_dim_heads():
     assert recall_state.heads(recall_state.parse_args([]), 8) == 4  # without --d-model: 4 heads, d_model 4 x dim
     with pytest.raises(SystemExit):
         recall_state.parse_args(["--d-model", "64", "--head-dims", "24"])
+
+
+@pytest.mark.parametrize("experiment", [recall_context, recall_state, bytes_context], ids=lambda e: e.__name__)
+def test_the_quick_grid_is_the_default_and_writes_apart_from_the_full_one(experiment):
+    quick, full = experiment.parse_args([]), experiment.parse_args(["--grid", "full"])
+    assert quick.out == ROOT / "experiments" / "quick" / experiment.__name__
+    assert full.out == ROOT / "experiments" / experiment.__name__  # the folder docs/experiments.md reports
+    for name, value in experiment.GRIDS["full"].items():
+        assert getattr(full, name) == value
+    chosen = experiment.parse_args(["--grid", "full", "--out", "elsewhere", "--seeds", "3"])
+    assert chosen.out == Path("elsewhere") and chosen.seeds == [3]  # an option given is kept
+
+
+def test_the_grids_read_as_the_options_that_give_them():
+    assert runs.describe(dict(out=ROOT / "a" / "b", variants=["softmax", "sympow p=2"], head_dims=[8, 16])) == (
+        "--out a/b --variants softmax 'sympow p=2' --head-dims 8 16"
+    )
 
 
 def test_accuracy_and_loss_over_a_span_weigh_positions_by_their_targets():
