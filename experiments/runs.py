@@ -36,7 +36,7 @@ def describe(grid: dict) -> str:
     """The grid as the command-line options that give it, e.g. `--contexts 64 256`."""
     word = lambda value: shlex.quote(str(value.relative_to(ROOT) if isinstance(value, Path) else value))  # noqa: E731
     words = lambda value: " ".join(map(word, value if isinstance(value, list) else [value]))  # noqa: E731
-    return " ".join(f"--{name.replace('_', '-')} {words(value)}" for name, value in grid.items())
+    return " ".join(f"--{name.replace('_', '-')} {words(value)}" for name, value in grid.items() if value is not None)
 
 
 def fill_from_grid(args, grids: dict[str, dict]):

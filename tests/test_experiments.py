@@ -36,7 +36,7 @@ def test_state_bytes_of_each_variant():
 def test_a_fixed_width_gives_width_over_head_dim_heads():
     args = recall_state.parse_args(["--d-model", "64", "--head-dims", "16", "8", "4"])
     assert [recall_state.heads(args, d) for d in args.head_dims] == [4, 8, 16]
-    assert recall_state.heads(recall_state.parse_args([]), 8) == 4  # without --d-model: 4 heads, d_model 4 x dim
+    assert recall_state.heads(recall_state.parse_args(["--grid", "full"]), 8) == 4  # 4 heads, d_model 4 x dim
     with pytest.raises(SystemExit):
         recall_state.parse_args(["--d-model", "64", "--head-dims", "24"])
 
@@ -53,9 +53,8 @@ def test_the_quick_grid_is_the_default_and_writes_apart_from_the_full_one(experi
 
 
 def test_the_grids_read_as_the_options_that_give_them():
-    assert runs.describe(dict(out=ROOT / "a" / "b", variants=["softmax", "sympow p=2"], head_dims=[8, 16])) == (
-        "--out a/b --variants softmax 'sympow p=2' --head-dims 8 16"
-    )
+    grid = dict(out=ROOT / "a" / "b", variants=["softmax", "sympow p=2"], head_dims=[8, 16], d_model=None, steps=9)
+    assert runs.describe(grid) == "--out a/b --variants softmax 'sympow p=2' --head-dims 8 16 --steps 9"
 
 
 def test_accuracy_and_loss_over_a_span_weigh_positions_by_their_targets():
