@@ -1,7 +1,7 @@
 """The paper's context scaling (Fig. 1) on bytes: heldout loss against the training context, at a
 fixed number of tokens per update (the paper's batching: longer contexts, fewer sequences).
 
-    python experiments/bytes_context.py                       # the quick grid: 6 runs, 1 to 3 minutes each on 2 cores
+    python experiments/bytes_context.py                       # the quick grid: 6 runs, 11 minutes on 2 cores
     python experiments/bytes_context.py --grid full           # docs/experiments.md's grid: 9 runs, 3 to 10 minutes each
     python experiments/bytes_context.py --grid full --seeds 0 1 --steps 1000 --out experiments/bytes_more
 

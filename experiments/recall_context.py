@@ -1,7 +1,7 @@
 """Fig. 1 and Fig. 2 of the paper in miniature: recall accuracy against the training context, and
 by position on sequences of 4x the training context.
 
-    python experiments/recall_context.py                  # the quick grid: 6 runs, 3 to 8 minutes each on 2 cores
+    python experiments/recall_context.py                  # the quick grid: 6 runs, 14 minutes on 2 cores
     python experiments/recall_context.py --grid full      # docs/experiments.md's grid: 18 runs, up to 15 minutes each
     python experiments/recall_context.py --grid full --seeds 0 1 --lrs 1e-3 3e-3 1e-2 --out experiments/more
 

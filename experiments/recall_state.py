@@ -3,7 +3,7 @@ episode per sequence, with the attention state's bytes on the x axis (the plot o
 Based). Every pair is needed to the end, so nothing can be forgotten: the state must hold them
 all, and a gate cannot help (sympow_gated is the control).
 
-    python experiments/recall_state.py                        # the quick grid: 4 runs of 2000 steps at width 64
+    python experiments/recall_state.py                        # the quick grid: 4 runs at width 64, 19 minutes
     python experiments/recall_state.py --grid full            # docs/experiments.md's grid: 12 runs, 3 to 5 minutes each
     python experiments/recall_state.py --grid full --pairs 8 16 32 --seeds 0 1 --out experiments/state_more
     python experiments/recall_state.py --grid full --d-model 64 --head-dims 8 4 --out experiments/state_width64
@@ -173,8 +173,11 @@ def plot(args, best: dict) -> None:
                 continue
             x, y, dims = zip(*points)
             (line,) = panel.plot(x, y, marker="o", label=variant)
+            dims_at = {}  # head dims at one point (softmax's cache at a fixed width) share one label
             for xi, yi, dim in points:
-                panel.annotate(f"d={dim}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+                dims_at.setdefault((xi, round(yi, 2)), []).append(str(dim))
+            for (xi, yi), dims in dims_at.items():
+                panel.annotate(f"d={', '.join(dims)}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
             # Each seed too: a mean of 10% and 95% is no run's result.
             seeds = [
                 (r["state_bytes"], r["accuracy"])
