@@ -6,12 +6,12 @@ blocks up to the diagonal; the chunked kernels (chunk_kernels.py, state_kernels.
 Conventions (both kernel families): pointers are lowercase and end in `_ptr`, constexprs are
 uppercase, seq_len is the one run-time scalar; a kernel first moves its pointers to its
 program's (batch, head) (a group loop: to each of its query heads' in turn), so helpers index
-one head's [seq, width] slice. An argument is passed
-by position where it cannot be mistaken for its neighbour (a variable of the parameter's own
-name, the one pointer, rows or cols as positions), by keyword from the first that could. A
-`# [rows, cols]` comment (or the loader's docstring) gives each tile's shape, in BLOCK_M (query
-rows), BLOCK_N (key rows), DIM (q and k columns) and DIM_V (v and y columns), and a
-`# [rows, cols] @ [cols, n] -> [rows, n]` comment each tl.dot's.
+one head's [seq, width] slice. An argument is passed by position where it cannot be mistaken for
+its neighbour (a variable of the parameter's own name, the one pointer, rows or cols as
+positions), by keyword from the first that could. A `# [rows, cols]` comment (or the loader's
+docstring) gives each tile's shape, in BLOCK_M (query rows), BLOCK_N (key rows), DIM (q and k
+columns) and DIM_V (v and y columns), and a `# [rows, cols] @ [cols, n] -> [rows, n]` comment
+each tl.dot's.
 """
 
 import triton
