@@ -31,7 +31,9 @@ from runs import (
     save_table,
     slug,
     train_and_evaluate,
+    values_in,
     variant_flags,
+    variants_in,
 )
 
 matplotlib.use("Agg")
@@ -88,32 +90,35 @@ def train_and_evaluate_point(args, variant: str, context: int, lr: float, seed: 
     )
 
 
-def write_table(args, best: dict) -> str:
+def write_table(args, records: list[dict], best: dict) -> str:
     lines = [
         f"`--data embedded-bytes`, preset {args.preset}, {args.steps} steps of {args.tokens_per_update} tokens, "
-        f"learning rates {args.lrs} (best per point shown), seeds {args.seeds}; heldout loss in nats per byte.",
+        f"learning rates {values_in(records, 'lr')} (best per point shown), seeds {values_in(records, 'seed')}; "
+        "heldout loss in nats per byte.",
         "",
         "| variant | training context | lr | loss, last eighth of the context | loss, whole context |",
         "|---|---|---|---|---|",
     ]
-    for variant in args.variants:
-        for context in args.contexts:
-            if (rs := best.get((variant, context))) is not None:
-                late, whole = (", ".join(f"{r[k]:.3f}" for r in rs) for k in ("loss_last_eighth", "loss"))
-                lines.append(f"| {variant} | {context} | {rs[0]['lr']:g} | {late} | {whole} |")
+    for variant in variants_in(best):
+        for context in sorted(c for v, c in best if v == variant):
+            rs = best[variant, context]
+            late, whole = (", ".join(f"{r[k]:.3f}" for r in rs) for k in ("loss_last_eighth", "loss"))
+            lines.append(f"| {variant} | {context} | {rs[0]['lr']:g} | {late} | {whole} |")
     return save_table(args.out, lines)
 
 
 def plot(args, best: dict) -> None:
     figure, axes = plt.subplots(figsize=(7, 5))
-    for variant in args.variants:
+    for variant in variants_in(best):
         points = sorted(
             (c, np.mean([r["loss_last_eighth"] for r in rs])) for (v, c), rs in best.items() if v == variant
         )
-        if points:
-            axes.plot(*zip(*points), marker="o", label=variant)
+        (line,) = axes.plot(*zip(*points), marker="o", label=variant)
+        # Each seed too: two variants a few hundredths apart are only told apart against the seeds' spread.
+        seeds = [(c, r["loss_last_eighth"]) for (v, c), rs in best.items() if v == variant for r in rs]
+        axes.scatter(*zip(*seeds), marker="x", color=line.get_color(), alpha=0.6)
     axes.set(xscale="log", xlabel="training context (bytes)", ylabel="heldout loss, last eighth of the context")
-    axes.set_title(f"Bytes: loss against training context ({args.steps} steps of {args.tokens_per_update} tokens)")
+    axes.set_title(f"Bytes, {args.steps} steps of {args.tokens_per_update} tokens (line: mean, x: each seed)")
     axes.legend()
     figure.tight_layout()
     figure.savefig(args.out / "loss_by_context.png", dpi=120)
@@ -126,7 +131,7 @@ def main(argv=None) -> None:
     measure = lambda *point: train_and_evaluate_point(args, *point)  # noqa: E731
     records = run_grid(grid, ("variant", "context", "lr", "seed"), args.steps, measure, run_name, args.out, "byte runs")
     best = best_per_point(records, ("variant", "context"), "loss_last_eighth", best=min)
-    print(write_table(args, best))
+    print(write_table(args, records, best))
     plot(args, best)
 
 

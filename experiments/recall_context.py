@@ -29,7 +29,9 @@ from runs import (
     save_table,
     slug,
     train_and_evaluate,
+    values_in,
     variant_flags,
+    variants_in,
 )
 
 matplotlib.use("Agg")
@@ -98,19 +100,18 @@ def train_and_evaluate_point(args, variant: str, context: int, lr: float, seed: 
     )
 
 
-def write_table(args, best: dict) -> str:
+def write_table(args, records: list[dict], best: dict) -> str:
     lines = [
         f"Task `{args.task}`, recall preset, {args.steps} steps of {args.tokens_per_update} tokens, "
         + ("" if args.gate_init is None else f"gate init {args.gate_init}, ")
-        + f"learning rates {args.lrs} (best per point shown), seeds {args.seeds}.",
+        + f"learning rates {values_in(records, 'lr')} (best per point shown), seeds {values_in(records, 'seed')}.",
         "",
         "| variant | training context | lr | accuracy at 1x | at 4x | at 4x, quarters 1..4 |",
         "|---|---|---|---|---|---|",
     ]
-    for variant in args.variants:
-        for context in args.contexts:
-            if (rs := best.get((variant, context))) is None:
-                continue
+    for variant in variants_in(best):
+        for context in sorted(c for v, c in best if v == variant):
+            rs = best[variant, context]
             one, four = (", ".join(f"{r[k]:.1%}" for r in rs) for k in ("accuracy_1x", "accuracy_4x"))
             quarters = ", ".join(f"{q:.1%}" for q in np.mean([r["accuracy_by_quarter_at_4x"] for r in rs], axis=0))
             lines.append(f"| {variant} | {context} | {rs[0]['lr']:g} | {one} | {four} | {quarters} |")
@@ -119,10 +120,8 @@ def write_table(args, best: dict) -> str:
 
 def plot(args, best: dict) -> None:
     figure, axes = plt.subplots(figsize=(7, 5))
-    for variant in args.variants:
+    for variant in variants_in(best):
         points = sorted((c, np.mean([r["accuracy_1x"] for r in rs])) for (v, c), rs in best.items() if v == variant)
-        if not points:
-            continue
         (line,) = axes.plot(*zip(*points), marker="o", label=variant)
         # Each seed too: where seeds split (one learns, one does not), the mean alone would hide it.
         seeds = [(c, r["accuracy_1x"]) for (v, c), rs in best.items() if v == variant for r in rs]
@@ -134,9 +133,10 @@ def plot(args, best: dict) -> None:
     figure.savefig(args.out / "accuracy_by_context.png", dpi=120)
     plt.close(figure)
 
-    figure, panels = plt.subplots(1, len(args.contexts), figsize=(5 * len(args.contexts), 4), squeeze=False)
-    for panel, context in zip(panels[0], args.contexts):
-        for variant in args.variants:
+    contexts = sorted({c for _, c in best})
+    figure, panels = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
+    for panel, context in zip(panels[0], contexts):
+        for variant in variants_in(best):
             if (rs := best.get((variant, context))) is None:
                 continue
             counts = np.asarray(rs[0]["targets_by_position_at_4x"], float)
@@ -164,7 +164,7 @@ def main(argv=None) -> None:
         grid, ("variant", "context", "lr", "seed"), args.steps, measure, run_name, args.out, "recall runs"
     )
     best = best_per_point(records, ("variant", "context"), "accuracy_1x")
-    print(write_table(args, best))
+    print(write_table(args, records, best))
     plot(args, best)
 
 

@@ -36,7 +36,9 @@ from runs import (
     save_table,
     slug,
     train_and_evaluate,
+    values_in,
     variant_flags,
+    variants_in,
 )
 
 from ops import embedding_size
@@ -139,12 +141,12 @@ def train_and_evaluate_point(args, variant: str, head_dim: int, pairs: int, lr: 
     )
 
 
-def write_table(args, best: dict) -> str:
+def write_table(args, records: list[dict], best: dict) -> str:
     width = f"d_model {args.d_model}" if args.d_model else f"{HEADS} heads"
     lines = [
         f"`mqar:pairs=N,keys={args.keys},values={args.values}`, context {args.context or '4N'}, recall preset with "
-        f"{width}, {args.steps} steps of {args.tokens_per_update} tokens, learning rates {args.lrs} "
-        f"(best per point shown), seeds {args.seeds}.",
+        f"{width}, {args.steps} steps of {args.tokens_per_update} tokens, learning rates {values_in(records, 'lr')} "
+        f"(best per point shown), seeds {values_in(records, 'seed')}.",
         "",
         "| variant | head dim | heads | state bytes (one layer) | pairs | lr | accuracy |",
         "|---|---|---|---|---|---|---|",
@@ -161,9 +163,10 @@ def write_table(args, best: dict) -> str:
 
 
 def plot(args, best: dict) -> None:
-    figure, panels = plt.subplots(1, len(args.pairs), figsize=(6 * len(args.pairs), 4.5), squeeze=False)
-    for panel, pairs in zip(panels[0], args.pairs):
-        for variant in args.variants:
+    all_pairs = sorted({n for _, _, n in best})
+    figure, panels = plt.subplots(1, len(all_pairs), figsize=(6 * len(all_pairs), 4.5), squeeze=False)
+    for panel, pairs in zip(panels[0], all_pairs):
+        for variant in variants_in(best):
             points = sorted(
                 (rs[0]["state_bytes"], np.mean([r["accuracy"] for r in rs]), head_dim)
                 for (v, head_dim, n), rs in best.items()
@@ -209,7 +212,7 @@ def main(argv=None) -> None:
         grid, ("variant", "head_dim", "pairs", "lr", "seed"), args.steps, measure, run_name, args.out, "MQAR runs"
     )
     best = best_per_point(records, ("variant", "head_dim", "pairs"), "accuracy")
-    print(write_table(args, best))
+    print(write_table(args, records, best))
     plot(args, best)
 
 

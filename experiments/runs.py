@@ -94,7 +94,9 @@ def run_grid(
     (its `fields`) at `steps` is already in OUT/results.json is not run again, so a fresh clone
     (which has the results but not the ignored runs/) resumes where the committed grid stopped;
     the file keeps the records of points outside this grid, and a point's record at other steps
-    gives way to the new one. Returns this grid's records."""
+    gives way to the new one. Returns the folder's records at `steps`, this grid's and those
+    earlier grids left in OUT, so that OUT's table and plots show every run it holds at that
+    budget (a seed or a variant added later joins them rather than replacing them)."""
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "results.json"
     previous = json.loads(saved.read_text()) if saved.exists() else []
@@ -113,7 +115,8 @@ def run_grid(
         partial = saved.with_name(saved.name + ".partial")
         partial.write_text(json.dumps(records + [r for r in previous if point_of(r) not in ours]))
         partial.replace(saved)
-    return records
+    ours = {point_of(r) for r in records}
+    return records + [r for r in previous if r["steps"] == steps and point_of(r) not in ours]
 
 
 def best_per_point(records: list[dict], point: tuple[str, ...], figure: str, best=max) -> dict:
@@ -125,6 +128,16 @@ def best_per_point(records: list[dict], point: tuple[str, ...], figure: str, bes
     return {
         key: best(by_lr.values(), key=lambda rs: np.mean([r[figure] for r in rs])) for key, by_lr in by_point.items()
     }
+
+
+def variants_in(best: dict) -> list[str]:
+    """The variants of BEST's points (whose keys begin with the variant), in VARIANTS' order."""
+    return [variant for variant in VARIANTS if any(key[0] == variant for key in best)]
+
+
+def values_in(records: list[dict], field: str) -> list:
+    """The distinct values of one field over the records, e.g. the seeds a folder holds."""
+    return sorted({record[field] for record in records})
 
 
 def save_table(out: Path, lines: list[str]) -> str:

@@ -146,7 +146,8 @@ def test_best_per_point_takes_the_learning_rate_with_the_best_mean_over_seeds():
 
 def test_a_grid_reuses_the_committed_records_of_a_fresh_clone(tmp_path):
     """A fresh clone has results.json but no runs/: its finished points are not run again, and
-    records of points outside the grid stay in the file."""
+    records of points outside the grid stay in the file and, at the grid's steps, in what it
+    returns (the folder's table), so a seed or a variant added later does not hide the rest."""
     fields = ("variant", "seed")
     kept = [dict(variant="a", seed=0, steps=5, accuracy=0.9), dict(variant="b", seed=0, steps=5, accuracy=0.1)]
     (tmp_path / "results.json").write_text(json.dumps(kept))
@@ -160,13 +161,35 @@ def test_a_grid_reuses_the_committed_records_of_a_fresh_clone(tmp_path):
         return measure
 
     records = runs.run_grid([("a", 0), ("a", 1)], fields, 5, measuring(5), lambda *p: str(p), tmp_path, "grid")
-    assert measured == [("a", 1)] and [r["accuracy"] for r in records] == [0.9, 0.5]
+    assert measured == [("a", 1)] and [r["accuracy"] for r in records] == [0.9, 0.5, 0.1]
     assert sorted((r["variant"], r["seed"]) for r in json.loads((tmp_path / "results.json").read_text())) == [
         ("a", 0),
         ("a", 1),
         ("b", 0),
     ]
-    runs.run_grid([("a", 0)], fields, 6, measuring(6), lambda *p: str(p), tmp_path, "grid")  # more steps: run again
-    assert measured[-1] == ("a", 0)
+    records = runs.run_grid([("a", 0)], fields, 6, measuring(6), lambda *p: str(p), tmp_path, "grid")
+    assert measured[-1] == ("a", 0) and [(r["variant"], r["steps"]) for r in records] == [("a", 6)]  # more steps
     saved = json.loads((tmp_path / "results.json").read_text())
     assert sorted((r["variant"], r["seed"], r["steps"]) for r in saved) == [("a", 0, 6), ("a", 1, 5), ("b", 0, 5)]
+
+
+def test_the_byte_table_shows_every_run_the_folder_holds(tmp_path):
+    """A second seed of two points, run after the whole grid, joins its table and plot: the
+    table lists each point's seeds, in VARIANTS' order, and says which seeds and rates it holds."""
+    args = bytes_context.parse_args(["--out", str(tmp_path), "--variants", "softmax", "--contexts", "1024"])
+    record = lambda variant, context, seed, loss: dict(  # noqa: E731
+        variant=variant, context=context, lr=3e-3, seed=seed, loss_last_eighth=loss, loss=loss + 0.1
+    )
+    records = [record("softmax", 1024, 1, 1.9)]  # this grid: seed 1 of one point
+    records += [record(v, c, 0, 2.0) for v in ("sympow_gated p=2", "softmax") for c in (4096, 1024)]  # the folder's
+    best = runs.best_per_point(records, ("variant", "context"), "loss_last_eighth", best=min)
+    table = bytes_context.write_table(args, records, best).splitlines()
+    assert "learning rates [0.003]" in table[0] and "seeds [0, 1]" in table[0]
+    assert table[4:] == [
+        "| softmax | 1024 | 0.003 | 1.900, 2.000 | 2.000, 2.100 |",
+        "| softmax | 4096 | 0.003 | 2.000 | 2.100 |",
+        "| sympow_gated p=2 | 1024 | 0.003 | 2.000 | 2.100 |",
+        "| sympow_gated p=2 | 4096 | 0.003 | 2.000 | 2.100 |",
+    ]
+    bytes_context.plot(args, best)
+    assert (tmp_path / "loss_by_context.png").stat().st_size > 0
