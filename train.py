@@ -109,7 +109,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-every", type=positive_int, default=None, help="also keep every N-th step's checkpoint forever"
     )
-    parser.add_argument("--seed", type=cli.non_negative(int), default=0)
+    parser.add_argument(
+        "--seed",
+        type=cli.non_negative(int),
+        default=0,
+        help="the initialisation, and a recall task's sequences; a store's windows come in its fixed order",
+    )
     distributed.add_flags(parser)
     args = parser.parse_args(argv)
     distributed.check_flags(parser, args)
