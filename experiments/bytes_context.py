@@ -118,7 +118,8 @@ def plot(args, best: dict) -> None:
         seeds = [(c, r["loss_last_eighth"]) for (v, c), rs in best.items() if v == variant for r in rs]
         axes.scatter(*zip(*seeds), marker="x", color=line.get_color(), alpha=0.6)
     axes.set(xscale="log", xlabel="training context (bytes)", ylabel="heldout loss, last eighth of the context")
-    axes.set_title(f"Bytes, {args.steps} steps of {args.tokens_per_update} tokens (line: mean, x: each seed)")
+    budget = f"{args.steps} steps of {args.tokens_per_update} tokens"
+    axes.set_title(f"Bytes, {budget}, best lr per point (line: mean, x: a seed)")
     axes.legend()
     figure.tight_layout()
     figure.savefig(args.out / "loss_by_context.png", dpi=120)
