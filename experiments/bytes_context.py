@@ -26,6 +26,7 @@ from runs import (
     add_grid_option,
     best_per_point,
     fill_from_grid,
+    hold_settings,
     mean_loss,
     run_grid,
     save_table,
@@ -45,6 +46,9 @@ GRIDS = dict(
     quick=dict(out=ROOT / "experiments" / "quick" / "bytes_context", contexts=[256, 1024], steps=200),
     full=dict(out=ROOT / "experiments" / "bytes_context", contexts=[256, 1024, 4096], steps=300),
 )
+
+# What sets every run of a folder besides its grid's axes (runs.hold_settings).
+SETTINGS = ("preset", "tokens_per_update", "eval_windows")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -128,6 +132,7 @@ def plot(args, best: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    hold_settings(args.out, args, SETTINGS)
     grid = [(v, c, lr, s) for v in args.variants for c in args.contexts for lr in args.lrs for s in args.seeds]
     measure = lambda *point: train_and_evaluate_point(args, *point)  # noqa: E731
     records = run_grid(grid, ("variant", "context", "lr", "seed"), args.steps, measure, run_name, args.out, "byte runs")

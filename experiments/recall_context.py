@@ -25,6 +25,7 @@ from runs import (
     add_grid_option,
     best_per_point,
     fill_from_grid,
+    hold_settings,
     run_grid,
     save_table,
     slug,
@@ -53,6 +54,9 @@ GRIDS = dict(
     ),
     full=dict(out=ROOT / "experiments" / "recall_context", variants=list(VARIANTS), contexts=[64, 256, 1024]),
 )
+
+# What sets every run of a folder besides its grid's axes (runs.hold_settings).
+SETTINGS = ("task", "tokens_per_update", "gate_init", "eval_sequences")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -158,6 +162,7 @@ def plot(args, best: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    hold_settings(args.out, args, SETTINGS)
     grid = [(v, c, lr, s) for v in args.variants for c in args.contexts for lr in args.lrs for s in args.seeds]
     measure = lambda *point: train_and_evaluate_point(args, *point)  # noqa: E731
     records = run_grid(

@@ -32,6 +32,7 @@ from runs import (
     add_grid_option,
     best_per_point,
     fill_from_grid,
+    hold_settings,
     run_grid,
     save_table,
     slug,
@@ -69,6 +70,9 @@ GRIDS = dict(
         steps=1000,
     ),
 )
+
+# What sets every run of a folder besides its grid's axes (runs.hold_settings).
+SETTINGS = ("d_model", "keys", "values", "context", "tokens_per_update", "eval_sequences")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -199,6 +203,7 @@ def plot(args, best: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    hold_settings(args.out, args, SETTINGS)
     grid = [
         (v, d, n, lr, s)
         for v in args.variants

@@ -86,6 +86,25 @@ def train_and_evaluate(out: Path, name: str, train: list[str], evaluate: list[st
     return result, metrics
 
 
+def hold_settings(out: Path, args, names: tuple[str, ...]) -> None:
+    """Stop, before anything runs, if OUT's runs were made with other settings than ARGS's NAMES
+    (the options outside the grid's axes: the task, the width, the tokens an update...); a
+    folder's first invocation writes them to OUT/settings.json. A point's record is found by its
+    axes alone, so without this a second setup would reuse the first's records under its own
+    table heading, or stop mid-grid when train.py refuses to resume a run of another shape."""
+    settings = {name: getattr(args, name) for name in names}
+    saved_file = out / "settings.json"
+    if not saved_file.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        saved_file.write_text(json.dumps(settings, indent=1) + "\n")
+        return
+    saved = json.loads(saved_file.read_text())
+    if differing := [name for name in names if saved.get(name) != settings[name]]:
+        option = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+        told = ", ".join(f"{option(n)} {settings[n]} (the folder's: {saved.get(n)})" for n in differing)
+        sys.exit(f"{out} holds runs made with other settings: {told}; give the folder's, or another --out")
+
+
 def run_grid(
     points: list, fields: tuple[str, ...], steps: int, measure, names, out: Path, description: str
 ) -> list[dict]:

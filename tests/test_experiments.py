@@ -193,3 +193,20 @@ def test_the_byte_table_shows_every_run_the_folder_holds(tmp_path):
     ]
     bytes_context.plot(args, best)
     assert (tmp_path / "loss_by_context.png").stat().st_size > 0
+
+
+def test_a_folder_made_with_other_settings_stops_before_running(tmp_path):
+    """Records are found by their grid's axes alone: a folder's settings (here the tokens an
+    update) are kept beside them, and a run with others stops, naming the option, and changes
+    nothing, rather than showing the first setup's records under the second's heading."""
+    options = ["--out", str(tmp_path), "--variants", "softmax", "--contexts", "32", "--steps", "1"]
+    hold = lambda tokens: runs.hold_settings(  # noqa: E731
+        tmp_path, bytes_context.parse_args([*options, "--tokens-per-update", tokens]), bytes_context.SETTINGS
+    )
+    hold("64")
+    saved = (tmp_path / "settings.json").read_text()
+    with pytest.raises(SystemExit, match=r"--tokens-per-update 128 \(the folder's: 64\)"):
+        bytes_context.main([*options, "--tokens-per-update", "128"])
+    assert (tmp_path / "settings.json").read_text() == saved
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "settings.json"]  # nothing run, nothing written
+    hold("64")  # the folder's own settings pass
