@@ -140,9 +140,10 @@ def run_grid(
 
 def best_per_point(records: list[dict], point: tuple[str, ...], figure: str, best=max) -> dict:
     """{the point's fields' values: the records of the learning rate whose mean `figure` is best}
-    (`max` for an accuracy, `min` for a loss): the best learning rate per point, as Zoology reports."""
+    (`max` for an accuracy, `min` for a loss): the best learning rate per point, as Zoology reports.
+    Each point's records come in the order of their seeds, as the tables list them."""
     by_point = {}
-    for r in records:
+    for r in sorted(records, key=lambda r: r["seed"]):
         by_point.setdefault(tuple(r[f] for f in point), {}).setdefault(r["lr"], []).append(r)
     return {
         key: best(by_lr.values(), key=lambda rs: np.mean([r[figure] for r in rs])) for key, by_lr in by_point.items()

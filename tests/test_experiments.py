@@ -175,7 +175,8 @@ def test_a_grid_reuses_the_committed_records_of_a_fresh_clone(tmp_path):
 
 def test_the_byte_table_shows_every_run_the_folder_holds(tmp_path):
     """A second seed of two points, run after the whole grid, joins its table and plot: the
-    table lists each point's seeds, in VARIANTS' order, and says which seeds and rates it holds."""
+    table lists each point's seeds in order and its variants in VARIANTS' order, and says which
+    seeds and rates it holds."""
     args = bytes_context.parse_args(["--out", str(tmp_path), "--variants", "softmax", "--contexts", "1024"])
     record = lambda variant, context, seed, loss: dict(  # noqa: E731
         variant=variant, context=context, lr=3e-3, seed=seed, loss_last_eighth=loss, loss=loss + 0.1
@@ -186,7 +187,7 @@ def test_the_byte_table_shows_every_run_the_folder_holds(tmp_path):
     table = bytes_context.write_table(args, records, best).splitlines()
     assert "learning rates [0.003]" in table[0] and "seeds [0, 1]" in table[0]
     assert table[4:] == [
-        "| softmax | 1024 | 0.003 | 1.900, 2.000 | 2.000, 2.100 |",
+        "| softmax | 1024 | 0.003 | 2.000, 1.900 | 2.100, 2.000 |",  # seed 0, then the later grid's seed 1
         "| softmax | 4096 | 0.003 | 2.000 | 2.100 |",
         "| sympow_gated p=2 | 1024 | 0.003 | 2.000 | 2.100 |",
         "| sympow_gated p=2 | 4096 | 0.003 | 2.000 | 2.100 |",
