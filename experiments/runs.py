@@ -36,7 +36,12 @@ def describe(grid: dict) -> str:
     """The grid as the command-line options that give it, e.g. `--contexts 64 256`."""
     word = lambda value: shlex.quote(str(value.relative_to(ROOT) if isinstance(value, Path) else value))  # noqa: E731
     words = lambda value: " ".join(map(word, value if isinstance(value, list) else [value]))  # noqa: E731
-    return " ".join(f"--{name.replace('_', '-')} {words(value)}" for name, value in grid.items() if value is not None)
+    return " ".join(f"{flag(name)} {words(value)}" for name, value in grid.items() if value is not None)
+
+
+def flag(name: str) -> str:
+    """The command-line option of an argparse destination, e.g. `--tokens-per-update`."""
+    return "--" + name.replace("_", "-")
 
 
 def fill_from_grid(args, grids: dict[str, dict]):
@@ -87,22 +92,35 @@ def train_and_evaluate(out: Path, name: str, train: list[str], evaluate: list[st
 
 
 def hold_settings(out: Path, args, names: tuple[str, ...]) -> None:
-    """Stop, before anything runs, if OUT's runs were made with other settings than ARGS's NAMES
-    (the options outside the grid's axes: the task, the width, the tokens an update...); a
-    folder's first invocation writes them to OUT/settings.json. A point's record is found by its
-    axes alone, so without this a second setup would reuse the first's records under its own
-    table heading, or stop mid-grid when train.py refuses to resume a run of another shape."""
-    settings = {name: getattr(args, name) for name in names}
+    """Stop, before anything runs, if OUT's records were made with other settings than ARGS's
+    NAMES (the options outside the grid's axes and --steps: the task, the width, the tokens an
+    update...). They are written to OUT/settings.json and bind from the folder's first record
+    on; until then a command's own replace them. A point's record is found by its axes alone,
+    so without this a second setup would reuse the first's records under its own table heading,
+    or stop mid-grid when train.py refuses to resume a run of another shape."""
+    # Through JSON, so that what is compared is what the file holds (a tuple is a list there).
+    settings = json.loads(json.dumps({name: getattr(args, name) for name in names}, default=str))
     saved_file = out / "settings.json"
-    if not saved_file.exists():
+    if not (out / "results.json").exists():
         out.mkdir(parents=True, exist_ok=True)
         saved_file.write_text(json.dumps(settings, indent=1) + "\n")
         return
+    if not saved_file.exists():
+        sys.exit(
+            f"{out} holds records but no settings.json (made before folders kept their settings): write"
+            f" the settings its runs were made with there, as {json.dumps(settings)} would be, or use another --out"
+        )
     saved = json.loads(saved_file.read_text())
-    if differing := [name for name in names if saved.get(name) != settings[name]]:
-        option = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-        told = ", ".join(f"{option(n)} {settings[n]} (the folder's: {saved.get(n)})" for n in differing)
+    if differing := [name for name in names if name not in saved or saved[name] != settings[name]]:
+        told = ", ".join(f"{flag(n)} {shown(settings, n)} (the folder's: {shown(saved, n)})" for n in differing)
         sys.exit(f"{out} holds runs made with other settings: {told}; give the folder's, or another --out")
+
+
+def shown(settings: dict, name: str) -> str:
+    """One setting as an error message names it."""
+    if name not in settings:
+        return "not recorded"
+    return "unset" if settings[name] is None else str(settings[name])
 
 
 def run_grid(

@@ -196,18 +196,71 @@ def test_the_byte_table_shows_every_run_the_folder_holds(tmp_path):
     assert (tmp_path / "loss_by_context.png").stat().st_size > 0
 
 
-def test_a_folder_made_with_other_settings_stops_before_running(tmp_path):
-    """Records are found by their grid's axes alone: a folder's settings (here the tokens an
-    update) are kept beside them, and a run with others stops, naming the option, and changes
-    nothing, rather than showing the first setup's records under the second's heading."""
+# Each experiment's grid axes: every other option but --grid, --out and --steps is a setting.
+AXES = {
+    bytes_context: {"variants", "contexts", "lrs", "seeds"},
+    recall_context: {"variants", "contexts", "lrs", "seeds"},
+    recall_state: {"variants", "head_dims", "pairs", "lrs", "seeds"},
+}
+
+
+@pytest.mark.parametrize("experiment", AXES, ids=lambda module: module.__name__)
+def test_every_option_outside_the_grid_axes_is_a_kept_setting(experiment):
+    options = set(vars(experiment.parse_args(["--out", "unused"])))
+    assert options - {"grid", "out", "steps"} - AXES[experiment] == set(experiment.SETTINGS)
+
+
+@pytest.mark.parametrize(
+    "experiment, grid, setting, folders, message",
+    [
+        (
+            bytes_context,
+            ["--contexts", "32"],
+            "tokens_per_update",
+            64,
+            r"--tokens-per-update 8192 \(the folder's: 64\)",
+        ),
+        (recall_context, ["--contexts", "64"], "gate_init", 0.97, r"--gate-init unset \(the folder's: 0.97\)"),
+        (recall_state, ["--head-dims", "8"], "d_model", 32, r"--d-model 64 \(the folder's: 32\)"),
+    ],
+    ids=lambda value: getattr(value, "__name__", None),
+)
+def test_a_folder_made_with_other_settings_stops_before_running(tmp_path, experiment, grid, setting, folders, message):
+    """Records are found by their grid's axes alone: a folder's settings are kept beside them,
+    and a run with others stops, naming the option, and changes nothing, rather than showing
+    the first setup's records under the second's heading. (Without the check, the one-step
+    grid would run and the test fail on the missing SystemExit.)"""
+    options = ["--out", str(tmp_path), "--variants", "softmax", *grid, "--steps", "1"]
+    runs.hold_settings(tmp_path, experiment.parse_args(options), experiment.SETTINGS)
+    saved = json.loads((tmp_path / "settings.json").read_text())
+    (tmp_path / "settings.json").write_text(json.dumps({**saved, setting: folders}))
+    (tmp_path / "results.json").write_text("[]")
+    before = {path: path.read_text() for path in tmp_path.iterdir()}
+    with pytest.raises(SystemExit, match=message):
+        experiment.main(options)
+    assert {path: path.read_text() for path in tmp_path.iterdir()} == before  # nothing run, nothing written
+
+
+def test_a_folder_binds_its_settings_from_its_first_record(tmp_path):
+    """Until a record is written a command's settings replace the folder's (a first command that
+    failed early pins nothing); a folder with records and no settings.json (made before they
+    were kept) stops, saying what to write; the folder's own settings pass."""
     options = ["--out", str(tmp_path), "--variants", "softmax", "--contexts", "32", "--steps", "1"]
     hold = lambda tokens: runs.hold_settings(  # noqa: E731
         tmp_path, bytes_context.parse_args([*options, "--tokens-per-update", tokens]), bytes_context.SETTINGS
     )
     hold("64")
-    saved = (tmp_path / "settings.json").read_text()
-    with pytest.raises(SystemExit, match=r"--tokens-per-update 128 \(the folder's: 64\)"):
-        bytes_context.main([*options, "--tokens-per-update", "128"])
-    assert (tmp_path / "settings.json").read_text() == saved
-    assert sorted(tmp_path.iterdir()) == [tmp_path / "settings.json"]  # nothing run, nothing written
-    hold("64")  # the folder's own settings pass
+    hold("128")
+    assert json.loads((tmp_path / "settings.json").read_text())["tokens_per_update"] == 128
+    (tmp_path / "settings.json").unlink()
+    (tmp_path / "results.json").write_text("[]")
+    with pytest.raises(SystemExit, match=r"records but no settings.json.*\"tokens_per_update\": 128"):
+        hold("128")
+    assert not (tmp_path / "settings.json").exists()
+    (tmp_path / "settings.json").write_text(json.dumps(dict(preset="bytes", tokens_per_update=128, eval_windows=32)))
+    hold("128")
+    with pytest.raises(SystemExit, match=r"--tokens-per-update 64 \(the folder's: 128\)"):
+        hold("64")
+    (tmp_path / "settings.json").write_text(json.dumps(dict(preset="bytes", tokens_per_update=128)))
+    with pytest.raises(SystemExit, match=r"--eval-windows 32 \(the folder's: not recorded\)"):
+        hold("128")
