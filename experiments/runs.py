@@ -107,10 +107,13 @@ def hold_settings(out: Path, args, names: tuple[str, ...]) -> None:
         return
     if not saved_file.exists():
         sys.exit(
-            f"{out} holds records but no settings.json (made before folders kept their settings): write"
-            f" the settings its runs were made with there, as {json.dumps(settings)} would be, or use another --out"
+            f"{out} holds records but no settings.json (made before folders kept their settings): write there"
+            f" the settings its runs were made with (this command's: {json.dumps(settings)}), or use another --out"
         )
-    saved = json.loads(saved_file.read_text())
+    try:
+        saved = json.loads(saved_file.read_text())
+    except json.JSONDecodeError as error:
+        sys.exit(f"{saved_file} is not JSON ({error}): mend it, or use another --out")
     if differing := [name for name in names if name not in saved or saved[name] != settings[name]]:
         told = ", ".join(f"{flag(n)} {shown(settings, n)} (the folder's: {shown(saved, n)})" for n in differing)
         sys.exit(f"{out} holds runs made with other settings: {told}; give the folder's, or another --out")

@@ -257,6 +257,9 @@ def test_a_folder_binds_its_settings_from_its_first_record(tmp_path):
     with pytest.raises(SystemExit, match=r"records but no settings.json.*\"tokens_per_update\": 128"):
         hold("128")
     assert not (tmp_path / "settings.json").exists()
+    (tmp_path / "settings.json").write_text('{"preset": "bytes", ')  # cut short by hand
+    with pytest.raises(SystemExit, match=r"settings.json is not JSON"):
+        hold("128")
     (tmp_path / "settings.json").write_text(json.dumps(dict(preset="bytes", tokens_per_update=128, eval_windows=32)))
     hold("128")
     with pytest.raises(SystemExit, match=r"--tokens-per-update 64 \(the folder's: 128\)"):
